@@ -1,0 +1,211 @@
+"""Grouped, typed run configuration.
+
+Each field's description is the single source of `fmtune run --help` and of the documented YAML.
+A YAML file is grouped (`data:`, `model:`, `train:`, `eval:`, `evidence:`, plus top-level `name`, `out`, `seed`);
+command-line flags override it. Unknown keys are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fmtune.errors import ConfigError
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Group):
+    data: Path | None = Field(None, description="One labeled file (CSV, JSONL or Parquet), split automatically (stratified, seeded) into train/validation/test.")
+    train: Path | None = Field(None, description="Explicit training file (instead of --data).")
+    validation: Path | None = Field(None, description="Explicit validation file (optional with --train; split from train when absent).")
+    test: Path | None = Field(None, description="Explicit test file (required with --train).")
+    text_column: str = Field("text", description="Column holding the input text.")
+    label_column: str = Field("label", description="Column holding the label (strings or integers).")
+    validation_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of the data held out for validation when splitting automatically.")
+    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="Share of the data held out for testing when splitting automatically.")
+    max_examples: int | None = Field(None, ge=10, description="Use a stratified sample of at most this many rows (for quick trials).")
+    drop_unlabeled: bool = Field(False, description="Drop rows with an empty text or label instead of stopping (the count is reported).")
+    redact_pii: bool = Field(False, description="Mask personal data (emails, phones, card numbers, IPs, ...) before training and before anything is written.")
+    label_descriptions: dict[str, str] = Field(default_factory=dict, description="Natural-language description per label for the zero-shot rung, e.g. {fresh: 'a positive review'}. On the command line: --label-descriptions 'fresh=a positive review;rotten=a negative review'.")
+
+
+class ModelConfig(_Group):
+    model: str = Field("minilm", description="Base model: 'minilm' (packaged all-MiniLM-L6-v2) or a local Hugging Face folder (safetensors only).")
+    max_length: int | None = Field(None, ge=8, description="Max tokens per text; default: derived from the training texts' token lengths (99th percentile, capped by the model).")
+
+
+class TrainConfig(_Group):
+    method: Literal["full", "lora"] = Field("full", description="Fine-tuning method: full (all weights) or lora (low-rank adapters through peft, merged for serving).")
+    epochs: int = Field(8, ge=1, description="Maximum epochs; early stopping on validation usually ends sooner.")
+    patience: int = Field(2, ge=1, description="Early stopping: epochs without validation improvement before stopping.")
+    batch_size: int = Field(32, ge=1, description="Training batch size.")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate for fine-tuning (LoRA uses 10x this unless --lora-learning-rate is set).")
+    lora_learning_rate: float | None = Field(None, gt=0, description="Peak learning rate for LoRA (default: 10x --learning-rate).")
+    scratch_learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate for the from_scratch rung (random init trains best with a higher rate).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of steps spent warming up the learning rate.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    class_weights: Literal["auto", "balanced", "none"] = Field("auto", description="Loss class weights: auto (balanced when the largest class is over 1.5x the smallest), balanced, none.")
+    bf16: Literal["auto", "on", "off"] = Field("auto", description="bf16 autocast: auto (on where the CPU has AVX512-BF16/AMX or on a bf16 GPU), on, off.")
+    length_bucketing: bool = Field(True, description="Group texts of similar length into batches (dynamic padding, less compute on pad tokens).")
+    dropout: float | None = Field(None, ge=0, lt=1, description="Override the model's dropout (hidden and attention) during fine-tuning; default keeps the model's own.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
+
+
+class EvalConfig(_Group):
+    few_shot_k: int = Field(8, ge=1, description="Labeled examples per class for the few_shot rung.")
+    bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for 95% confidence intervals.")
+    eval_batch_size: int = Field(64, ge=1, description="Batch size for evaluation and embedding.")
+    rungs: list[str] = Field(default_factory=lambda: ["zero_shot", "few_shot", "head_only", "fine_tuned", "from_scratch"], description="Ladder rungs to run (zero_shot, few_shot, from_scratch and fine_tuned are required by the report).")
+
+
+class EvidenceConfig(_Group):
+    general_text: Path | None = Field(None, description="General-domain text file (one document per line) for retention and domain shift; default: the Lee news corpus shipped in gensim.")
+    max_forgetting: float | None = Field(None, gt=0, lt=1, description="Fail the run (exit 3) when retention drops by more than this fraction, e.g. 0.2.")
+    curve: bool = Field(True, description="Run the learning curve (fine-tune on 12.5/25/50% of train); --no-curve skips it.")
+    curve_fractions: list[float] = Field(default_factory=lambda: [0.125, 0.25, 0.5], description="Training-set fractions for the learning curve (100% is the fine_tuned rung).")
+    target_metric: float | None = Field(None, gt=0, le=1, description="Primary-metric target: the report says how many examples the learning curve forecasts for it.")
+    price_per_hour: float | None = Field(None, ge=0, description="Price of the training hardware per hour; default: a stated typical on-demand price for the device kind.")
+    latency_repeats: int = Field(20, ge=3, description="Timed repeats for latency measurements.")
+
+
+class RunConfig(_Group):
+    name: str | None = Field(None, description="Run name (default: derived from the data file and a timestamp).")
+    out: Path | None = Field(None, description="Run folder (default: runs/<name>).")
+    seed: int = Field(0, description="Random seed for splitting, sampling and training.")
+    overwrite: bool = Field(False, description="Replace an existing run folder.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    evidence: EvidenceConfig = Field(default_factory=EvidenceConfig)
+
+
+GROUPS: dict[str, type[_Group]] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "evidence": EvidenceConfig,
+}
+TOP_LEVEL = ("name", "out", "seed", "overwrite")
+
+
+def flag_index() -> dict[str, tuple[str | None, str]]:
+    """Map every flat option name (e.g. 'text_column') to (group or None, field). Names are unique."""
+    index: dict[str, tuple[str | None, str]] = {name: (None, name) for name in TOP_LEVEL}
+    for group, cls in GROUPS.items():
+        for field in cls.model_fields:
+            if field in index:
+                raise AssertionError(f"duplicate option name {field!r}")
+            index[field] = (group, field)
+    return index
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a grouped YAML config file; syntax errors name the line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror}).") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)}).") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of groups (data:, model:, train:, ...), got {type(raw).__name__}.")
+    return raw
+
+
+def build_config(file_values: dict[str, Any] | None, overrides: dict[str, Any], source: str = "config") -> RunConfig:
+    """Merge a grouped mapping (from YAML) with flat command-line overrides; collect every problem, raise once."""
+    problems: list[str] = []
+    merged: dict[str, Any] = {}
+    for key, value in (file_values or {}).items():
+        if key in TOP_LEVEL:
+            merged[key] = value
+        elif key in GROUPS:
+            if not isinstance(value, dict):
+                problems.append(f"{source}: '{key}' must be a mapping of options, got {value!r}.")
+                continue
+            fields = list(GROUPS[key].model_fields)
+            for sub in value:
+                if sub not in fields:
+                    problems.append(f"{source}: unknown key '{key}.{sub}'.{_suggest(sub, fields)} Valid keys in '{key}': {', '.join(fields)}.")
+            merged[key] = {k: v for k, v in value.items() if k in fields}
+        else:
+            problems.append(f"{source}: unknown key '{key}'.{_suggest(key, list(TOP_LEVEL) + list(GROUPS))} Valid top-level keys: {', '.join(list(TOP_LEVEL) + list(GROUPS))}.")
+    index = flag_index()
+    for key, value in overrides.items():
+        if key not in index:
+            problems.append(f"unknown option '--{key.replace('_', '-')}'.")
+            continue
+        group, field = index[key]
+        if group is None:
+            merged[field] = value
+        else:
+            merged.setdefault(group, {})[field] = value
+    if not problems:
+        try:
+            cfg = RunConfig.model_validate(merged)
+        except ValidationError as exc:
+            for err in exc.errors():
+                loc = ".".join(str(p) for p in err["loc"])
+                flag = "--" + str(err["loc"][-1]).replace("_", "-")
+                problems.append(f"{source}: '{loc}' ({flag}): {err['msg']} (got {err.get('input')!r}).")
+        else:
+            problems.extend(validate(cfg))
+            if not problems:
+                return cfg
+    raise ConfigError(f"{len(problems)} problem(s) in the run configuration:", problems)
+
+
+def validate(cfg: RunConfig) -> list[str]:
+    """Cross-field checks; every problem names the flag."""
+    problems: list[str] = []
+    d = cfg.data
+    if d.data is None and d.train is None:
+        problems.append("no data given: pass --data FILE (split automatically) or --train FILE --test FILE.")
+    if d.data is not None and (d.train or d.validation or d.test):
+        problems.append("--data and --train/--validation/--test are exclusive: pass one file to split, or explicit split files.")
+    if d.train is not None and d.test is None:
+        problems.append("--train needs --test: fmtune measures every rung on a held-out test file.")
+    if d.validation_fraction + d.test_fraction >= 0.8:
+        problems.append("--validation-fraction plus --test-fraction leave under 20% for training; lower them.")
+    for path_field in ("data", "train", "validation", "test"):
+        p = getattr(d, path_field)
+        if p is not None and not Path(p).is_file():
+            problems.append(f"--{path_field} {p}: file not found.")
+    if cfg.evidence.general_text is not None and not Path(cfg.evidence.general_text).is_file():
+        problems.append(f"--general-text {cfg.evidence.general_text}: file not found.")
+    required = {"zero_shot", "few_shot", "fine_tuned", "from_scratch"}
+    known = required | {"head_only"}
+    unknown = [r for r in cfg.eval.rungs if r not in known]
+    if unknown:
+        problems.append(f"--rungs: unknown rung(s) {unknown}; choose from {sorted(known)}.")
+    if "fine_tuned" not in cfg.eval.rungs:
+        problems.append("--rungs must include fine_tuned: it is what the run proves.")
+    if any(not 0 < f < 1 for f in cfg.evidence.curve_fractions):
+        problems.append("--curve-fractions: every fraction must be between 0 and 1 (100% is the fine_tuned rung).")
+    return problems
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as grouped YAML (paths as strings)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,1 +1,445 @@
-"""Data audit: duplicates, train/test leakage, class balance, PII by kind, plain-words warnings."""
+"""Data audit: duplicates, train/test leakage, class balance, PII by kind, plain-words warnings.
+
+`audit()` builds the `data.audit` block of report.json. The PII scanner favours precision over recall: every
+number-shaped kind is checked (Luhn for cards, mod-97 for IBANs, octet ranges for IPs, invalid SSN ranges, digit
+counts for phones), so years, prices, dates and ratings in ordinary text are not flagged. The report only ever
+holds counts and file:line locations of personal data, never the values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Iterator
+
+from fmtune.data import Example, Splits
+
+# Kinds in priority order: when two detectors claim overlapping text, the earlier kind wins.
+PII_KINDS = ("url_credentials", "email", "iban", "credit_card", "us_ssn", "ip_address", "phone")
+PII_MASKS = {
+    "url_credentials": "[URL]",
+    "email": "[EMAIL]",
+    "iban": "[IBAN]",
+    "credit_card": "[CARD]",
+    "us_ssn": "[SSN]",
+    "ip_address": "[IP]",
+    "phone": "[PHONE]",
+}
+_PRIORITY = {kind: i for i, kind in enumerate(PII_KINDS)}
+SPLIT_NAMES = ("train", "validation", "test")
+MAX_EXAMPLES = 5  # locations listed per finding in the report
+
+# --- PII patterns -----------------------------------------------------------------------------------------------
+
+_MAYBE_PII = re.compile(r"[\d@]")  # every kind needs a digit or an '@': most texts are skipped by this alone
+
+_URL_CREDENTIALS = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s/?#@:]+:[^\s/?#@]+@[^\s]*[^\s.,;:!?)\]'\"]")
+_EMAIL = re.compile(
+    r"(?<![\w.%+-])[A-Za-z0-9](?:[A-Za-z0-9._%+-]*[A-Za-z0-9_%+-])?"
+    r"@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,24}\b"
+)
+_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")
+_CARD = re.compile(
+    r"(?<![\w.,-])(?:\d{13,19}|\d{4}(?P<sep>[ -])\d{4,6}(?:(?P=sep)\d{1,5}){1,3})(?![\w-]|[.,]\d)"
+)
+_SSN = re.compile(r"(?<![\w-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w-])")
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w]|\.\d)")
+_IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+_PHONE_INTERNATIONAL = re.compile(r"(?<![\w+])\+\d{1,3}(?:[ .-]?(?:\(\d{1,4}\)|\d{1,5})){2,6}(?!\w)")
+_PHONE_NANP = re.compile(  # (555) 123-4567, 555-123-4567, 555.123.4567, 1-800-555-0199
+    r"(?<![\w+.-])(?:1[ .-])?(?:\([2-9]\d{2}\) ?\d{3}[ .-]\d{4}|[2-9]\d{2}(?P<sep>[.-])\d{3}(?P=sep)\d{4})"
+    r"(?![\w-]|[.,]\d)"
+)
+_PHONE_TRUNK = re.compile(  # national numbers with a leading 0: 020 7946 0958, 01 23 45 67 89, 030-12345678
+    r"(?<![\w+.:/-])(?:\(0\d{1,4}\)|0\d{1,4})(?:[ -]\d{2,8}){1,4}(?![\w:/-]|[.,]\d)"
+)
+_YEAR = re.compile(r"(?:19|20)\d\d")
+
+# Lengths of IBANs by country (SWIFT registry); other country codes are not flagged.
+_IBAN_LENGTHS = dict(
+    (entry[:2], int(entry[2:]))
+    for entry in (
+        "AD24 AE23 AL28 AT20 AZ28 BA20 BE16 BG22 BH22 BI27 BR29 BY28 CH21 CR22 CY28 CZ24 DE22 DJ27 DK18 DO28 EE20 "
+        "EG29 ES24 FI18 FK18 FO18 FR27 GB22 GE22 GI23 GL18 GR27 GT28 HR21 HU28 IE22 IL23 IQ23 IS26 IT27 JO30 KW30 "
+        "KZ20 LB28 LC32 LI21 LT20 LU20 LV21 LY25 MC27 MD24 ME22 MK19 MN20 MR27 MT31 MU30 NI28 NL18 NO15 OM23 PK24 "
+        "PL28 PS29 PT25 QA29 RO24 RS22 RU33 SA24 SC31 SD18 SE24 SI19 SK24 SM27 SO23 ST25 SV28 TL23 TN24 TR26 UA29 "
+        "VA22 VG24 XK20"
+    ).split()
+)
+
+
+def luhn_valid(digits: str) -> bool:
+    """The Luhn checksum used by payment card numbers."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2 == 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def iban_valid(iban: str) -> bool:
+    """Country length and the ISO 13616 mod-97 check (spaces ignored)."""
+    iban = iban.replace(" ", "")
+    if _IBAN_LENGTHS.get(iban[:2]) != len(iban) or not iban[2:4].isdigit():
+        return False
+    rearranged = iban[4:] + iban[:4]
+    return int("".join(str(int(ch, 36)) for ch in rearranged)) % 97 == 1
+
+
+def _digits(s: str) -> str:
+    return "".join(ch for ch in s if ch.isdigit())
+
+
+def _candidates(text: str) -> Iterator[tuple[str, int, int]]:
+    """Every validated match of every kind; may overlap (find_pii resolves that).
+
+    Cheap string tests skip the patterns that cannot match: a phone has at least 8 digits, an SSN 9, a card 13.
+    """
+    n_digits = sum(map(text.count, "0123456789"))
+    if "@" in text:
+        if "://" in text:
+            for m in _URL_CREDENTIALS.finditer(text):
+                yield "url_credentials", m.start(), m.end()
+        for m in _EMAIL.finditer(text):
+            yield "email", m.start(), m.end()
+    if n_digits >= 4 and "." in text:
+        for m in _IPV4.finditer(text):
+            yield "ip_address", m.start(), m.end()
+    if "::" in text or text.count(":") >= 7:
+        for m in _IPV6.finditer(text):
+            groups = [g for g in m.group().split(":") if g]
+            try:
+                ipaddress.IPv6Address(m.group())
+            except ValueError:
+                continue
+            if len(groups) >= 3:
+                yield "ip_address", m.start(), m.end()
+    if n_digits < 8:
+        return
+    if not text.islower():  # an IBAN needs upper-case letters
+        for m in _IBAN.finditer(text):
+            # The pattern may run into a following upper-case word: drop trailing groups until the checksum holds.
+            groups = m.group().split(" ")
+            while groups and len("".join(groups)) >= 15:
+                candidate = " ".join(groups)
+                if iban_valid(candidate):
+                    yield "iban", m.start(), m.start() + len(candidate)
+                    break
+                groups.pop()
+    if n_digits >= 13:
+        for m in _CARD.finditer(text):
+            digits = _digits(m.group())
+            if 13 <= len(digits) <= 19 and len(set(digits)) > 1 and luhn_valid(digits):
+                yield "credit_card", m.start(), m.end()
+    if "-" in text:
+        for m in _SSN.finditer(text):
+            yield "us_ssn", m.start(), m.end()
+    if "+" in text:
+        for m in _PHONE_INTERNATIONAL.finditer(text):
+            if 8 <= len(_digits(m.group())) <= 15:
+                yield "phone", m.start(), m.end()
+    if n_digits >= 10:
+        for m in _PHONE_NANP.finditer(text):
+            yield "phone", m.start(), m.end()
+        if "0" in text:
+            for m in _PHONE_TRUNK.finditer(text):
+                groups = re.split(r"[ ()-]+", m.group().strip("()"))
+                if 10 <= len(_digits(m.group())) <= 12 and not any(_YEAR.fullmatch(g) for g in groups[1:]):
+                    yield "phone", m.start(), m.end()
+
+
+def find_pii(text: str) -> list[tuple[str, int, int]]:
+    """Personal data in `text` as (kind, start, end) spans: non-overlapping, sorted by start."""
+    if not _MAYBE_PII.search(text):
+        return []
+    chosen: list[tuple[str, int, int]] = []
+    for kind, start, end in sorted(_candidates(text), key=lambda c: (_PRIORITY[c[0]], c[1], -c[2])):
+        if all(end <= s or start >= e for _, s, e in chosen):
+            chosen.append((kind, start, end))
+    return sorted(chosen, key=lambda c: c[1])
+
+
+def redact_text(text: str) -> tuple[str, Counter]:
+    """Mask every span find_pii reports ("[EMAIL]", "[PHONE]", "[CARD]", ...); counts by kind."""
+    spans = find_pii(text)
+    if not spans:
+        return text, Counter()
+    parts, last = [], 0
+    for kind, start, end in spans:
+        parts.append(text[last:start])
+        parts.append(PII_MASKS[kind])
+        last = end
+    parts.append(text[last:])
+    return "".join(parts), Counter(kind for kind, _, _ in spans)
+
+
+def redact_splits(splits: Splits) -> tuple[Splits, dict[str, int]]:
+    """The same splits (same order, sources and rows) with personal data masked; counts by kind."""
+    from fmtune.data import data_hash
+
+    counts: Counter = Counter()
+
+    def redact(examples: list[Example]) -> list[Example]:
+        out = []
+        for ex in examples:
+            text, found = redact_text(ex.text)
+            counts.update(found)
+            out.append(dataclasses.replace(ex, text=text) if found else ex)
+        return out
+
+    redacted = dataclasses.replace(
+        splits,
+        train=redact(splits.train),
+        validation=redact(splits.validation),
+        test=redact(splits.test),
+        dropped=dict(splits.dropped),
+        files=dict(splits.files),
+    )
+    redacted.sha256 = data_hash(redacted)
+    return redacted, {kind: counts[kind] for kind in PII_KINDS}
+
+
+# --- Duplicates and leakage ---------------------------------------------------------------------------------------
+
+
+class _PunctuationTable(dict):
+    """str.translate table deleting Unicode punctuation (categories P*); filled lazily, one entry per character."""
+
+    def __missing__(self, codepoint: int) -> int | None:
+        value = None if unicodedata.category(chr(codepoint)).startswith("P") else codepoint
+        self[codepoint] = value
+        return value
+
+
+_PUNCTUATION = _PunctuationTable()
+
+
+def normalise(text: str) -> str:
+    """The text duplicates are compared on: NFKC, case-folded, punctuation removed, whitespace collapsed."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().translate(_PUNCTUATION).split())
+
+
+def _where(ex: Example) -> str:
+    return f"{ex.source}:{ex.row}"
+
+
+def _preview(text: str, limit: int = 80) -> str:
+    """A short, PII-masked excerpt for the report."""
+    masked = redact_text(text)[0]
+    return masked if len(masked) <= limit else masked[: limit - 3] + "..."
+
+
+def _percentile(sorted_values: list[int], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not sorted_values:
+        return 0.0
+    pos = (len(sorted_values) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo))
+
+
+def _count_phrase(counts: dict[str, int]) -> str:
+    return ", ".join(f"{kind}: {n}" for kind, n in counts.items() if n)
+
+
+def audit(
+    splits: Splits,
+    token_lengths: dict[str, list[int]] | None = None,
+    max_length: int | None = None,
+    redacted: dict[str, int] | None = None,
+) -> dict:
+    """The data.audit block of report.json: JSON-serialisable, counts and file:line locations only."""
+    by_split = {"train": splits.train, "validation": splits.validation, "test": splits.test}
+    n_examples = {name: len(examples) for name, examples in by_split.items()}
+    n_total = sum(n_examples.values())
+
+    # One pass over all examples: exact and normalised duplicates, labels per text, PII.
+    seen_exact: dict[str, Example] = {}
+    seen_norm: dict[str, Example] = {}
+    labels_of: dict[str, dict[str, Example]] = {}  # normalised text -> label -> first example with it
+    norm_sets: dict[str, set[str]] = {name: set() for name in SPLIT_NAMES}
+    duplicates = duplicates_normalised = 0
+    dup_examples: list[dict] = []
+    dup_norm_examples: list[dict] = []
+    pii_found: Counter = Counter()
+    norms_of: dict[str, list[str]] = {}
+    for name in SPLIT_NAMES:
+        norms = norms_of[name] = []
+        for ex in by_split[name]:
+            norm = normalise(ex.text)
+            norms.append(norm)
+            norm_sets[name].add(norm)
+            if ex.text in seen_exact:
+                duplicates += 1
+                if len(dup_examples) < MAX_EXAMPLES:
+                    dup_examples.append({"at": _where(ex), "first": _where(seen_exact[ex.text]), "text": _preview(ex.text)})
+            else:
+                seen_exact[ex.text] = ex
+            if norm in seen_norm:
+                duplicates_normalised += 1
+                if len(dup_norm_examples) < MAX_EXAMPLES:
+                    dup_norm_examples.append({"at": _where(ex), "first": _where(seen_norm[norm]), "text": _preview(ex.text)})
+            else:
+                seen_norm[norm] = ex
+            labels_of.setdefault(norm, {}).setdefault(ex.label, ex)
+            for kind, _, _ in find_pii(ex.text):
+                pii_found[kind] += 1
+
+    conflicts = [(norm, by_label) for norm, by_label in labels_of.items() if len(by_label) > 1]
+    conflict_examples = [
+        {
+            "labels": sorted(by_label),
+            "at": [_where(ex) for ex in by_label.values()],
+            "text": _preview(by_label[next(iter(by_label))].text),
+        }
+        for _, by_label in conflicts[:MAX_EXAMPLES]
+    ]
+
+    def overlap(name: str) -> tuple[int, list[dict]]:
+        count, examples = 0, []
+        for ex, norm in zip(by_split[name], norms_of[name]):
+            if norm in norm_sets["train"]:
+                count += 1
+                if len(examples) < MAX_EXAMPLES:
+                    examples.append({"at": _where(ex), "text": _preview(ex.text)})
+        return count, examples
+
+    test_overlap, test_overlap_examples = overlap("test")
+    validation_overlap, validation_overlap_examples = overlap("validation")
+
+    # Class balance, over the declared labels so that a class missing from a split shows as 0.
+    labels = list(splits.labels) or sorted({ex.label for examples in by_split.values() for ex in examples})
+    class_counts: dict[str, dict[str, int]] = {}
+    for name in SPLIT_NAMES:
+        counter = Counter(ex.label for ex in by_split[name])
+        class_counts[name] = {label: counter[label] for label in labels} | {
+            label: n for label, n in counter.items() if label not in labels
+        }
+    class_counts["all"] = {
+        label: sum(class_counts[name].get(label, 0) for name in SPLIT_NAMES) for label in class_counts["train"]
+    }
+    train_counts = class_counts["train"]
+    smallest = min(train_counts.values(), default=0)
+    imbalance_ratio = round(max(train_counts.values()) / smallest, 3) if smallest > 0 else None
+
+    # PII: what the data held, whether the audit runs before or after redaction (masked text is not found again).
+    redacted_counts = {kind: int(n) for kind, n in (redacted or {}).items()}
+    pii = {kind: max(pii_found[kind], redacted_counts.get(kind, 0)) for kind in PII_KINDS}
+    pii_total = sum(pii.values())
+    n_redacted = sum(redacted_counts.values())
+    if redacted is not None and n_redacted:
+        pii_note = (
+            f"{n_redacted} items of personal data found and masked before training (--redact-pii: "
+            f"{_count_phrase(redacted_counts)}); counts only, never the values."
+        )
+    elif pii_total:
+        pii_note = (
+            f"Found {pii_total} items of personal data ({_count_phrase(pii)}) in the data as used for training; "
+            "pass --redact-pii to mask them before training. Counts only, never the values."
+        )
+    else:
+        pii_note = f"No personal data found (checked: {', '.join(PII_KINDS)})."
+
+    length = None
+    truncated_train = 0
+    if token_lengths is not None and max_length is not None:
+        train_lengths = sorted(token_lengths.get("train", []))
+        truncated = {name: sum(1 for n in token_lengths.get(name, []) if n > max_length) for name in SPLIT_NAMES}
+        truncated_train = truncated["train"]
+        length = {
+            "max_length": max_length,
+            "p50": _percentile(train_lengths, 50),
+            "p95": _percentile(train_lengths, 95),
+            "p99": _percentile(train_lengths, 99),
+            "max": train_lengths[-1] if train_lengths else 0,
+            "truncated": truncated,
+        }
+
+    warnings: list[str] = []
+    n_train = n_examples["train"]
+    if n_train < 100:
+        warnings.append(
+            f"Only {n_train} labeled training examples: fine-tuning usually needs hundreds to thousands of labeled "
+            "examples; expect a noisy result and compare with few_shot/head_only."
+        )
+    small = [(label, n) for label, n in train_counts.items() if n < 10]
+    if small:
+        listed = ", ".join(f"'{label}' ({n})" for label, n in small[:10])
+        more = f" and {len(small) - 10} more" if len(small) > 10 else ""
+        warnings.append(
+            f"Classes with fewer than 10 training examples: {listed}{more}: the model sees too few of them to learn "
+            "them reliably and their test scores are noisy; collect more examples or merge classes."
+        )
+    if imbalance_ratio is not None and imbalance_ratio > 3:
+        warnings.append(
+            f"Classes are imbalanced: the largest training class is {imbalance_ratio:g}x the smallest; macro-F1 "
+            "(every class counts equally) is the primary metric for this reason."
+        )
+    if test_overlap:
+        warnings.append(
+            f"{test_overlap} test texts also appear in train: the test score is optimistic; deduplicate the data "
+            "across splits (same text after ignoring case, spacing and punctuation) and run again."
+        )
+    if validation_overlap:
+        warnings.append(
+            f"{validation_overlap} validation texts also appear in train: early stopping and model selection see "
+            "texts they were trained on; deduplicate the data across splits."
+        )
+    if n_total and duplicates_normalised > 0.01 * n_total:
+        warnings.append(
+            f"{duplicates_normalised} of {n_total} rows ({100 * duplicates_normalised / n_total:.1f}%) repeat an "
+            f"earlier text ({duplicates} exactly, the rest after ignoring case, spacing and punctuation): repeated "
+            "texts weigh more in training; remove the duplicates."
+        )
+    if conflicts:
+        first = conflict_examples[0]
+        warnings.append(
+            f"{len(conflicts)} texts appear with more than one label (e.g. {' and '.join(first['at'])}: "
+            f"{', '.join(first['labels'])}): the labels contradict each other; fix or remove those rows."
+        )
+    if length is not None and n_train and truncated_train > 0.05 * n_train:
+        warnings.append(
+            f"{truncated_train} of {n_train} training texts ({100 * truncated_train / n_train:.1f}%) are longer than "
+            f"max_length={max_length} tokens and are cut off: the model never sees their ends; raise --max-length "
+            "if the end of a text matters."
+        )
+    if pii_total and not n_redacted:
+        warnings.append(
+            f"Found {pii_total} items of personal data ({_count_phrase(pii)}); they will be in the training data "
+            "and can be memorised by the model: pass --redact-pii to mask them before training."
+        )
+    n_dropped = sum(splits.dropped.values())
+    if n_dropped:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in splits.dropped.items() if n)
+        warnings.append(f"{n_dropped} rows were dropped while loading the data ({reasons}).")
+
+    return {
+        "n_examples": n_examples,
+        "duplicates": duplicates,
+        "duplicates_normalised": duplicates_normalised,
+        "conflicting_labels": len(conflicts),
+        "train_test_overlap": test_overlap,
+        "train_validation_overlap": validation_overlap,
+        "examples": {
+            "duplicates": dup_examples,
+            "duplicates_normalised": dup_norm_examples,
+            "conflicting_labels": conflict_examples,
+            "train_test_overlap": test_overlap_examples,
+            "train_validation_overlap": validation_overlap_examples,
+        },
+        "class_counts": class_counts,
+        "imbalance_ratio": imbalance_ratio,
+        "pii": pii,
+        "pii_redacted": redacted_counts,
+        "pii_note": pii_note,
+        "length": length,
+        "dropped": dict(splits.dropped),
+        "warnings": warnings,
+    }

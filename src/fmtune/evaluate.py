@@ -1,0 +1,122 @@
+"""Evaluation: fast batched inference (length-sorted, no grad, bf16 where it pays), metrics and bootstrap CIs."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import numpy as np
+
+
+def autocast(device, enabled: bool):
+    import torch
+
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=getattr(device, "type", "cpu"), dtype=torch.bfloat16)
+
+
+def _length_order(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], np.ndarray]:
+    enc = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+    order = np.argsort([len(ids) for ids in enc], kind="stable")[::-1]
+    return enc, order
+
+
+def _batches(tokenizer, ids: list[list[int]], order: np.ndarray, batch_size: int):
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt")
+        yield idx, batch
+
+
+def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64, bf16: bool = False, progress: Callable | None = None) -> np.ndarray:
+    """Logits of a sequence classifier for `texts`, in input order."""
+    import torch
+
+    device = next(model.parameters()).device
+    ids, order = _length_order(tokenizer, texts, max_length)
+    out = None
+    model.eval()
+    with torch.inference_mode(), autocast(device, bf16):
+        for idx, batch in _batches(tokenizer, ids, order, batch_size):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(**batch).logits.float().cpu().numpy()
+            if out is None:
+                out = np.zeros((len(texts), logits.shape[1]), dtype=np.float32)
+            out[idx] = logits
+            if progress:
+                progress(len(idx))
+    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+
+
+def embed(encoder, tokenizer, texts: list[str], max_length: int, batch_size: int = 64, bf16: bool = False, progress: Callable | None = None) -> np.ndarray:
+    """Mean-pooled, L2-normalised sentence embeddings (the sentence-transformers recipe), in input order."""
+    import torch
+
+    device = next(encoder.parameters()).device
+    ids, order = _length_order(tokenizer, texts, max_length)
+    out = None
+    encoder.eval()
+    base = getattr(encoder, "base_model", encoder)
+    with torch.inference_mode(), autocast(device, bf16):
+        for idx, batch in _batches(tokenizer, ids, order, batch_size):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            hidden = base(**batch).last_hidden_state.float()
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            pooled = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+            if out is None:
+                out = np.zeros((len(texts), pooled.shape[1]), dtype=np.float32)
+            out[idx] = pooled
+            if progress:
+                progress(len(idx))
+    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    return float(_macro_f1_batch(y_true[None, :], y_pred[None, :], n_classes)[0])
+
+
+def _macro_f1_batch(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Macro-F1 for each row of (B, N) label arrays; classes absent from both truth and prediction are skipped."""
+    f1s, present = [], []
+    for c in range(n_classes):
+        t, p = y_true == c, y_pred == c
+        tp = (t & p).sum(1)
+        denom = t.sum(1) + p.sum(1)
+        f1s.append(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0))
+        present.append(t.sum(1) > 0)
+    f1s, present = np.stack(f1s, 1), np.stack(present, 1)
+    return (f1s * present).sum(1) / np.maximum(present.sum(1), 1)
+
+
+def bootstrap_indices(n: int, resamples: int, seed: int) -> np.ndarray:
+    """The same resampling for every rung, so CIs (and paired differences) are comparable."""
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str], boot: np.ndarray) -> dict:
+    """Primary metric macro_f1, accuracy, per-class F1, confusion matrix, 95% bootstrap CIs."""
+    from sklearn.metrics import confusion_matrix, f1_score
+
+    k = len(labels)
+    per_class = f1_score(y_true, y_pred, labels=list(range(k)), average=None, zero_division=0)
+    bt, bp = y_true[boot], y_pred[boot]
+    boot_f1 = _macro_f1_batch(bt, bp, k)
+    boot_acc = (bt == bp).mean(1)
+    return {
+        "metrics": {"macro_f1": macro_f1(y_true, y_pred, k), "accuracy": float((y_true == y_pred).mean())},
+        "ci95": {
+            "macro_f1": [float(np.percentile(boot_f1, 2.5)), float(np.percentile(boot_f1, 97.5))],
+            "accuracy": [float(np.percentile(boot_acc, 2.5)), float(np.percentile(boot_acc, 97.5))],
+        },
+        "per_class_f1": {lab: float(f) for lab, f in zip(labels, per_class)},
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=list(range(k))).tolist(),
+        "_boot_primary": boot_f1,
+    }
+
+
+def paired_gain_ci(a: np.ndarray, b: np.ndarray) -> list[float]:
+    """95% CI of (a - b) from the same bootstrap resamples of both rungs."""
+    d = a - b
+    return [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))]

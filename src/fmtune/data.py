@@ -6,9 +6,19 @@ the column and the fix. Nothing is dropped silently: whatever is dropped is coun
 
 from __future__ import annotations
 
+import csv
+import difflib
+import hashlib
+import io
+import json
+import math
+import random
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fmtune.config import DataConfig
+from fmtune.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -30,9 +40,548 @@ class Splits:
     sha256: str = ""  # content hash of the data as used (after cleaning/redaction): see data_hash()
 
 
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
+COMPRESSIONS = (".gz", ".bz2", ".xz")
+MAX_LISTED = 20  # problems listed in one error; the rest are counted
+MIN_PER_CLASS_AUTO = 3  # one example each for train, validation and test
+_MISSING = object()  # a JSON object without the column's key
+_INT_FLOAT = re.compile(r"(-?\d+)\.0+")
+_INT = re.compile(r"-?\d+")
+
+
 def load_splits(cfg: DataConfig, seed: int) -> Splits:
-    raise NotImplementedError
+    """Read, validate and split the data named by `cfg`; raise one DataError listing every problem."""
+    problems: list[str] = []
+    dropped: dict[str, int] = {}
+    files: dict[str, str] = {}
+    named = {"data": cfg.data} if cfg.data is not None else {"train": cfg.train, "validation": cfg.validation, "test": cfg.test}
+    loaded: dict[str, list[Example]] = {}
+    for role, path in named.items():
+        if path is not None:
+            loaded[role] = _load_file(path, cfg, problems, dropped, files)
+    _raise_if(problems)
+
+    if cfg.data is not None:
+        examples = _sample(loaded["data"], cfg.max_examples, seed, dropped)
+        problems += _class_problems(examples, str(cfg.data), cfg, MIN_PER_CLASS_AUTO, sampled=len(examples) < len(loaded["data"]))
+        relative_val = cfg.validation_fraction / (1 - cfg.test_fraction)
+        problems += _size_problems(len(examples), examples, cfg.test_fraction, "test", "--test-fraction", str(cfg.data))
+        n_trainval = len(examples) - math.ceil(cfg.test_fraction * len(examples))
+        problems += _size_problems(n_trainval, examples, relative_val, "validation", "--validation-fraction", str(cfg.data))
+        _raise_if(problems)
+        trainval, test = _split(examples, cfg.test_fraction, seed, str(cfg.data))
+        train, validation = _split(trainval, relative_val, seed, str(cfg.data))
+    else:
+        train = _sample(loaded["train"], cfg.max_examples, seed, dropped)
+        sampled = len(train) < len(loaded["train"])
+        if "validation" in loaded:
+            problems += _class_problems(train, str(cfg.train), cfg, 1, sampled)
+            validation = loaded["validation"]
+        else:
+            problems += _class_problems(train, str(cfg.train), cfg, 2, sampled)
+            problems += _size_problems(len(train), train, cfg.validation_fraction, "validation", "--validation-fraction", str(cfg.train))
+        test = loaded["test"]
+        problems += _unseen_label_problems(train, [loaded.get("validation", []), test], str(cfg.train))
+        _raise_if(problems)
+        if "validation" not in loaded:
+            train, validation = _split(train, cfg.validation_fraction, seed, str(cfg.train))
+
+    labels = _sorted_labels({ex.label for part in (train, validation, test) for ex in part})
+    splits = Splits(train=train, validation=validation, test=test, labels=labels, dropped=dropped, files=files)
+    splits.sha256 = data_hash(splits)
+    return splits
 
 
 def data_hash(splits: Splits) -> str:
-    raise NotImplementedError
+    """sha256 over (split, label, text) of every example, in order; depends on nothing else."""
+    digest = hashlib.sha256()
+    encode = json.JSONEncoder(ensure_ascii=False).encode
+    for name in ("train", "validation", "test"):
+        for ex in getattr(splits, name):
+            digest.update(encode([name, ex.label, ex.text]).encode("utf-8") + b"\n")
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _load_file(path: Path, cfg: DataConfig, problems: list[str], dropped: dict[str, int], files: dict[str, str]) -> list[Example]:
+    """Read one file into cleaned Examples; append every problem found to `problems`."""
+    source = str(path)
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    compression = suffixes.pop() if suffixes and suffixes[-1] in COMPRESSIONS else None
+    kind = FORMATS.get(suffixes[-1]) if suffixes else None
+    if kind is None or (compression and kind == "parquet"):
+        supported = ", ".join(FORMATS) + " (CSV/TSV/JSON Lines may also end in " + ", ".join(COMPRESSIONS) + ")"
+        problems.append(f"{source}: unsupported file type {''.join(Path(path).suffixes) or '(no extension)'!r}; supported: {supported}.")
+        return []
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        problems.append(f"{source}: cannot read the file ({exc.strerror}).")
+        return []
+    files[source] = hashlib.sha256(raw).hexdigest()
+    known = len(problems)
+
+    if kind == "parquet":
+        table = _read_parquet(source, raw, cfg, problems)
+    else:
+        content = _decompress(source, raw, compression, problems)
+        text = None if content is None else _decode(source, content, problems)
+        if text is None:
+            return []
+        if not text.strip():
+            problems.append(f"{source}: the file is empty; it needs a '{cfg.text_column}' and a '{cfg.label_column}' column and at least one row.")
+            return []
+        if kind in ("csv", "tsv"):
+            table = _read_csv(source, text, "\t" if kind == "tsv" else None, cfg, problems, dropped)
+        elif kind == "json" and text.lstrip().startswith("["):
+            table = _read_json_array(source, text, cfg, problems)
+        else:
+            table = _read_jsonl(source, text, cfg, problems, dropped, is_json=kind == "json")
+    if table is None:
+        return []  # already reported
+    unit, rows, texts, labels = table
+    if not rows and len(problems) == known:
+        problems.append(f"{source}: no data rows (only a header, or nothing usable); add labeled rows.")
+        return []
+    return _clean(source, unit, rows, texts, labels, cfg, problems, dropped)
+
+
+def _decompress(source: str, raw: bytes, compression: str | None, problems: list[str]) -> bytes | None:
+    if compression is None:
+        return raw
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {".gz": gzip.decompress, ".bz2": bz2.decompress, ".xz": lzma.decompress}[compression]
+    try:
+        return opener(raw)
+    except (OSError, EOFError, ValueError, lzma.LZMAError) as exc:
+        problems.append(f"{source}: cannot decompress as {compression} ({exc}); check the file is complete, or pass it uncompressed.")
+        return None
+
+
+def _decode(source: str, content: bytes, problems: list[str]) -> str | None:
+    """UTF-8 (a BOM is allowed and removed); anything else stops with the line to fix. NUL bytes are errors."""
+    if content.startswith((b"\xff\xfe", b"\xfe\xff")):
+        problems.append(f"{source}: the file is UTF-16 (it starts with a UTF-16 byte order mark); re-save it as UTF-8 (e.g. 'CSV UTF-8' in Excel).")
+        return None
+    try:
+        text = content.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        found = 0
+        offset = 0
+        for number, line in enumerate(content.split(b"\n"), start=1):
+            try:
+                line.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                found += 1
+                if found <= MAX_LISTED:
+                    bad = line[exc.start]
+                    problems.append(
+                        f"{source} line {number}: byte 0x{bad:02x} at byte offset {offset + exc.start} is not valid UTF-8 "
+                        f"(the file looks like Latin-1/Windows-1252 or another encoding); re-save the file as UTF-8."
+                    )
+            offset += len(line) + 1
+        if found > MAX_LISTED:
+            problems.append(f"{source}: ... and {found - MAX_LISTED} more line(s) that are not valid UTF-8.")
+        return None
+    if "\x00" in text:
+        nul_lines = [n for n, line in enumerate(text.split("\n"), start=1) if "\x00" in line]
+        hint = " (the file may be UTF-16 without a byte order mark)" if text.count("\x00") > len(text) // 4 else ""
+        shown = ", ".join(map(str, nul_lines[:MAX_LISTED])) + (f" and {len(nul_lines) - MAX_LISTED} more" if len(nul_lines) > MAX_LISTED else "")
+        problems.append(f"{source} line {shown}: NUL byte(s) (\\x00) in the text{hint}; remove them or re-save the file as UTF-8 text.")
+        return None
+    return text
+
+
+Table = tuple[str, list[int], list[object], list[object]]  # unit ('line'/'row'), row numbers, texts, labels
+
+
+def _read_csv(source: str, text: str, delimiter: str | None, cfg: DataConfig, problems: list[str], dropped: dict[str, int]) -> Table | None:
+    old_limit = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)  # huge text fields are legitimate
+    try:
+        delimiter = delimiter or _sniff_delimiter(text, cfg)
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+        header: list[str] | None = None
+        rows: list[int] = []
+        records: list[list[str]] = []
+        blank = 0
+        while True:
+            start = reader.line_num + 1
+            try:
+                record = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                problems.append(
+                    f"{source} line {start}: cannot parse the CSV ({exc}); a field holding {delimiter!r}, a quote or a line break "
+                    f"must be wrapped in double quotes, with quotes inside it doubled (\"\")."
+                )
+                continue
+            if header is None:
+                if record:
+                    header = record
+                else:
+                    blank += 1
+                continue
+            if not record or (len(header) > 1 and len(record) == 1 and not record[0].strip()):
+                blank += 1
+                continue
+            if len(record) != len(header):
+                spans = reader.line_num - start
+                hint = f" (this record runs over {spans + 1} lines: an unclosed double quote may have swallowed the lines after it)" if spans else ""
+                problems.append(
+                    f"{source} line {start}: expected {len(header)} fields ({', '.join(map(repr, header))}), got {len(record)}{hint}; "
+                    f"wrap fields that contain {delimiter!r} in double quotes, or fix the row."
+                )
+                continue
+            rows.append(start)
+            records.append(record)
+    finally:
+        csv.field_size_limit(old_limit)
+    if header is None:
+        return None  # already reported (a parse error on the header line)
+    if blank:
+        dropped["blank_lines"] = dropped.get("blank_lines", 0) + blank
+    columns = _find_columns(source, header, cfg, problems, flat_flag_hint=delimiter)
+    if columns is None:
+        return None
+    ti, li = (header.index(c) for c in columns)
+    return "line", rows, [r[ti] for r in records], [r[li] for r in records]
+
+
+def _sniff_delimiter(text: str, cfg: DataConfig) -> str:
+    """',' unless another common delimiter is the one that yields the expected columns (or more columns)."""
+    first = text[:65536].lstrip("\r\n").split("\n", 1)[0].rstrip("\r")
+    best, best_fields = ",", 0
+    for candidate in (",", ";", "\t", "|"):
+        try:
+            fields = [f.strip() for f in next(csv.reader([first], delimiter=candidate), [])]
+        except csv.Error:
+            continue
+        if cfg.text_column in fields and cfg.label_column in fields:
+            return candidate
+        if len(fields) > best_fields:
+            best, best_fields = candidate, len(fields)
+    return best
+
+
+def _read_jsonl(source: str, text: str, cfg: DataConfig, problems: list[str], dropped: dict[str, int], is_json: bool) -> Table | None:
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline ends the last line; it does not start a new one
+    hint = " A .json file must hold JSON Lines (one object per line) or one array of objects." if is_json else ""
+    records: list[tuple[int, dict]] = []
+    blank = 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            blank += 1
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(f"{source} line {number}: not valid JSON ({exc.msg} at column {exc.colno}); each line must be one object like {{\"{cfg.text_column}\": \"...\", \"{cfg.label_column}\": \"...\"}}.{hint}")
+            continue
+        if not isinstance(obj, dict):
+            problems.append(f"{source} line {number}: expected a JSON object like {{\"{cfg.text_column}\": \"...\", \"{cfg.label_column}\": \"...\"}}, got {_json_type(obj)}.{hint}")
+            continue
+        records.append((number, obj))
+    if blank:
+        dropped["blank_lines"] = dropped.get("blank_lines", 0) + blank
+    return _table_from_objects(source, records, cfg, problems)
+
+
+def _read_json_array(source: str, text: str, cfg: DataConfig, problems: list[str]) -> Table | None:
+    """A top-level JSON array of objects; each element's line is where it starts."""
+    decoder = json.JSONDecoder()
+    records: list[tuple[int, dict]] = []
+    pos = text.index("[") + 1
+    line, counted_to = 1, 0
+    try:
+        while True:
+            pos = _skip_space(text, pos)
+            if pos < len(text) and text[pos] == "]":
+                break
+            obj, end = decoder.raw_decode(text, pos)
+            line += text.count("\n", counted_to, pos)
+            counted_to = pos
+            if isinstance(obj, dict):
+                records.append((line, obj))
+            else:
+                problems.append(f"{source} line {line}: expected a JSON object like {{\"{cfg.text_column}\": \"...\", \"{cfg.label_column}\": \"...\"}} in the array, got {_json_type(obj)}.")
+            pos = _skip_space(text, end)
+            if pos < len(text) and text[pos] == ",":
+                pos += 1
+            elif pos < len(text) and text[pos] == "]":
+                break
+            else:
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+        if text[pos + 1 :].strip():
+            raise json.JSONDecodeError("Extra data after the array", text, _skip_space(text, pos + 1))
+    except json.JSONDecodeError as exc:
+        problems.append(f"{source} line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); the file must be one array of objects, or JSON Lines.")
+        return None
+    return _table_from_objects(source, records, cfg, problems)
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _json_type(value: object) -> str:
+    return {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number", bool: "true/false", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _table_from_objects(source: str, records: list[tuple[int, dict]], cfg: DataConfig, problems: list[str]) -> Table | None:
+    if not records:
+        return "line", [], [], []
+    keys: dict[str, None] = {}
+    for _, obj in records:
+        keys.update(dict.fromkeys(obj))
+    columns = _find_columns(source, list(keys), cfg, problems)
+    if columns is None:
+        return None
+    tk, lk = columns
+    rows = [number for number, _ in records]
+    return "line", rows, [obj.get(tk, _MISSING) for _, obj in records], [obj.get(lk, _MISSING) for _, obj in records]
+
+
+def _read_parquet(source: str, raw: bytes, cfg: DataConfig, problems: list[str]) -> Table | None:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(io.BytesIO(raw))
+    except (pyarrow.ArrowException, OSError, ValueError) as exc:
+        problems.append(f"{source}: cannot read as Parquet ({exc}); check the file is a complete Parquet file, or export it as CSV.")
+        return None
+    columns = _find_columns(source, table.column_names, cfg, problems)
+    if columns is None:
+        return None
+    tc, lc = columns
+    return "row", list(range(table.num_rows)), table.column(tc).to_pylist(), table.column(lc).to_pylist()
+
+
+def _find_columns(source: str, found: list[str], cfg: DataConfig, problems: list[str], flat_flag_hint: str | None = None) -> tuple[str, str] | None:
+    """Resolve the text and label column names (exact, else ignoring surrounding spaces); report missing/duplicate ones."""
+    resolved: list[str] = []
+    for wanted, flag in ((cfg.text_column, "--text-column"), (cfg.label_column, "--label-column")):
+        matches = [c for c in found if c == wanted] or [c for c in found if str(c).strip() == wanted]
+        if len(matches) == 1:
+            resolved.append(matches[0])
+            continue
+        if len(matches) > 1:
+            problems.append(f"{source}: column '{wanted}' appears {len(matches)} times in the header; rename the duplicates so each column name is unique.")
+            continue
+        listed = ", ".join(repr(c) for c in found) or "none"
+        lower = {str(c).strip().lower(): c for c in found}
+        close = [lower[wanted.lower()]] if wanted.lower() in lower else difflib.get_close_matches(wanted, [str(c) for c in found], n=1, cutoff=0.6)
+        guess = f" Did you mean {close[0]!r}? Pass {flag} {close[0]}." if close else f" Pass {flag} NAME with the column that holds the {flag[2:-7]}."
+        delim = ""
+        if flat_flag_hint is not None and len(found) == 1:
+            delim = f" The header has a single column: is the file separated by something other than {flat_flag_hint!r}?"
+        problems.append(f"{source}: no column '{wanted}' ({flag}); columns found: {listed}.{guess}{delim}")
+    return (resolved[0], resolved[1]) if len(resolved) == 2 else None
+
+
+# ---------------------------------------------------------------- cleaning
+
+
+def _clean(source: str, unit: str, rows: list[int], texts: list[object], labels: list[object], cfg: DataConfig, problems: list[str], dropped: dict[str, int]) -> list[Example]:
+    """Turn raw values into Examples: texts as given (non-strings to str), labels normalised; empties reported or counted."""
+    examples: list[Example] = []
+    empty_text = empty_label = 0
+    tcol, lcol = cfg.text_column, cfg.label_column
+    for row, raw_text, raw_label in zip(rows, texts, labels):
+        text, text_problem = _text_value(raw_text)
+        label, label_problem = _label_value(raw_label)
+        where = f"{source} {unit} {row}"
+        for col, value, problem in ((tcol, raw_text, text_problem), (lcol, raw_label, label_problem)):
+            if problem:
+                problems.append(f"{where}, column '{col}': {problem} (got {_describe(value, col)}); fix the value.")
+        if text_problem or label_problem:
+            continue
+        if text is None or label is None:
+            if cfg.drop_unlabeled:
+                if text is None:
+                    empty_text += 1
+                else:
+                    empty_label += 1
+                continue
+            for col, value, missing in ((tcol, raw_text, text is None), (lcol, raw_label, label is None)):
+                if missing:
+                    what = "text" if col == tcol else "label"
+                    problems.append(f"{where}, column '{col}': empty {what} (got {_describe(value, col)}); fill it in or pass --drop-unlabeled.")
+            continue
+        examples.append(Example(text=text, label=label, source=source, row=row))
+    for reason, count in (("empty_text", empty_text), ("empty_label", empty_label)):
+        if count:
+            dropped[reason] = dropped.get(reason, 0) + count
+    if rows and empty_text + empty_label == len(rows):
+        problems.append(f"{source}: no usable rows: all {len(rows)} rows have an empty text or label.")
+    return examples
+
+
+def _text_value(value: object) -> tuple[str | None, str]:
+    """(text or None when empty, problem). Text is kept as given; only-whitespace counts as empty."""
+    if value is _MISSING or value is None or (isinstance(value, float) and math.isnan(value)):
+        return None, ""
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    elif isinstance(value, (int, float)):
+        value = str(value)
+    elif isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "bytes that are not valid UTF-8 text"
+    if not isinstance(value, str):
+        return None, f"expected text, got {_json_type(value)}"
+    return (value if value.strip() else None), ""
+
+
+def _label_value(value: object) -> tuple[str | None, str]:
+    """(label or None when empty, problem). Labels are strings: 1, '1', 1.0 and '1.0' are all '1'."""
+    if value is _MISSING or value is None or (isinstance(value, float) and math.isnan(value)):
+        return None, ""
+    if isinstance(value, bool):
+        return ("true" if value else "false"), ""
+    if isinstance(value, int):
+        return str(value), ""
+    if isinstance(value, float):
+        return (str(int(value)) if value.is_integer() else repr(value)), ""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "bytes that are not valid UTF-8 text"
+    if not isinstance(value, str):
+        return None, f"expected a string or an integer label, got {_json_type(value)}"
+    label = value.strip()
+    match = _INT_FLOAT.fullmatch(label)
+    return (match.group(1) if match else label) or None, ""
+
+
+def _describe(value: object, col: str) -> str:
+    if value is _MISSING:
+        return f"no '{col}' key"
+    if value is None:
+        return "null"
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN"
+    shown = repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+# ---------------------------------------------------------------- labels, sampling, splitting
+
+
+def _sorted_labels(labels: set[str]) -> list[str]:
+    if all(_INT.fullmatch(label) for label in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
+
+
+def _counts(examples: list[Example]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for ex in examples:
+        counts[ex.label] = counts.get(ex.label, 0) + 1
+    return counts
+
+
+def _class_problems(examples: list[Example], source: str, cfg: DataConfig, minimum: int, sampled: bool) -> list[str]:
+    counts = _counts(examples)
+    after = " (after --max-examples sampling)" if sampled else ""
+    if len(counts) < 2:
+        found = f"only {next(iter(counts))!r}" if counts else "no labels"
+        return [f"fine-tuning a classifier needs at least 2 classes; found {found} in {source}{after} (column '{cfg.label_column}'). Check --label-column, or add examples of other classes."]
+    if minimum <= 1:
+        return []
+    needs = "one each for train, validation and test" if minimum >= 3 else "one each for train and validation"
+    alternative = "provide explicit --train/--validation/--test files" if minimum >= 3 else "pass a --validation file"
+    return [
+        f"{source}: class {label!r} has only {count} example(s){after}; an automatic split needs at least {minimum} per class ({needs}). "
+        f"Add examples, merge or drop the class, or {alternative}."
+        for label, count in sorted(counts.items())
+        if count < minimum
+    ]
+
+
+def _size_problems(n: int, examples: list[Example], fraction: float, split: str, flag: str, source: str) -> list[str]:
+    """A stratified split needs at least one row per class on each side."""
+    k = len(_counts(examples))
+    n_held = math.ceil(fraction * n)
+    if k < 2 or (n_held >= k and n - n_held >= k):
+        return []
+    return [f"{source}: {n} rows give a {split} split of {n_held} row(s) for {k} classes; a stratified split needs at least one row per class on each side. Add examples or raise {flag} (now {fraction:g})."]
+
+
+def _split(examples: list[Example], fraction: float, seed: int, source: str) -> tuple[list[Example], list[Example]]:
+    """Stratified, seeded split: (kept, held out)."""
+    from sklearn.model_selection import train_test_split
+
+    try:
+        kept, held = train_test_split(examples, test_size=fraction, random_state=seed, stratify=[ex.label for ex in examples])
+    except ValueError as exc:
+        counts = ", ".join(f"{label!r}: {count}" for label, count in sorted(_counts(examples).items()))
+        raise DataError(f"{source}: cannot split stratified ({exc}). Class counts: {counts}. Add examples to the small classes, merge them, or provide explicit split files.") from None
+    return list(kept), list(held)
+
+
+def _sample(examples: list[Example], limit: int | None, seed: int, dropped: dict[str, int]) -> list[Example]:
+    """A stratified, seeded sample of at most `limit` examples (every class keeps at least one), in file order."""
+    if limit is None or len(examples) <= limit:
+        return examples
+    groups: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(ex.label, []).append(i)
+    labels = sorted(groups)
+    exact = {label: limit * len(groups[label]) / len(examples) for label in labels}
+    quota = {label: min(len(groups[label]), max(1, math.floor(exact[label]))) for label in labels}
+    by_remainder = sorted(labels, key=lambda label: (-(exact[label] - math.floor(exact[label])), label))
+    while sum(quota.values()) < limit:
+        for label in by_remainder:
+            if sum(quota.values()) < limit and quota[label] < len(groups[label]):
+                quota[label] += 1
+    while sum(quota.values()) > limit:  # more classes than the limit allows one each: trim the largest quotas
+        largest = max(labels, key=lambda label: (quota[label], label))
+        quota[largest] -= 1
+    rng = random.Random(seed)
+    chosen = sorted(i for label in labels for i in rng.sample(groups[label], quota[label]))
+    dropped["max_examples_sample"] = dropped.get("max_examples_sample", 0) + len(examples) - len(chosen)
+    return [examples[i] for i in chosen]
+
+
+def _unseen_label_problems(train: list[Example], others: list[list[Example]], train_source: str) -> list[str]:
+    """Explicit validation/test files may only use labels that train has (grouped per file and label)."""
+    known = set(_counts(train))
+    listed = ", ".join(repr(label) for label in _sorted_labels(known))
+    unseen: dict[tuple[str, str], list[int]] = {}
+    for examples in others:
+        for ex in examples:
+            if ex.label not in known:
+                unseen.setdefault((ex.source, ex.label), []).append(ex.row)
+    problems = []
+    for (source, label), rows in unseen.items():
+        where = ", ".join(map(str, rows[:5])) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+        unit = "row" if source.lower().endswith((".parquet", ".pq")) else "line"
+        problems.append(
+            f"{source} {unit}{'s' if len(rows) > 1 else ''} {where}: label {label!r} never occurs in {train_source}, which has labels {listed}; "
+            f"fix the label, add training examples of {label!r}, or remove these rows."
+        )
+    return problems
+
+
+def _raise_if(problems: list[str]) -> None:
+    if not problems:
+        return
+    shown = problems[:MAX_LISTED]
+    if len(problems) > MAX_LISTED:
+        shown.append(f"... and {len(problems) - MAX_LISTED} more problem(s).")
+    raise DataError(f"{len(problems)} problem(s) in the data; fix them and run again:", shown)

@@ -2,8 +2,8 @@
 
 `audit()` builds the `data.audit` block of report.json. The PII scanner favours precision over recall: every
 number-shaped kind is checked (Luhn for cards, mod-97 for IBANs, octet ranges for IPs, invalid SSN ranges, digit
-counts for phones), so years, prices, dates and ratings in ordinary text are not flagged. The report only ever
-holds counts and file:line locations of personal data, never the values.
+counts for phones), so years, prices, dates and ratings in ordinary text are not flagged. The report holds
+counts of personal data, never the values: the excerpts shown next to file:line locations are masked.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ MAX_EXAMPLES = 5  # locations listed per finding in the report
 
 # --- PII patterns -----------------------------------------------------------------------------------------------
 
-_MAYBE_PII = re.compile(r"[\d@]")  # every kind needs a digit or an '@': most texts are skipped by this alone
+_MAYBE_PII = re.compile(r"[\d@]")  # every kind needs a digit or an '@'
+_NUMBERISH = re.compile(r"[\d(+][\d ().+-]{5,}\d")  # the shortest number-shaped kind is an IP like 1.2.3.4
+_IBAN_HINT = re.compile(r"[A-Z]{2}\d\d")
 
 _URL_CREDENTIALS = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s/?#@:]+:[^\s/?#@]+@[^\s]*[^\s.,;:!?)\]'\"]")
 _EMAIL = re.compile(
@@ -99,16 +101,17 @@ def _digits(s: str) -> str:
 def _candidates(text: str) -> Iterator[tuple[str, int, int]]:
     """Every validated match of every kind; may overlap (find_pii resolves that).
 
-    Cheap string tests skip the patterns that cannot match: a phone has at least 8 digits, an SSN 9, a card 13.
+    Cheap tests skip the patterns that cannot match: every number-shaped kind needs a run of at least 7 digits
+    and separators, an IBAN two capitals then two digits.
     """
-    n_digits = sum(map(text.count, "0123456789"))
     if "@" in text:
         if "://" in text:
             for m in _URL_CREDENTIALS.finditer(text):
                 yield "url_credentials", m.start(), m.end()
         for m in _EMAIL.finditer(text):
             yield "email", m.start(), m.end()
-    if n_digits >= 4 and "." in text:
+    numberish = _NUMBERISH.search(text) is not None
+    if numberish and "." in text:
         for m in _IPV4.finditer(text):
             yield "ip_address", m.start(), m.end()
     if "::" in text or text.count(":") >= 7:
@@ -120,9 +123,7 @@ def _candidates(text: str) -> Iterator[tuple[str, int, int]]:
                 continue
             if len(groups) >= 3:
                 yield "ip_address", m.start(), m.end()
-    if n_digits < 8:
-        return
-    if not text.islower():  # an IBAN needs upper-case letters
+    if _IBAN_HINT.search(text):
         for m in _IBAN.finditer(text):
             # The pattern may run into a following upper-case word: drop trailing groups until the checksum holds.
             groups = m.group().split(" ")
@@ -132,11 +133,12 @@ def _candidates(text: str) -> Iterator[tuple[str, int, int]]:
                     yield "iban", m.start(), m.start() + len(candidate)
                     break
                 groups.pop()
-    if n_digits >= 13:
-        for m in _CARD.finditer(text):
-            digits = _digits(m.group())
-            if 13 <= len(digits) <= 19 and len(set(digits)) > 1 and luhn_valid(digits):
-                yield "credit_card", m.start(), m.end()
+    if not numberish:
+        return
+    for m in _CARD.finditer(text):
+        digits = _digits(m.group())
+        if 13 <= len(digits) <= 19 and len(set(digits)) > 1 and luhn_valid(digits):
+            yield "credit_card", m.start(), m.end()
     if "-" in text:
         for m in _SSN.finditer(text):
             yield "us_ssn", m.start(), m.end()
@@ -144,14 +146,13 @@ def _candidates(text: str) -> Iterator[tuple[str, int, int]]:
         for m in _PHONE_INTERNATIONAL.finditer(text):
             if 8 <= len(_digits(m.group())) <= 15:
                 yield "phone", m.start(), m.end()
-    if n_digits >= 10:
-        for m in _PHONE_NANP.finditer(text):
-            yield "phone", m.start(), m.end()
-        if "0" in text:
-            for m in _PHONE_TRUNK.finditer(text):
-                groups = re.split(r"[ ()-]+", m.group().strip("()"))
-                if 10 <= len(_digits(m.group())) <= 12 and not any(_YEAR.fullmatch(g) for g in groups[1:]):
-                    yield "phone", m.start(), m.end()
+    for m in _PHONE_NANP.finditer(text):
+        yield "phone", m.start(), m.end()
+    if "0" in text:
+        for m in _PHONE_TRUNK.finditer(text):
+            groups = re.split(r"[ ()-]+", m.group().strip("()"))
+            if 10 <= len(_digits(m.group())) <= 12 and not any(_YEAR.fullmatch(g) for g in groups[1:]):
+                yield "phone", m.start(), m.end()
 
 
 def find_pii(text: str) -> list[tuple[str, int, int]]:
@@ -322,9 +323,8 @@ def audit(
         class_counts[name] = {label: counter[label] for label in labels} | {
             label: n for label, n in counter.items() if label not in labels
         }
-    class_counts["all"] = {
-        label: sum(class_counts[name].get(label, 0) for name in SPLIT_NAMES) for label in class_counts["train"]
-    }
+    all_labels = dict.fromkeys(label for name in SPLIT_NAMES for label in class_counts[name])
+    class_counts["all"] = {label: sum(class_counts[name].get(label, 0) for name in SPLIT_NAMES) for label in all_labels}
     train_counts = class_counts["train"]
     smallest = min(train_counts.values(), default=0)
     imbalance_ratio = round(max(train_counts.values()) / smallest, 3) if smallest > 0 else None

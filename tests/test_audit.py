@@ -377,10 +377,13 @@ def test_pii_redacted_no_warning(monkeypatch):
 
 def test_warning_dropped_rows_say_how_many_and_why():
     splits = clean_splits()
-    splits.dropped = {"empty text": 3, "empty label": 2}
+    splits.dropped = {"empty_text": 3, "empty_label": 2, "odd_reason": 1}
     report = audit(splits)
-    assert report["dropped"] == {"empty text": 3, "empty label": 2}
-    assert warnings_with(report, "dropped") == ["5 rows were dropped while loading the data (3 empty text, 2 empty label)."]
+    assert report["dropped"] == {"empty_text": 3, "empty_label": 2, "odd_reason": 1}
+    assert warnings_with(report, "dropped") == [
+        "6 rows were dropped while loading the data: 3 with an empty text (--drop-unlabeled), "
+        "2 with an empty label (--drop-unlabeled), 1 odd reason."
+    ]
 
 
 def test_report_is_json_serialisable_and_has_required_keys():

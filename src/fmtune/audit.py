@@ -30,6 +30,12 @@ PII_MASKS = {
 }
 _PRIORITY = {kind: i for i, kind in enumerate(PII_KINDS)}
 SPLIT_NAMES = ("train", "validation", "test")
+_DROP_REASONS = {  # Splits.dropped keys (see fmtune.data) in plain words
+    "empty_text": "with an empty text (--drop-unlabeled)",
+    "empty_label": "with an empty label (--drop-unlabeled)",
+    "blank_lines": "blank lines",
+    "max_examples_sample": "left out of the --max-examples sample",
+}
 MAX_EXAMPLES = 5  # locations listed per finding in the report
 
 # --- PII patterns -----------------------------------------------------------------------------------------------
@@ -256,7 +262,7 @@ def audit(
     max_length: int | None = None,
     redacted: dict[str, int] | None = None,
 ) -> dict:
-    """The data.audit block of report.json: JSON-serialisable, counts and file:line locations only."""
+    """The data.audit block of report.json: JSON-serialisable; counts, file:line locations and masked excerpts."""
     by_split = {"train": splits.train, "validation": splits.validation, "test": splits.test}
     n_examples = {name: len(examples) for name, examples in by_split.items()}
     n_total = sum(n_examples.values())
@@ -417,8 +423,10 @@ def audit(
         )
     n_dropped = sum(splits.dropped.values())
     if n_dropped:
-        reasons = ", ".join(f"{n} {reason}" for reason, n in splits.dropped.items() if n)
-        warnings.append(f"{n_dropped} rows were dropped while loading the data ({reasons}).")
+        reasons = ", ".join(
+            f"{n} {_DROP_REASONS.get(reason, reason.replace('_', ' '))}" for reason, n in splits.dropped.items() if n
+        )
+        warnings.append(f"{n_dropped} rows were dropped while loading the data: {reasons}.")
 
     return {
         "n_examples": n_examples,

@@ -157,6 +157,16 @@ def predict(
     Console().print(table)
 
 
+def _register_optional_commands() -> None:
+    from fmtune.registry import runs_app, verify_command
+
+    app.add_typer(runs_app, name="runs")
+    app.command("verify", help="Re-hash a run folder's outputs (and inputs) and report any mismatch with its manifest.")(verify_command)
+
+
+_register_optional_commands()
+
+
 def _main_group() -> click.Group:
     group = typer.main.get_group(app)
     group.add_command(run_command, "run")

@@ -103,6 +103,9 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
     from fmtune import baselines, data, domain_shift, inference, learning_curve, models, retention, train, verdict
     from fmtune.evaluate import bootstrap_indices, embed
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # fmtune shows its own progress
     started = datetime.now(timezone.utc)
     wall_start = time.perf_counter()
     name = run_name(cfg)
@@ -117,6 +120,7 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
         torch.set_num_threads(cfg.train.threads)
     device = models.default_device()
     seed = cfg.seed
+    _record(tmp, name, "running")
     try:
         # ---- data and audit
         with stage("load and split data", log):
@@ -291,8 +295,9 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
             "verdict": verdict_,
         }
         finish(report, cfg, tmp, out, wall_start, model_path)
-    except BaseException:
+    except BaseException as exc:
         _mark_interrupted(tmp, out)
+        _record(tmp, name, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
         raise
     print_summary(report, out)
     if gate_failed:
@@ -317,7 +322,7 @@ def finish(report: dict, cfg: RunConfig, tmp: Path, out: Path, wall_start: float
     (tmp / "logs" / "run.log").write_text("\n".join(report["run"]["stages"]) + "\n")
     base_files = {p.name: lineage.sha256_file(p) for p in sorted(Path(model_path).glob("*.safetensors"))}
     manifest = lineage.build_manifest(
-        config=cfg.model_dump(mode="json"), input_files=report["data"]["files"], data_sha256=report["data"]["sha256"],
+        config=cfg.model_dump(mode="json"), input_files={str(Path(p).resolve()): h for p, h in report["data"]["files"].items()}, data_sha256=report["data"]["sha256"],
         base_model={"name": cfg.model.model, "path": str(model_path), "files": base_files}, seed=cfg.seed, run_dir=tmp,
         hardware=models.hardware_description(),
     )
@@ -327,7 +332,16 @@ def finish(report: dict, cfg: RunConfig, tmp: Path, out: Path, wall_start: float
     os.replace(tmp, out)
     try:
         registry.record_run(out, report, "complete")
-    except Exception as exc:  # the registry is a convenience; a locked or read-only registry must not lose the run
+    except Exception as exc:  # the registry is a convenience; it must never lose a run
+        console.print(f"[yellow]warning:[/] could not record the run in the registry ({exc}).")
+
+
+def _record(run_dir: Path, name: str, status: str) -> None:
+    from fmtune import registry
+
+    try:
+        registry.record_run(run_dir, {"run": {"name": name, "status": status}}, status)
+    except Exception as exc:  # the registry is a convenience; it must never lose a run
         console.print(f"[yellow]warning:[/] could not record the run in the registry ({exc}).")
 
 

@@ -306,9 +306,10 @@ def test_invalid_json_line(tmp_path):
     assert f"{path} line 3: expected a JSON object like {{\"text\": \"...\", \"label\": \"...\"}}, got an array." in message
 
 
-def test_undecodable_bytes_name_line_and_offset(tmp_path):
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_undecodable_bytes_name_line_and_offset(tmp_path, bom):
     path = tmp_path / "latin.csv"
-    content = "text,label\ngood,pos\ncaf\u00e9,neg\n".encode("latin-1")
+    content = bom + "text,label\ngood,pos\ncaf\u00e9,neg\n".encode("latin-1")
     path.write_bytes(content)
     message = error_of(DataConfig(data=path))
     offset = content.index(b"\xe9")
@@ -388,6 +389,13 @@ def test_unknown_extension_names_the_supported_ones(tmp_path):
         assert ext in message
 
 
+def test_no_data_is_a_config_error():
+    from fmtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--train FILE --test FILE"):
+        load_splits(DataConfig(), seed=0)
+
+
 def test_problems_from_all_files_are_raised_once(tmp_path):
     train = write_csv(tmp_path / "train.csv", [("", "pos")] + rows(20))
     test = tmp_path / "test.jsonl"
@@ -461,18 +469,40 @@ def test_random_tables_round_trip_through_csv_and_jsonl(tmp_path, table, eol, se
         assert splits.dropped == {}
 
 
-VALID_CSV = b"text,label\n" + b"".join(f'"{t}",{label}\n'.encode() for t, label in rows(15))
+def valid_bytes(suffix: str) -> bytes:
+    """A small valid file of each kind, for the mutation fuzz below to break."""
+    import gzip
+    import io
+
+    import pandas as pd
+
+    data = rows(15)
+    if suffix == ".parquet":
+        buffer = io.BytesIO()
+        pd.DataFrame(data, columns=["text", "label"]).to_parquet(buffer)
+        return buffer.getvalue()
+    if suffix == ".json":
+        return json.dumps([{"text": t, "label": label} for t, label in data], indent=1).encode()
+    if suffix == ".jsonl":
+        return "".join(json.dumps({"text": t, "label": label}) + "\n" for t, label in data).encode()
+    sep = "\t" if suffix == ".tsv" else ","
+    content = (f"text{sep}label\n" + "".join(f'"{t}"{sep}{label}\n' for t, label in data)).encode()
+    return gzip.compress(content, mtime=0) if suffix.endswith(".gz") else content
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SUFFIXES = [".csv", ".tsv", ".jsonl", ".json", ".parquet", ".csv.gz"]
+VALID = {suffix: valid_bytes(suffix) for suffix in SUFFIXES}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    suffix=st.sampled_from([".csv", ".tsv", ".jsonl", ".json", ".parquet", ".csv.gz"]),
-    edits=st.lists(st.tuples(st.integers(0, 400), st.sampled_from([b'"', b",", b"\n", b"\r", b"\x00", b"\xff", b"\t", b"{", b"[", b"\xef\xbb\xbf", b""])), max_size=6),
+    suffix=st.sampled_from(SUFFIXES),
+    edits=st.lists(st.tuples(st.integers(0, 600), st.sampled_from([b'"', b",", b";", b"\n", b"\r", b"\x00", b"\xff", b"\t", b"{", b"[", b"\xef\xbb\xbf", b" ", b""])), max_size=6),
     garbage=st.booleans(),
     noise=st.binary(max_size=200),
 )
 def test_mutated_files_never_raise_anything_but_data_error(tmp_path, suffix, edits, garbage, noise):
-    content = noise if garbage else VALID_CSV
+    content = noise if garbage else VALID[suffix]
     for position, insert in edits:
         position = min(position, len(content))
         content = content[:position] + insert + content[position + (0 if insert else 1) :]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fmtune.config import DataConfig
-from fmtune.errors import DataError
+from fmtune.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,8 @@ _INT = re.compile(r"-?\d+")
 
 def load_splits(cfg: DataConfig, seed: int) -> Splits:
     """Read, validate and split the data named by `cfg`; raise one DataError listing every problem."""
+    if cfg.data is None and (cfg.train is None or cfg.test is None):
+        raise ConfigError("no data given: pass --data FILE (split automatically) or --train FILE --test FILE.")
     problems: list[str] = []
     dropped: dict[str, int] = {}
     files: dict[str, str] = {}
@@ -154,11 +156,12 @@ def _decompress(source: str, raw: bytes, compression: str | None, problems: list
     import bz2
     import gzip
     import lzma
+    import zlib
 
     opener = {".gz": gzip.decompress, ".bz2": bz2.decompress, ".xz": lzma.decompress}[compression]
     try:
         return opener(raw)
-    except (OSError, EOFError, ValueError, lzma.LZMAError) as exc:
+    except (OSError, EOFError, ValueError, lzma.LZMAError, zlib.error) as exc:
         problems.append(f"{source}: cannot decompress as {compression} ({exc}); check the file is complete, or pass it uncompressed.")
         return None
 
@@ -175,14 +178,14 @@ def _decode(source: str, content: bytes, problems: list[str]) -> str | None:
         offset = 0
         for number, line in enumerate(content.split(b"\n"), start=1):
             try:
-                line.decode("utf-8-sig" if number == 1 else "utf-8")
+                line.decode("utf-8")
             except UnicodeDecodeError as exc:
                 found += 1
                 if found <= MAX_LISTED:
                     bad = line[exc.start]
                     problems.append(
                         f"{source} line {number}: byte 0x{bad:02x} at byte offset {offset + exc.start} is not valid UTF-8 "
-                        f"(the file looks like Latin-1/Windows-1252 or another encoding); re-save the file as UTF-8."
+                        f"(the file may be Latin-1/Windows-1252 or another encoding); re-save the file as UTF-8."
                     )
             offset += len(line) + 1
         if found > MAX_LISTED:
@@ -192,7 +195,7 @@ def _decode(source: str, content: bytes, problems: list[str]) -> str | None:
         nul_lines = [n for n, line in enumerate(text.split("\n"), start=1) if "\x00" in line]
         hint = " (the file may be UTF-16 without a byte order mark)" if text.count("\x00") > len(text) // 4 else ""
         shown = ", ".join(map(str, nul_lines[:MAX_LISTED])) + (f" and {len(nul_lines) - MAX_LISTED} more" if len(nul_lines) > MAX_LISTED else "")
-        problems.append(f"{source} line {shown}: NUL byte(s) (\\x00) in the text{hint}; remove them or re-save the file as UTF-8 text.")
+        problems.append(f"{source} line{'s' if len(nul_lines) > 1 else ''} {shown}: NUL byte(s) (\\x00) in the text{hint}; remove them or re-save the file as UTF-8 text.")
         return None
     return text
 

@@ -1,0 +1,500 @@
+"""`fmtune serve`: an authenticated HTTP API over a finished run's model, with micro-batching.
+
+POST /v1/predict   {"texts": [...]}                        -> {"predictions": [{"label", "probabilities"}], "model"}
+POST /v1/generate  {"prompts": [...], "max_new_tokens": n} -> {"completions": [...], "model"}  (generation runs)
+GET  /v1/model     what is being served: base model, run, task, labels, data hash, ladder metrics
+GET  /healthz      liveness, no auth;  /docs and /openapi.json: the API description, no auth
+
+Every /v1 call needs `Authorization: Bearer KEY`. Keys come from FMTUNE_API_KEYS and/or a key file and are never
+logged. Request bodies, texts per request, text length and the waiting queue are all bounded, so an overloaded
+server answers 413/422/503 instead of growing a backlog.
+"""
+
+
+import asyncio
+import hmac
+import logging
+import logging.config
+import os
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from fmtune.errors import ConfigError, FmtuneError
+
+if TYPE_CHECKING:
+    import fastapi
+
+log = logging.getLogger("fmtune.serve")
+
+API_KEYS_ENV = "FMTUNE_API_KEYS"
+MIN_KEY_CHARS = 16
+KEY_HINT = "generate one with `python -c \"import secrets; print(secrets.token_urlsafe(32))\"`"
+RETRY_AFTER_SECONDS = 1
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class ServeConfig:
+    """How `fmtune serve` listens, authenticates and bounds its work (field help = the CLI's --help)."""
+
+    host: str = field(default="127.0.0.1", metadata=_help("Address to listen on; 127.0.0.1 keeps the API on this machine."))
+    port: int = field(default=8000, metadata=_help("TCP port to listen on."))
+    api_keys: list[str] = field(default_factory=list, metadata=_help(f"Bearer keys accepted on /v1 (from {API_KEYS_ENV} and/or --api-key-file)."))
+    no_auth: bool = field(default=False, metadata=_help("Serve /v1 without authentication (only for local experiments)."))
+    max_batch_size: int = field(default=32, metadata=_help("Most texts the model sees in one forward pass."))
+    max_wait_ms: float = field(default=5.0, metadata=_help("Longest a text waits for others to fill a batch, in milliseconds."))
+    max_queue: int = field(default=256, metadata=_help("Most texts waiting for the model; beyond it requests get 503 + Retry-After."))
+    max_texts_per_request: int = field(default=64, metadata=_help("Most texts (or prompts) in one request."))
+    max_text_chars: int = field(default=10_000, metadata=_help("Most characters in one text (or prompt)."))
+    max_body_bytes: int = field(default=1_000_000, metadata=_help("Largest request body, in bytes."))
+    max_new_tokens: int = field(default=256, metadata=_help("Largest max_new_tokens a generation request may ask for."))
+    micro_batching: bool = field(default=True, metadata=_help("Batch concurrent requests together (off: one request at a time)."))
+
+
+def load_api_keys(api_key_file: Path | None) -> list[str]:
+    """Keys from FMTUNE_API_KEYS (comma separated) and/or `api_key_file` (one per line; blank and # lines skipped)."""
+    keys = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+    if api_key_file is not None:
+        path = Path(api_key_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--api-key-file {path}: no such file. Write one key per line, e.g. {KEY_HINT} > {path}")
+        for line in path.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                keys.append(line)
+    return list(dict.fromkeys(keys))
+
+
+def check_config(cfg: ServeConfig) -> None:
+    """Every problem with `cfg` at once; messages name the setting but never print a key."""
+    problems = []
+    if not cfg.api_keys and not cfg.no_auth:
+        problems.append(
+            f"no API keys: set {API_KEYS_ENV}=KEY1,KEY2 or pass --api-key-file FILE (one key per line; {KEY_HINT}), "
+            "or pass --no-auth to serve without authentication (local experiments only)"
+        )
+    for i, key in enumerate(cfg.api_keys):
+        if len(key) < MIN_KEY_CHARS:
+            problems.append(f"api key #{i + 1}: {len(key)} characters; use at least {MIN_KEY_CHARS} ({KEY_HINT})")
+        if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
+            problems.append(f"api key #{i + 1}: only printable ASCII without spaces can travel in an Authorization header")
+    for name in ("port", "max_batch_size", "max_queue", "max_texts_per_request", "max_text_chars", "max_body_bytes", "max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"{name}: {getattr(cfg, name)}; expected a positive number")
+    if cfg.max_wait_ms < 0:
+        problems.append(f"max_wait_ms: {cfg.max_wait_ms}; expected 0 or more")
+    if cfg.max_queue < cfg.max_texts_per_request:
+        problems.append(
+            f"max_queue ({cfg.max_queue}) is smaller than max_texts_per_request ({cfg.max_texts_per_request}): "
+            "a full-size request could never be queued; raise max_queue or lower max_texts_per_request"
+        )
+    if problems:
+        raise FmtuneError("cannot start fmtune serve:", problems)
+
+
+class QueueFull(Exception):
+    """More texts are waiting than the server allows (max_queue)."""
+
+
+class MicroBatcher:
+    """One worker gathers queued texts into batches (up to max_batch_size, or what arrived within max_wait_ms)."""
+
+    def __init__(self, predict: Callable[[list[str]], list[Any]], max_batch_size: int, max_wait_ms: float, max_queue: int):
+        self.predict = predict
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.batch_sizes: list[int] = []  # recent batch sizes, for tests and /v1/model
+        self.queue: asyncio.Queue | None = None
+        self._arrived: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._current: list[tuple[str, asyncio.Future]] = []  # the batch the model is working on
+
+    async def start(self) -> None:
+        self.queue = asyncio.Queue(maxsize=self.max_queue)
+        self._arrived = asyncio.Event()
+        self._worker = asyncio.create_task(self._run(), name="fmtune-micro-batcher")
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+            self._worker = None
+        pending = list(self._current)
+        while self.queue is not None and not self.queue.empty():
+            pending.append(self.queue.get_nowait())
+        for _, future in pending:
+            if not future.done():
+                future.set_exception(RuntimeError("the server is shutting down"))
+        self._current = []
+
+    def waiting(self) -> int:
+        return self.queue.qsize() if self.queue is not None else 0
+
+    async def submit(self, texts: list[str]) -> list[Any]:
+        """Results for `texts`, in order; raises QueueFull instead of waiting for room."""
+        if self._worker is None:  # served without lifespan events
+            await self.start()
+        assert self.queue is not None and self._arrived is not None
+        if self.queue.maxsize - self.queue.qsize() < len(texts):
+            raise QueueFull
+        loop = asyncio.get_running_loop()
+        futures = []
+        for text in texts:  # no await in this loop: the request's texts enter the queue together
+            future = loop.create_future()
+            self.queue.put_nowait((text, future))
+            futures.append(future)
+        self._arrived.set()
+        return list(await asyncio.gather(*futures))
+
+    async def _gather(self) -> list[tuple[str, asyncio.Future]]:
+        assert self.queue is not None and self._arrived is not None
+        loop = asyncio.get_running_loop()
+        batch = [await self.queue.get()]
+        deadline = loop.time() + self.max_wait_s
+        while True:
+            while len(batch) < self.max_batch_size and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            remaining = deadline - loop.time()
+            if len(batch) >= self.max_batch_size or remaining <= 0:
+                return batch
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    async def _run(self) -> None:
+        while True:
+            batch = self._current = [(text, future) for text, future in await self._gather() if not future.done()]
+            if not batch:
+                continue
+            self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]
+            try:
+                results = await asyncio.to_thread(self.predict, [text for text, _ in batch])
+            except Exception as exc:  # the requests in this batch fail; the server keeps serving
+                log.exception("prediction failed for a batch of %d texts", len(batch))
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)
+
+
+class Serial:
+    """One request at a time through a lock (the baseline without micro-batching), with a bounded wait list."""
+
+    def __init__(self, run: Callable[..., list[Any]], max_queue: int):
+        self.run = run
+        self.max_queue = max_queue
+        self.batch_sizes: list[int] = []
+        self._lock: asyncio.Lock | None = None
+        self._waiting = 0
+
+    async def start(self) -> None:
+        self._lock = asyncio.Lock()
+
+    async def stop(self) -> None:
+        self._lock = None
+
+    def waiting(self) -> int:
+        return self._waiting
+
+    async def submit(self, items: list[Any], **kwargs: Any) -> list[Any]:
+        if self._lock is None:
+            await self.start()
+        lock = self._lock
+        assert lock is not None
+        if self._waiting + len(items) > self.max_queue:
+            raise QueueFull
+        self._waiting += len(items)
+        try:
+            await lock.acquire()
+        finally:  # also when cancelled while waiting
+            self._waiting -= len(items)
+        try:
+            self.batch_sizes = (self.batch_sizes + [len(items)])[-1000:]
+            return await asyncio.to_thread(self.run, items, **kwargs)
+        finally:
+            lock.release()
+
+
+def run_name(predictor: Any) -> str:
+    report = getattr(predictor, "report", None) or {}
+    return str(report.get("run", {}).get("name") or Path(getattr(predictor, "run_dir", "model")).name)
+
+
+def model_info(predictor: Any) -> dict:
+    """What /v1/model answers: enough for a client to know exactly which model and evidence it is talking to."""
+    report = getattr(predictor, "report", None) or {}
+    task = report.get("task", {})
+    return {
+        "model": run_name(predictor),
+        "task": task.get("type") or ("generation" if hasattr(predictor, "generate") else "classification"),
+        "base_model": report.get("base_model", {}).get("name"),
+        "labels": list(getattr(predictor, "labels", None) or []),
+        "primary_metric": task.get("primary_metric"),
+        "data_sha256": report.get("data", {}).get("sha256"),
+        "ladder": {rung["name"]: rung.get("metrics", {}) for rung in report.get("ladder", []) if "name" in rung},
+    }
+
+
+def create_app(predictor: Any, cfg: ServeConfig) -> "fastapi.FastAPI":
+    """The API for `predictor` (a fmtune.predict.Predictor, or anything with .predict / .generate and .report)."""
+    from typing import Annotated, Literal
+
+    from fastapi import Depends, FastAPI, HTTPException, Request
+    from fastapi.encoders import jsonable_encoder
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+    from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+    check_config(cfg)
+    can_classify = callable(getattr(predictor, "predict", None))
+    can_generate = callable(getattr(predictor, "generate", None))
+    name = run_name(predictor)
+    info = model_info(predictor)
+    keys = [k.encode() for k in cfg.api_keys]
+
+    Text = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_text_chars)]
+    labels = tuple(info["labels"])
+    Label = Literal[labels] if labels else str  # type: ignore[valid-type]
+
+    class PredictRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        texts: list[Text] = Field(min_length=1, max_length=cfg.max_texts_per_request, description="Texts to classify.")
+
+    class Prediction(BaseModel):
+        label: Label = Field(description="The most probable label.")  # type: ignore[valid-type]
+        probabilities: dict[str, float] = Field(description="Probability of every label; they sum to 1.")
+
+    class PredictResponse(BaseModel):
+        predictions: list[Prediction] = Field(description="One prediction per text, in the order sent.")
+        model: str = Field(description="Name of the run being served.")
+
+    class GenerateRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        prompts: list[Text] = Field(min_length=1, max_length=cfg.max_texts_per_request)
+        max_new_tokens: int = Field(default=min(64, cfg.max_new_tokens), ge=1, le=cfg.max_new_tokens)
+
+    class GenerateResponse(BaseModel):
+        completions: list[str] = Field(description="One completion per prompt, in the order sent.")
+        model: str
+
+    class ModelInfo(BaseModel):
+        model: str
+        task: str
+        base_model: str | None
+        labels: list[str]
+        primary_metric: str | None
+        data_sha256: str | None
+        ladder: dict[str, dict[str, float]] = Field(description="Held-out metrics of every ladder rung, from report.json.")
+
+    class Health(BaseModel):
+        status: Literal["ok"]
+
+    class Error(BaseModel):
+        detail: str
+
+    errors = {
+        400: {"model": Error, "description": "The body could not be read (not UTF-8 JSON, or a bad Content-Length)."},
+        401: {"model": Error, "description": "Missing or wrong bearer key."},
+        413: {"model": Error, "description": f"Request body over {cfg.max_body_bytes} bytes."},
+        503: {"model": Error, "description": "Too many texts waiting; retry after the Retry-After seconds.",
+              "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}}},
+    }
+
+    if cfg.micro_batching:
+        runner: MicroBatcher | Serial = MicroBatcher(
+            lambda texts: predictor.predict(texts, batch_size=cfg.max_batch_size), cfg.max_batch_size, cfg.max_wait_ms, cfg.max_queue
+        )
+    else:
+        runner = Serial(lambda texts: predictor.predict(texts, batch_size=cfg.max_batch_size), cfg.max_queue)
+    generator = Serial(lambda prompts, max_new_tokens: predictor.generate(prompts, max_new_tokens=max_new_tokens), cfg.max_queue)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await runner.start()
+        await generator.start()
+        try:
+            yield
+        finally:
+            await runner.stop()
+            await generator.stop()
+
+    app = FastAPI(
+        title="fmtune serve",
+        version="1",
+        description=f"Predictions from the fmtune run `{name}`. Send `Authorization: Bearer KEY` on every /v1 call.",
+        lifespan=lifespan,
+    )
+    app.state.runner = runner
+    app.state.config = cfg
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+
+    bearer = HTTPBearer(auto_error=False, description="An API key from FMTUNE_API_KEYS or --api-key-file.")
+
+    async def require_key(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        sent = credentials.credentials.encode("utf-8", "replace") if credentials else b""
+        ok = False
+        for key in keys:  # compare with every key, constant time, no early exit
+            ok |= hmac.compare_digest(sent, key)
+        if not ok:
+            why = "a wrong bearer key" if credentials else "no bearer key"
+            log.warning("rejected %s %s from %s: %s", request.method, request.url.path, request.client.host if request.client else "?", why)
+            raise HTTPException(
+                401, f"{why}: send the header `Authorization: Bearer KEY` with a key from the server's {API_KEYS_ENV} or key file",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    auth = [] if cfg.no_auth else [Depends(require_key)]
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": jsonable_encoder([_explain(e, cfg) for e in exc.errors()])})
+
+    def busy() -> HTTPException:
+        return HTTPException(
+            503, f"busy: more than {cfg.max_queue} texts are waiting (max_queue); retry after {RETRY_AFTER_SECONDS} s",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+
+    @app.get("/healthz", response_model=Health, tags=["health"])
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/model", response_model=ModelInfo, dependencies=auth, responses={401: errors[401]}, tags=["model"])
+    async def model() -> dict:
+        return info
+
+    if can_classify:
+        @app.post("/v1/predict", response_model=PredictResponse, dependencies=auth, responses=errors, tags=["predict"])
+        async def predict(body: PredictRequest) -> dict:
+            try:
+                predictions = await runner.submit(body.texts)
+            except QueueFull:
+                raise busy() from None
+            return {"predictions": predictions, "model": name}
+    else:
+        @app.post("/v1/predict", dependencies=auth, responses={401: errors[401], 404: {"model": Error}}, tags=["predict"])
+        async def predict() -> JSONResponse:
+            return JSONResponse(status_code=404, content={"detail": "this run is a generation model; use /v1/generate"})
+
+    if can_generate:
+        @app.post("/v1/generate", response_model=GenerateResponse, dependencies=auth, responses=errors, tags=["generate"])
+        async def generate(body: GenerateRequest) -> dict:
+            try:
+                completions = await generator.submit(body.prompts, max_new_tokens=body.max_new_tokens)
+            except QueueFull:
+                raise busy() from None
+            return {"completions": [str(c) for c in completions], "model": name}
+    else:
+        @app.post("/v1/generate", dependencies=auth, responses={401: errors[401], 404: {"model": Error}}, tags=["generate"])
+        async def generate() -> JSONResponse:
+            return JSONResponse(status_code=404, content={"detail": "this run is a classification model; use /v1/predict"})
+
+    return app
+
+
+def _explain(error: dict, cfg: ServeConfig) -> dict:
+    """Pydantic's validation error, reworded to name the server limit that was hit; long inputs are not echoed."""
+    loc, kind = tuple(error.get("loc", ())), error.get("type")
+    field_name = loc[1] if len(loc) > 1 else ""
+    msg = None
+    if len(loc) == 2 and kind == "too_long":
+        msg = (f"too many {field_name}: at most {cfg.max_texts_per_request} per request (max_texts_per_request); "
+               "split them over several requests")
+    elif len(loc) == 2 and kind == "too_short":
+        msg = f"{field_name} is empty; send at least one"
+    elif len(loc) == 3 and kind == "string_too_long":
+        msg = (f"{field_name}[{loc[2]}] has {len(error.get('input', ''))} characters; the limit is {cfg.max_text_chars} "
+               "(max_text_chars); shorten or split it")
+    elif len(loc) == 3 and kind == "string_too_short":
+        msg = f"{field_name}[{loc[2]}] is empty; every text needs at least one character"
+    if msg is None:
+        return error
+    return {"loc": list(loc), "msg": msg, "type": kind}
+
+
+class BodyLimit:
+    """ASGI middleware: 413 when Content-Length or the bytes actually received exceed max_bytes."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                return await self._reply(send, 400, "Content-Length is not a number")
+            if int(declared) > self.max_bytes:
+                return await self._reply(send, 413, self._too_big(int(declared)))
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._reply(send, 413, self._too_big(size, at_least=True))
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def _too_big(self, size: int, at_least: bool = False) -> str:
+        return (f"request body of {'more than ' if at_least else ''}{size} bytes is over the limit of {self.max_bytes} bytes "
+                "(max_body_bytes); send fewer or shorter texts per request")
+
+    @staticmethod
+    async def _reply(send, status: int, detail: str) -> None:
+        import json
+
+        body = json.dumps({"detail": detail}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def serve(run_dir: Path, cfg: ServeConfig) -> None:
+    """Load the run's model and serve it with uvicorn until interrupted (Ctrl-C)."""
+    import copy
+
+    import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
+
+    from fmtune.predict import Predictor
+
+    check_config(cfg)
+    predictor = Predictor.from_run(run_dir)
+    app = create_app(predictor, cfg)
+    log_config = copy.deepcopy(LOGGING_CONFIG)
+    log_config["loggers"]["fmtune"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    logging.config.dictConfig(log_config)
+    auth = "no authentication (--no-auth)" if cfg.no_auth else f"bearer keys ({len(cfg.api_keys)} configured)"
+    log.info("serving run %s (%s) on http://%s:%d, docs at /docs, %s", run_name(predictor), model_info(predictor)["task"], cfg.host, cfg.port, auth)
+    if cfg.no_auth and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("--no-auth on %s: anyone who can reach this address can use the model", cfg.host)
+    # Uvicorn's access log records method, path and status only: never headers, so never keys.
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_config=log_config, log_level="info", server_header=False)

@@ -1,0 +1,399 @@
+"""fmtune serve: the HTTP API through FastAPI's TestClient, on a tiny random BERT run folder and on predictor stubs."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from fmtune.errors import ConfigError, FmtuneError
+from fmtune.serve import ServeConfig, create_app, load_api_keys
+
+FIXTURES = Path(__file__).parent / "fixtures"
+KEY = "test-key-0123456789abcdef"
+OTHER_KEY = "second-key-abcdefghijklmnop"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+WORDS = ["good", "bad", "great", "awful", "movie", "film", "plot", "fun", "boring", "the", "a", "was", "is", "not", "very"]
+
+
+def build_tiny_run(root: Path) -> Path:
+    """A finished-run folder: model/ (random 2-layer BERT classifier, safetensors) + report.json + manifest.json."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    run = root / "tiny-run"
+    model_dir = run / "model"
+    model_dir.mkdir(parents=True)
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz"]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        num_labels=2, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+    BertForSequenceClassification(config).save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    report = json.loads((FIXTURES / "report_example.json").read_text())
+    report["run"]["name"] = "tiny-run"
+    report["task"]["labels"] = ["neg", "pos"]
+    (run / "report.json").write_text(json.dumps(report))
+    (run / "manifest.json").write_text(json.dumps({"seed": 0}))
+    return run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    return build_tiny_run(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_run):
+    from fmtune.predict import Predictor
+
+    return Predictor.from_run(tiny_run, bf16=False)
+
+
+@pytest.fixture
+def client(predictor):
+    with TestClient(create_app(predictor, ServeConfig(api_keys=[KEY, OTHER_KEY]))) as c:
+        yield c
+
+
+class StubPredictor:
+    """Classifies by keyword; records every batch; optionally blocks until `release` is set."""
+
+    labels = ["neg", "pos"]
+    run_dir = Path("runs/stub")
+    report = {"run": {"name": "stub"}, "task": {"type": "classification"}}
+
+    def __init__(self, block: bool = False, delay: float = 0.0):
+        self.batches: list[list[str]] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.block, self.delay = block, delay
+        self.active = self.max_active = 0
+        self._lock = threading.Lock()
+
+    def predict(self, texts: list[str], batch_size: int = 64) -> list[dict]:
+        with self._lock:
+            self.batches.append(list(texts))
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        self.entered.set()
+        if self.block:
+            assert self.release.wait(10), "test never released the stub"
+        time.sleep(self.delay)
+        with self._lock:
+            self.active -= 1
+        return [{"label": "pos" if "good" in t else "neg", "probabilities": {"neg": 0.0 if "good" in t else 1.0, "pos": 1.0 if "good" in t else 0.0}} for t in texts]
+
+
+def post_concurrently(client: TestClient, bodies: list[dict], headers=AUTH) -> list:
+    responses: list = [None] * len(bodies)
+
+    def one(i: int) -> None:
+        responses[i] = client.post("/v1/predict", json=bodies[i], headers=headers)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    return responses
+
+
+# --- predict on the real tiny model ---------------------------------------------------------------------------------
+
+def test_predict_returns_one_normalised_prediction_per_text_in_order(client, predictor):
+    texts = ["good fun movie", "awful boring plot", "the film was not very good", "a"]
+    r = client.post("/v1/predict", json={"texts": texts}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "tiny-run"
+    assert len(body["predictions"]) == 4
+    for text, pred in zip(texts, body["predictions"]):
+        assert pred["label"] in ["neg", "pos"]
+        assert set(pred["probabilities"]) == {"neg", "pos"}
+        assert sum(pred["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        alone = predictor.predict([text])[0]  # same text on its own: same answer, so order was kept
+        assert pred["label"] == alone["label"]
+        for lab in ("neg", "pos"):
+            assert pred["probabilities"][lab] == pytest.approx(alone["probabilities"][lab], abs=1e-4)
+    assert len({round(p["probabilities"]["pos"], 6) for p in body["predictions"]}) > 1  # distinct texts, distinct outputs
+
+
+def test_second_key_is_accepted(client):
+    r = client.post("/v1/predict", json={"texts": ["good"]}, headers={"Authorization": f"Bearer {OTHER_KEY}"})
+    assert r.status_code == 200
+
+
+# --- authentication -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-key-0123456789abcdef"}, {"Authorization": f"Basic {KEY}"},
+                                     {"Authorization": f"Bearer {KEY}x"}, {"Authorization": f"Bearer {KEY[:-1]}"}])
+def test_predict_without_the_right_key_is_401(client, headers):
+    r = client.post("/v1/predict", json={"texts": ["good"]}, headers=headers)
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert "Authorization: Bearer KEY" in r.json()["detail"]
+    assert KEY not in r.text
+
+
+def test_model_info_needs_auth_and_describes_the_run(client):
+    assert client.get("/v1/model").status_code == 401
+    r = client.get("/v1/model", headers=AUTH)
+    assert r.status_code == 200
+    info = r.json()
+    assert info["model"] == "tiny-run"
+    assert info["task"] == "classification"
+    assert info["base_model"] == "minilm"
+    assert info["labels"] == ["neg", "pos"]
+    assert info["data_sha256"] == "3f2a9c0d5e..."
+    assert info["primary_metric"] == "macro_f1"
+    assert info["ladder"]["fine_tuned"] == {"macro_f1": 0.79, "accuracy": 0.80}
+    assert list(info["ladder"]) == ["zero_shot", "few_shot", "head_only", "fine_tuned", "from_scratch"]
+
+
+def test_healthz_and_docs_need_no_auth(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    texts = spec["components"]["schemas"]["PredictRequest"]["properties"]["texts"]
+    assert texts["minItems"] == 1 and texts["maxItems"] == 64
+    assert texts["items"]["minLength"] == 1 and texts["items"]["maxLength"] == 10000
+    assert "HTTPBearer" in spec["components"]["securitySchemes"]
+
+
+def test_no_auth_mode_serves_without_a_key(predictor):
+    with TestClient(create_app(predictor, ServeConfig(no_auth=True))) as c:
+        assert c.post("/v1/predict", json={"texts": ["good"]}).status_code == 200
+        assert c.get("/v1/model").status_code == 200
+
+
+def test_refuses_to_start_without_keys(predictor):
+    with pytest.raises(FmtuneError) as err:
+        create_app(predictor, ServeConfig())
+    assert "FMTUNE_API_KEYS" in str(err.value) and "--api-key-file" in str(err.value) and "--no-auth" in str(err.value)
+
+
+def test_config_problems_are_reported_together_without_the_key(predictor):
+    with pytest.raises(FmtuneError) as err:
+        create_app(predictor, ServeConfig(api_keys=["short key"], max_queue=8, max_texts_per_request=64, max_batch_size=0))
+    msg = str(err.value)
+    assert "api key #1: 9 characters; use at least 16" in msg
+    assert "printable ASCII without spaces" in msg
+    assert "max_queue (8) is smaller than max_texts_per_request (64)" in msg
+    assert "max_batch_size: 0" in msg
+    assert "short key" not in msg
+
+
+def test_load_api_keys_reads_env_and_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("FMTUNE_API_KEYS", f" {KEY} ,,{OTHER_KEY}")
+    f = tmp_path / "keys.txt"
+    f.write_text(f"# team keys\n\nthird-key-0123456789abcdef\n{KEY}\n")
+    assert load_api_keys(f) == [KEY, OTHER_KEY, "third-key-0123456789abcdef"]
+    monkeypatch.delenv("FMTUNE_API_KEYS")
+    assert load_api_keys(None) == []
+    with pytest.raises(ConfigError, match="no such file"):
+        load_api_keys(tmp_path / "missing.txt")
+
+
+# --- limits -------------------------------------------------------------------------------------------------------
+
+def test_body_over_the_limit_is_413(predictor):
+    cfg = ServeConfig(api_keys=[KEY], max_body_bytes=1000)
+    with TestClient(create_app(predictor, cfg)) as c:
+        r = c.post("/v1/predict", json={"texts": ["good " * 300]}, headers=AUTH)
+        assert r.status_code == 413
+        assert "over the limit of 1000 bytes (max_body_bytes)" in r.json()["detail"]
+        # no Content-Length (chunked): the bytes received are counted
+        r = c.post("/v1/predict", content=iter([b'{"texts": ["', b"a" * 2000, b'"]}']), headers={**AUTH, "Content-Type": "application/json"})
+        assert r.status_code == 413
+        assert "more than" in r.json()["detail"]
+        assert c.post("/v1/predict", json={"texts": ["good"]}, headers=AUTH).status_code == 200
+
+
+def test_too_many_texts_is_422_naming_the_limit(client):
+    r = client.post("/v1/predict", json={"texts": ["good"] * 65}, headers=AUTH)
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["msg"] == "too many texts: at most 64 per request (max_texts_per_request); split them over several requests"
+
+
+def test_text_too_long_is_422_naming_the_limit(client):
+    r = client.post("/v1/predict", json={"texts": ["good", "a" * 10001]}, headers=AUTH)
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["msg"] == "texts[1] has 10001 characters; the limit is 10000 (max_text_chars); shorten or split it"
+    assert "a" * 100 not in r.text  # the text is not echoed back
+
+
+@pytest.mark.parametrize("body, expected", [
+    ({"texts": []}, "texts is empty; send at least one"),
+    ({"texts": ["good", ""]}, "texts[1] is empty; every text needs at least one character"),
+    ({"texts": "good"}, "Input should be a valid list"),
+    ({"texts": [1, 2]}, "Input should be a valid string"),
+    ({"text": ["good"]}, "Field required"),
+    (["good"], "Input should be a valid dictionary or object to extract fields from"),
+])
+def test_malformed_bodies_are_422(client, body, expected):
+    r = client.post("/v1/predict", json=body, headers=AUTH)
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["msg"] == expected
+
+
+def test_invalid_json_is_422(client):
+    r = client.post("/v1/predict", content=b'{"texts": [', headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 422
+
+
+def test_unauthenticated_bad_body_gets_401_not_validation_details(client):
+    assert client.post("/v1/predict", json={"texts": []}).status_code == 401
+
+
+# --- queueing and micro-batching ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("micro_batching", [True, False])
+def test_full_queue_is_503_with_retry_after(micro_batching):
+    stub = StubPredictor(block=True)
+    cfg = ServeConfig(api_keys=[KEY], max_queue=1, max_texts_per_request=1, max_batch_size=1, micro_batching=micro_batching)
+    app = create_app(stub, cfg)
+    with TestClient(app) as c:
+        results: dict = {}
+        first = threading.Thread(target=lambda: results.setdefault("first", c.post("/v1/predict", json={"texts": ["good 1"]}, headers=AUTH)))
+        first.start()
+        assert stub.entered.wait(10)  # the model is busy with the first request
+        second = threading.Thread(target=lambda: results.setdefault("second", c.post("/v1/predict", json={"texts": ["good 2"]}, headers=AUTH)))
+        second.start()
+        deadline = time.monotonic() + 10
+        while app.state.runner.waiting() < 1 and time.monotonic() < deadline:  # the second one waits in the queue
+            time.sleep(0.005)
+        assert app.state.runner.waiting() == 1
+        third = c.post("/v1/predict", json={"texts": ["good 3"]}, headers=AUTH)
+        assert third.status_code == 503
+        assert third.headers["retry-after"] == "1"
+        assert "max_queue" in third.json()["detail"]
+        stub.release.set()
+        first.join(10)
+        second.join(10)
+    assert results["first"].status_code == 200 and results["second"].status_code == 200
+    assert [b for b in stub.batches] == [["good 1"], ["good 2"]]
+
+
+def test_concurrent_requests_are_batched_and_answered_in_order():
+    stub = StubPredictor(delay=0.05)
+    cfg = ServeConfig(api_keys=[KEY], max_batch_size=32, max_wait_ms=20)
+    with TestClient(create_app(stub, cfg)) as c:
+        bodies = [{"texts": [f"good {i}", f"bad {i}"] if i % 2 else [f"bad {i}", f"good {i}"]} for i in range(12)]
+        responses = post_concurrently(c, bodies)
+    assert [r.status_code for r in responses] == [200] * 12
+    for i, r in enumerate(responses):
+        labels = [p["label"] for p in r.json()["predictions"]]
+        assert labels == (["pos", "neg"] if i % 2 else ["neg", "pos"])
+    sizes = [len(b) for b in stub.batches]
+    assert sum(sizes) == 24
+    assert max(sizes) > 2  # texts of different requests shared a forward pass
+    assert all(s <= 32 for s in sizes)
+
+
+def test_batches_never_exceed_max_batch_size():
+    stub = StubPredictor(delay=0.02)
+    with TestClient(create_app(stub, ServeConfig(api_keys=[KEY], max_batch_size=3, max_wait_ms=50))) as c:
+        responses = post_concurrently(c, [{"texts": [f"good {i}", f"x {i}"]} for i in range(6)])
+    assert all(r.status_code == 200 for r in responses)
+    assert sum(len(b) for b in stub.batches) == 12
+    assert max(len(b) for b in stub.batches) == 3
+
+
+def test_without_micro_batching_each_request_runs_alone():
+    stub = StubPredictor(delay=0.02)
+    with TestClient(create_app(stub, ServeConfig(api_keys=[KEY], micro_batching=False))) as c:
+        responses = post_concurrently(c, [{"texts": [f"good {i}", f"x {i}"]} for i in range(6)])
+    assert all(r.status_code == 200 for r in responses)
+    assert sorted(stub.batches) == sorted([[f"good {i}", f"x {i}"] for i in range(6)])
+    assert stub.max_active == 1
+
+
+def test_a_failing_model_gives_500_and_the_server_keeps_serving():
+    class Flaky(StubPredictor):
+        def predict(self, texts, batch_size=64):
+            if any("boom" in t for t in texts):
+                raise RuntimeError("model exploded")
+            return super().predict(texts, batch_size)
+
+    with TestClient(create_app(Flaky(), ServeConfig(api_keys=[KEY])), raise_server_exceptions=False) as c:
+        assert c.post("/v1/predict", json={"texts": ["boom"]}, headers=AUTH).status_code == 500
+        assert c.post("/v1/predict", json={"texts": ["good"]}, headers=AUTH).json()["predictions"][0]["label"] == "pos"
+
+
+# --- generation routing -------------------------------------------------------------------------------------------
+
+def test_generate_on_a_classification_run_says_use_predict(client):
+    r = client.post("/v1/generate", json={"prompts": ["hi"], "max_new_tokens": 5}, headers=AUTH)
+    assert r.status_code == 404
+    assert r.json()["detail"] == "this run is a classification model; use /v1/predict"
+    assert client.post("/v1/generate", json={"prompts": ["hi"]}).status_code == 401
+
+
+def test_a_generation_predictor_plugs_in():
+    class Generator:
+        run_dir = Path("runs/gen")
+        report = {"run": {"name": "gen"}, "task": {"type": "generation", "primary_metric": "rouge_l"}}
+
+        def generate(self, prompts, max_new_tokens=64):
+            return [f"{p} -> {max_new_tokens}" for p in prompts]
+
+    with TestClient(create_app(Generator(), ServeConfig(api_keys=[KEY]))) as c:
+        r = c.post("/v1/generate", json={"prompts": ["a", "b"], "max_new_tokens": 7}, headers=AUTH)
+        assert r.status_code == 200
+        assert r.json() == {"completions": ["a -> 7", "b -> 7"], "model": "gen"}
+        assert c.post("/v1/generate", json={"prompts": ["a"], "max_new_tokens": 257}, headers=AUTH).status_code == 422
+        r = c.post("/v1/predict", json={"texts": ["a"]}, headers=AUTH)
+        assert r.status_code == 404 and r.json()["detail"] == "this run is a generation model; use /v1/generate"
+        assert c.get("/v1/model", headers=AUTH).json()["task"] == "generation"
+
+
+# --- logs never hold keys -----------------------------------------------------------------------------------------
+
+def test_api_keys_never_appear_in_logs(predictor, caplog):
+    caplog.set_level(logging.DEBUG)
+    with TestClient(create_app(predictor, ServeConfig(api_keys=[KEY, OTHER_KEY]))) as c:
+        assert c.post("/v1/predict", json={"texts": ["good"]}, headers=AUTH).status_code == 200
+        assert c.post("/v1/predict", json={"texts": ["good"]}, headers={"Authorization": "Bearer wrong-key-0123456789abcdef"}).status_code == 401
+        assert c.get("/v1/model", headers={"Authorization": f"Bearer {OTHER_KEY}"}).status_code == 200
+        assert c.post("/v1/predict", json={"texts": [""]}, headers=AUTH).status_code == 422
+    assert "rejected POST /v1/predict" in caplog.text  # something was logged about the auth failure...
+    for secret in (KEY, OTHER_KEY, "wrong-key-0123456789abcdef"):
+        assert secret not in caplog.text  # ...but never a key
+
+
+# --- schema conformance (schemathesis) -----------------------------------------------------------------------------
+
+def test_openapi_conformance_with_schemathesis(predictor):
+    """Valid and invalid requests, with and without a key: never a 5xx, every response as the spec documents it."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.generation.modes import GenerationMode
+
+    app = create_app(predictor, ServeConfig(api_keys=[KEY], max_text_chars=200, max_texts_per_request=8))
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    statuses: collections.Counter = collections.Counter()
+    for operation in schema.get_all_operations():
+        op = operation.ok()
+        for mode, headers in ((GenerationMode.POSITIVE, AUTH), (GenerationMode.NEGATIVE, AUTH), (GenerationMode.POSITIVE, {})):
+            if mode == GenerationMode.NEGATIVE and not list(op.body):
+                continue  # nothing to get wrong
+
+            @given(case=op.as_strategy(generation_mode=mode))
+            @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True)
+            def check(case):
+                response = case.call_and_validate(headers=headers)
+                statuses[response.status_code] += 1
+                assert response.status_code < 500
+
+            check()
+    assert {200, 401, 404, 422} <= set(statuses), statuses

@@ -26,8 +26,12 @@ class DataConfig(_Group):
     train: Path | None = Field(None, description="Explicit training file (instead of --data).")
     validation: Path | None = Field(None, description="Explicit validation file (optional with --train; split from train when absent).")
     test: Path | None = Field(None, description="Explicit test file (required with --train).")
+    task: Literal["auto", "classification", "generation"] = Field("auto", description="Task kind: auto (prompt/completion or messages columns -> generation, text/label -> classification), classification, generation.")
     text_column: str = Field("text", description="Column holding the input text.")
     label_column: str = Field("label", description="Column holding the label (strings or integers).")
+    prompt_column: str = Field("prompt", description="Generation data: column holding the prompt (instruction/question).")
+    completion_column: str = Field("completion", description="Generation data: column holding the reference completion (answer).")
+    messages_column: str = Field("messages", description="Generation data: column holding OpenAI-style chat messages [{role, content}, ...].")
     validation_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of the data held out for validation when splitting automatically.")
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="Share of the data held out for testing when splitting automatically.")
     max_examples: int | None = Field(None, ge=10, description="Use a stratified sample of at most this many rows (for quick trials).")
@@ -37,12 +41,12 @@ class DataConfig(_Group):
 
 
 class ModelConfig(_Group):
-    model: str = Field("minilm", description="Base model: 'minilm' (packaged all-MiniLM-L6-v2) or a local Hugging Face folder (safetensors only).")
+    model: str | None = Field(None, description="Base model: 'minilm' (packaged all-MiniLM-L6-v2 encoder), 'smollm2' (packaged SmolLM2-135M-Instruct causal LM) or a local Hugging Face folder (safetensors only). Default: minilm for classification, smollm2 for generation.")
     max_length: int | None = Field(None, ge=8, description="Max tokens per text; default: derived from the training texts' token lengths (99th percentile, capped by the model).")
 
 
 class TrainConfig(_Group):
-    method: Literal["full", "lora"] = Field("full", description="Fine-tuning method: full (all weights) or lora (low-rank adapters through peft, merged for serving).")
+    method: Literal["auto", "full", "lora"] = Field("auto", description="Fine-tuning method: full (all weights) or lora (low-rank adapters through peft, merged for serving); auto = full for encoders, lora for causal LMs.")
     epochs: int = Field(8, ge=1, description="Maximum epochs; early stopping on validation usually ends sooner.")
     patience: int = Field(2, ge=1, description="Early stopping: epochs without validation improvement before stopping.")
     batch_size: int = Field(32, ge=1, description="Training batch size.")
@@ -65,6 +69,8 @@ class EvalConfig(_Group):
     few_shot_k: int = Field(8, ge=1, description="Labeled examples per class for the few_shot rung.")
     bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for 95% confidence intervals.")
     eval_batch_size: int = Field(64, ge=1, description="Batch size for evaluation and embedding.")
+    metric: str | None = Field(None, description="Primary metric the verdict is decided on (default: macro_f1 for classification; rouge_l for generation; also exact_match, token_f1).")
+    max_new_tokens: int = Field(64, ge=1, description="Generation: greedy decoding stops after this many new tokens.")
     rungs: list[str] = Field(default_factory=lambda: ["zero_shot", "few_shot", "head_only", "fine_tuned", "from_scratch"], description="Ladder rungs to run (zero_shot, few_shot, from_scratch and fine_tuned are required by the report).")
 
 

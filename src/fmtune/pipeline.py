@@ -132,7 +132,7 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
             unknown = sorted(set(cfg.data.label_descriptions) - set(labels))
             if unknown:
                 raise ConfigError(f"--label-descriptions names label(s) {unknown} that the data does not have; labels are {labels}.")
-        model_path = models.resolve_model_path(cfg.model.model)
+        model_path = models.resolve_model_path(cfg.model.model or "minilm")
         models.check_safe_folder(model_path)
         tokenizer = models.load_tokenizer(model_path)
         encoder = models.load_encoder(model_path).to(device)
@@ -175,7 +175,7 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
         # ---- trained rungs
         ids = {s: train.token_ids(tokenizer, t, max_length) for s, t in texts.items()}
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        lora = cfg.train.method == "lora"
+        lora = cfg.train.method == "lora"  # auto = full fine-tuning for an encoder
         ft_lr = (cfg.train.lora_learning_rate or cfg.train.learning_rate * 10) if lora else cfg.train.learning_rate
 
         def train_rung(label: str, subset: np.ndarray | None, from_scratch: bool, lr: float, use_lora: bool):
@@ -197,10 +197,11 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
             _, pred = train.evaluate_split(result.model, ids["test"], y["test"], pad_id, cfg.eval.eval_batch_size, bf16)
             return result, pred, time.perf_counter() - t0, len(idx)
 
-        with stage(f"rung fine_tuned ({cfg.train.method})", log):
+        method = "lora" if lora else "full"
+        with stage(f"rung fine_tuned ({method})", log):
             ft, ft_pred, ft_eval_s, n = train_rung("fine-tuning", None, False, ft_lr, lora)
             desc = f"{'LoRA (r=' + str(cfg.train.lora_r) + ', merged)' if lora else 'full'} fine-tuning of the base FM on all training data, best validation epoch ({ft.best_epoch} of {ft.epochs_run})"
-            row, b = _rung("fine_tuned", desc, y["test"], ft_pred, labels, boot, n, ft.train_seconds, eval_seconds=round(ft_eval_s, 3), history=ft.history, best_epoch=ft.best_epoch, stopped=ft.stopped, learning_rate=ft_lr, method=cfg.train.method)
+            row, b = _rung("fine_tuned", desc, y["test"], ft_pred, labels, boot, n, ft.train_seconds, eval_seconds=round(ft_eval_s, 3), history=ft.history, best_epoch=ft.best_epoch, stopped=ft.stopped, learning_rate=ft_lr, method=method)
             ladder.append(row)
             boots["fine_tuned"] = b
             (tmp / "logs" / "history_fine_tuned.jsonl").write_text("".join(json.dumps(h) + "\n" for h in ft.history))
@@ -282,7 +283,7 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
             "task": {"type": "classification", "primary_metric": PRIMARY, "labels": labels},
             "data": {"train": len(y["train"]), "validation": len(y["validation"]), "test": len(y["test"]), "sha256": splits.sha256,
                      "files": splits.files, "dropped": splits.dropped, "audit": audit},
-            "base_model": {"name": cfg.model.model, "path": str(model_path), "parameters": models.count_parameters(encoder),
+            "base_model": {"name": cfg.model.model or "minilm", "path": str(model_path), "parameters": models.count_parameters(encoder),
                            "sha256": models.weights_hash(model_path), "architecture": type(encoder).__name__, "max_length": max_length},
             "choices": choices,
             "levers": levers,
@@ -323,7 +324,7 @@ def finish(report: dict, cfg: RunConfig, tmp: Path, out: Path, wall_start: float
     base_files = {p.name: lineage.sha256_file(p) for p in sorted(Path(model_path).glob("*.safetensors"))}
     manifest = lineage.build_manifest(
         config=cfg.model_dump(mode="json"), input_files={str(Path(p).resolve()): h for p, h in report["data"]["files"].items()}, data_sha256=report["data"]["sha256"],
-        base_model={"name": cfg.model.model, "path": str(model_path), "files": base_files}, seed=cfg.seed, run_dir=tmp,
+        base_model={"name": cfg.model.model or "minilm", "path": str(model_path), "files": base_files}, seed=cfg.seed, run_dir=tmp,
         hardware=models.hardware_description(),
     )
     lineage.write_json_atomic(tmp / "manifest.json", manifest)

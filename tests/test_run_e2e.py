@@ -1,0 +1,122 @@
+"""End to end through the real entry point on a tiny random BERT and tiny data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+from safetensors.torch import load_file
+
+SCHEMA = json.loads((Path(__file__).parents[1] / "src" / "fmtune" / "schema" / "report.schema.json").read_text())
+FAST = ["--epochs", "6", "--learning-rate", "3e-3", "--scratch-learning-rate", "3e-3", "--bootstrap", "200", "--latency-repeats", "3", "--batch-size", "16"]
+
+
+def fmtune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fmtune.cli", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_bert):
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_reviews, write_csv
+
+    work = tmp_path_factory.mktemp("e2e")
+    data = write_csv(work / "reviews.csv", make_reviews(240) + [("mail me at jane.doe@example.com please good", "pos")])
+    proc = fmtune("run", "--data", data, "--model", tiny_bert, "--name", "tiny", "--out", work / "runs" / "tiny", "--redact-pii", *FAST, cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work / "runs" / "tiny", proc
+
+
+def test_run_folder_is_complete_and_self_describing(finished_run):
+    run, proc = finished_run
+    for name in ("config.yaml", "manifest.json", "report.json", "report.html", "model/config.json", "model/model.safetensors", "model/README.md", "logs/run.log", "logs/history_fine_tuned.jsonl"):
+        assert (run / name).is_file(), name
+    assert not list(run.parent.glob(".tiny.tmp-*")), "the temporary folder must be renamed into place"
+    assert "fine_tuned" in proc.stdout and "Report:" in proc.stdout
+
+
+def test_report_validates_against_the_contract(finished_run):
+    report = json.loads((finished_run[0] / "report.json").read_text())
+    jsonschema.validate(report, SCHEMA)
+    names = [r["name"] for r in report["ladder"]]
+    assert names == ["zero_shot", "few_shot", "head_only", "fine_tuned", "from_scratch"]
+    assert report["data"]["train"] + report["data"]["validation"] + report["data"]["test"] == 241
+    assert report["data"]["audit"]["pii"]["email"] == 1
+    assert report["data"]["audit"]["pii_redacted"]["email"] == 1 and sum(report["data"]["audit"]["pii_redacted"].values()) == 1
+    assert "jane.doe" not in (finished_run[0] / "report.json").read_text()
+    assert {c["setting"] for c in report["choices"]} >= {"max_length", "class_weights", "epochs", "bf16"}
+    assert len(report["learning_curve"]["points"]) == 4
+    assert report["retention"]["base"] > 0 and "relative_change" in report["retention"]
+
+
+def test_fine_tuning_moved_the_weights_and_reloads_with_plain_transformers(finished_run, tiny_bert):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run = finished_run[0]
+    base = load_file(str(tiny_bert / "model.safetensors"))
+    tuned = load_file(str(run / "model" / "model.safetensors"))
+    key = next(k for k in tuned if k.endswith("encoder.layer.0.attention.self.query.weight"))
+    base_key = next(k for k in base if k.endswith("encoder.layer.0.attention.self.query.weight"))
+    assert not torch.equal(base[base_key], tuned[key])
+    model = AutoModelForSequenceClassification.from_pretrained(run / "model")
+    tok = AutoTokenizer.from_pretrained(run / "model")
+    assert model.config.id2label == {0: "neg", 1: "pos"}
+    logits = model(**tok(["great fun"], return_tensors="pt")).logits
+    assert logits.shape == (1, 2)
+
+
+def test_fine_tuned_learned_the_easy_task(finished_run):
+    report = json.loads((finished_run[0] / "report.json").read_text())
+    ft = next(r for r in report["ladder"] if r["name"] == "fine_tuned")
+    assert ft["metrics"]["macro_f1"] > 0.8
+    assert ft["history"] and ft["best_epoch"] >= 1
+
+
+def test_predict_cli(finished_run):
+    run = finished_run[0]
+    proc = fmtune("predict", run, "--text", "great superb fun", "--text", "awful dull mess", "--json", cwd=run.parent)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["label"] for r in rows] == ["pos", "neg"]
+    assert abs(sum(rows[0]["probabilities"].values()) - 1) < 1e-5
+
+
+def test_verify_and_registry(finished_run):
+    run = finished_run[0]
+    proc = fmtune("verify", run, cwd=run.parent)
+    assert proc.returncode == 0 and "verified" in proc.stdout
+
+
+def test_existing_folder_needs_overwrite(finished_run, tiny_bert):
+    run = finished_run[0]
+    proc = fmtune("run", "--data", run.parent.parent / "reviews.csv", "--model", tiny_bert, "--out", run, cwd=run.parent)
+    assert proc.returncode == 2
+    assert "already exists" in proc.stderr and "--overwrite" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path, tiny_bert):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("review,label\ngood film,pos\nbad film,neg\n")
+    proc = fmtune("run", "--data", bad, "--model", tiny_bert, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "bad.csv" in proc.stderr and "text" in proc.stderr and "--text-column" in proc.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_pickle_only_model_is_refused(tmp_path, reviews_csv):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "pytorch_model.bin").write_bytes(b"not really")
+    proc = fmtune("run", "--data", reviews_csv, "--model", folder, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "pytorch_model.bin" in proc.stderr and "safetensors" in proc.stderr and "Traceback" not in proc.stderr

@@ -16,6 +16,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from fmtune.config import DataConfig
 from fmtune.errors import ConfigError, DataError
@@ -45,6 +46,7 @@ COMPRESSIONS = (".gz", ".bz2", ".xz")
 MAX_LISTED = 20  # problems listed in one error; the rest are counted
 MIN_PER_CLASS_AUTO = 3  # one example each for train, validation and test
 _MISSING = object()  # a JSON object without the column's key
+MISSING = _MISSING  # public name, for readers of read_columns()
 _INT_FLOAT = re.compile(r"(-?\d+)\.0+")
 _INT = re.compile(r"-?\d+")
 
@@ -109,6 +111,54 @@ def data_hash(splits: Splits) -> str:
 
 def _load_file(path: Path, cfg: DataConfig, problems: list[str], dropped: dict[str, int], files: dict[str, str]) -> list[Example]:
     """Read one file into cleaned Examples; append every problem found to `problems`."""
+    found = read_columns(path, {cfg.text_column: "--text-column", cfg.label_column: "--label-column"}, problems, dropped, files)
+    if found is None:
+        return []  # already reported
+    unit, rows, values = found
+    return _clean(str(path), unit, rows, values[cfg.text_column], values[cfg.label_column], cfg, problems, dropped)
+
+
+def read_columns(
+    path: Path, wanted: dict[str, str], problems: list[str], dropped: dict[str, int], files: dict[str, str]
+) -> tuple[str, list[int], dict[str, list[object]]] | None:
+    """Read one CSV/TSV/JSONL/JSON/Parquet file and pick the `wanted` columns ({column name: its flag, e.g. '--text-column'}).
+
+    Returns (unit, row numbers, {column: raw values}) with unit 'line' (1-based, as an editor shows it) or 'row' (Parquet,
+    0-based); a JSON object without the key holds MISSING. Every problem (file, line, column, fix) is appended to `problems`
+    and None is returned when the file cannot be used; blank lines are counted in `dropped`, the file's sha256 in `files`.
+    """
+    source = str(path)
+    known = len(problems)
+    table = read_table(path, list(wanted), problems, dropped, files)
+    if table is None:
+        return None
+    resolved: list[str] = []
+    if table.columns is not None:  # None: JSON without objects, nothing to check the columns against
+        resolved = _find_columns(source, table.columns, wanted, problems, flat_flag_hint=table.delimiter)
+        if resolved is None:
+            return None
+    if not table.rows:
+        if len(problems) == known:
+            problems.append(f"{source}: no data rows (only a header, or nothing usable); add labeled rows.")
+        return None
+    return table.unit, table.rows, {want: table.column(got) for want, got in zip(wanted, resolved)}
+
+
+
+@dataclass
+class RawTable:
+    """One file's rows before any column is interpreted."""
+
+    unit: str  # 'line' (CSV/JSON, 1-based) or 'row' (Parquet, 0-based)
+    columns: list[str] | None  # header / keys in first-seen order; None when there is nothing to learn them from
+    rows: list[int]
+    column: Callable[[str], list[object]]  # column name -> one raw value per row
+    delimiter: str | None = None  # CSV/TSV only
+
+
+def read_table(path: Path, wanted: list[str], problems: list[str], dropped: dict[str, int], files: dict[str, str]) -> RawTable | None:
+    """Read one file into a RawTable (format from the extension, optional compression); `wanted` helps sniff CSV delimiters
+    and phrase the fixes. Problems are appended to `problems`; None when nothing can be read."""
     source = str(path)
     suffixes = [s.lower() for s in Path(path).suffixes]
     compression = suffixes.pop() if suffixes and suffixes[-1] in COMPRESSIONS else None
@@ -116,38 +166,28 @@ def _load_file(path: Path, cfg: DataConfig, problems: list[str], dropped: dict[s
     if kind is None or (compression and kind == "parquet"):
         supported = ", ".join(FORMATS) + " (CSV/TSV/JSON Lines may also end in " + ", ".join(COMPRESSIONS) + ")"
         problems.append(f"{source}: unsupported file type {''.join(Path(path).suffixes) or '(no extension)'!r}; supported: {supported}.")
-        return []
+        return None
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
         problems.append(f"{source}: cannot read the file ({exc.strerror}).")
-        return []
+        return None
     files[source] = hashlib.sha256(raw).hexdigest()
-    known = len(problems)
-
     if kind == "parquet":
-        table = _read_parquet(source, raw, cfg, problems)
-    else:
-        content = _decompress(source, raw, compression, problems)
-        text = None if content is None else _decode(source, content, problems)
-        if text is None:
-            return []
-        if not text.strip():
-            problems.append(f"{source}: the file is empty; it needs a '{cfg.text_column}' and a '{cfg.label_column}' column and at least one row.")
-            return []
-        if kind in ("csv", "tsv"):
-            table = _read_csv(source, text, "\t" if kind == "tsv" else None, cfg, problems, dropped)
-        elif kind == "json" and text.lstrip().startswith("["):
-            table = _read_json_array(source, text, cfg, problems)
-        else:
-            table = _read_jsonl(source, text, cfg, problems, dropped, is_json=kind == "json")
-    if table is None:
-        return []  # already reported
-    unit, rows, texts, labels = table
-    if not rows and len(problems) == known:
-        problems.append(f"{source}: no data rows (only a header, or nothing usable); add labeled rows.")
-        return []
-    return _clean(source, unit, rows, texts, labels, cfg, problems, dropped)
+        return _read_parquet(source, raw, problems)
+    content = _decompress(source, raw, compression, problems)
+    text = None if content is None else _decode(source, content, problems)
+    if text is None:
+        return None
+    if not text.strip():
+        needs = " and ".join(f"a '{c}'" for c in wanted) + " column" if wanted else "a header"
+        problems.append(f"{source}: the file is empty; it needs {needs} and at least one row.")
+        return None
+    if kind in ("csv", "tsv"):
+        return _read_csv(source, text, "\t" if kind == "tsv" else None, wanted, problems, dropped)
+    if kind == "json" and text.lstrip().startswith("["):
+        return _read_json_array(source, text, wanted, problems)
+    return _read_jsonl(source, text, wanted, problems, dropped, is_json=kind == "json")
 
 
 def _decompress(source: str, raw: bytes, compression: str | None, problems: list[str]) -> bytes | None:
@@ -200,14 +240,11 @@ def _decode(source: str, content: bytes, problems: list[str]) -> str | None:
     return text
 
 
-Table = tuple[str, list[int], list[object], list[object]]  # unit ('line'/'row'), row numbers, texts, labels
-
-
-def _read_csv(source: str, text: str, delimiter: str | None, cfg: DataConfig, problems: list[str], dropped: dict[str, int]) -> Table | None:
+def _read_csv(source: str, text: str, delimiter: str | None, wanted: list[str], problems: list[str], dropped: dict[str, int]) -> RawTable | None:
     old_limit = csv.field_size_limit()
     csv.field_size_limit(2**31 - 1)  # huge text fields are legitimate
     try:
-        delimiter = delimiter or _sniff_delimiter(text, cfg)
+        delimiter = delimiter or _sniff_delimiter(text, wanted)
         reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
         header: list[str] | None = None
         rows: list[int] = []
@@ -250,15 +287,12 @@ def _read_csv(source: str, text: str, delimiter: str | None, cfg: DataConfig, pr
         return None  # already reported (a parse error on the header line)
     if blank:
         dropped["blank_lines"] = dropped.get("blank_lines", 0) + blank
-    columns = _find_columns(source, header, cfg, problems, flat_flag_hint=delimiter)
-    if columns is None:
-        return None
-    ti, li = (header.index(c) for c in columns)
-    return "line", rows, [r[ti] for r in records], [r[li] for r in records]
+    found = header
+    return RawTable("line", header, rows, lambda name: [r[found.index(name)] for r in records], delimiter)
 
 
-def _sniff_delimiter(text: str, cfg: DataConfig) -> str:
-    """',' unless another common delimiter is the one that yields the expected columns (or more columns)."""
+def _sniff_delimiter(text: str, wanted: list[str]) -> str:
+    """',' unless another common delimiter is the one that yields the wanted columns (or more columns)."""
     first = text[:65536].lstrip("\r\n").split("\n", 1)[0].rstrip("\r")
     best, best_fields = ",", 0
     for candidate in (",", ";", "\t", "|"):
@@ -266,14 +300,14 @@ def _sniff_delimiter(text: str, cfg: DataConfig) -> str:
             fields = [f.strip() for f in next(csv.reader([first], delimiter=candidate), [])]
         except csv.Error:
             continue
-        if cfg.text_column in fields and cfg.label_column in fields:
+        if wanted and all(c in fields for c in wanted):
             return candidate
         if len(fields) > best_fields:
             best, best_fields = candidate, len(fields)
     return best
 
 
-def _read_jsonl(source: str, text: str, cfg: DataConfig, problems: list[str], dropped: dict[str, int], is_json: bool) -> Table | None:
+def _read_jsonl(source: str, text: str, wanted: list[str], problems: list[str], dropped: dict[str, int], is_json: bool) -> RawTable | None:
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the final newline ends the last line; it does not start a new one
@@ -287,18 +321,18 @@ def _read_jsonl(source: str, text: str, cfg: DataConfig, problems: list[str], dr
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            problems.append(f"{source} line {number}: not valid JSON ({exc.msg} at column {exc.colno}); each line must be one object like {{\"{cfg.text_column}\": \"...\", \"{cfg.label_column}\": \"...\"}}.{hint}")
+            problems.append(f"{source} line {number}: not valid JSON ({exc.msg} at column {exc.colno}); each line must be one object like {_example_object(wanted)}.{hint}")
             continue
         if not isinstance(obj, dict):
-            problems.append(f"{source} line {number}: expected a JSON object like {{\"{cfg.text_column}\": \"...\", \"{cfg.label_column}\": \"...\"}}, got {_json_type(obj)}.{hint}")
+            problems.append(f"{source} line {number}: expected a JSON object like {_example_object(wanted)}, got {_json_type(obj)}.{hint}")
             continue
         records.append((number, obj))
     if blank:
         dropped["blank_lines"] = dropped.get("blank_lines", 0) + blank
-    return _table_from_objects(source, records, cfg, problems)
+    return _table_from_objects(records)
 
 
-def _read_json_array(source: str, text: str, cfg: DataConfig, problems: list[str]) -> Table | None:
+def _read_json_array(source: str, text: str, wanted: list[str], problems: list[str]) -> RawTable | None:
     """A top-level JSON array of objects; each element's line is where it starts."""
     decoder = json.JSONDecoder()
     records: list[tuple[int, dict]] = []
@@ -315,7 +349,7 @@ def _read_json_array(source: str, text: str, cfg: DataConfig, problems: list[str
             if isinstance(obj, dict):
                 records.append((line, obj))
             else:
-                problems.append(f"{source} line {line}: expected a JSON object like {{\"{cfg.text_column}\": \"...\", \"{cfg.label_column}\": \"...\"}} in the array, got {_json_type(obj)}.")
+                problems.append(f"{source} line {line}: expected a JSON object like {_example_object(wanted)} in the array, got {_json_type(obj)}.")
             pos = _skip_space(text, end)
             if pos < len(text) and text[pos] == ",":
                 pos += 1
@@ -328,7 +362,7 @@ def _read_json_array(source: str, text: str, cfg: DataConfig, problems: list[str
     except json.JSONDecodeError as exc:
         problems.append(f"{source} line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); the file must be one array of objects, or JSON Lines.")
         return None
-    return _table_from_objects(source, records, cfg, problems)
+    return _table_from_objects(records)
 
 
 def _skip_space(text: str, pos: int) -> int:
@@ -341,21 +375,18 @@ def _json_type(value: object) -> str:
     return {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number", bool: "true/false", type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def _table_from_objects(source: str, records: list[tuple[int, dict]], cfg: DataConfig, problems: list[str]) -> Table | None:
-    if not records:
-        return "line", [], [], []
+def _example_object(wanted: list[str]) -> str:
+    return "{" + ", ".join(f'"{c}": "..."' for c in wanted) + "}"
+
+
+def _table_from_objects(records: list[tuple[int, dict]]) -> RawTable:
     keys: dict[str, None] = {}
     for _, obj in records:
         keys.update(dict.fromkeys(obj))
-    columns = _find_columns(source, list(keys), cfg, problems)
-    if columns is None:
-        return None
-    tk, lk = columns
-    rows = [number for number, _ in records]
-    return "line", rows, [obj.get(tk, _MISSING) for _, obj in records], [obj.get(lk, _MISSING) for _, obj in records]
+    return RawTable("line", list(keys) if records else None, [number for number, _ in records], lambda name: [obj.get(name, _MISSING) for _, obj in records])
 
 
-def _read_parquet(source: str, raw: bytes, cfg: DataConfig, problems: list[str]) -> Table | None:
+def _read_parquet(source: str, raw: bytes, problems: list[str]) -> RawTable | None:
     import pyarrow
     import pyarrow.parquet as pq
 
@@ -364,17 +395,13 @@ def _read_parquet(source: str, raw: bytes, cfg: DataConfig, problems: list[str])
     except (pyarrow.ArrowException, OSError, ValueError) as exc:
         problems.append(f"{source}: cannot read as Parquet ({exc}); check the file is a complete Parquet file, or export it as CSV.")
         return None
-    columns = _find_columns(source, table.column_names, cfg, problems)
-    if columns is None:
-        return None
-    tc, lc = columns
-    return "row", list(range(table.num_rows)), table.column(tc).to_pylist(), table.column(lc).to_pylist()
+    return RawTable("row", table.column_names, list(range(table.num_rows)), lambda name: table.column(name).to_pylist())
 
 
-def _find_columns(source: str, found: list[str], cfg: DataConfig, problems: list[str], flat_flag_hint: str | None = None) -> tuple[str, str] | None:
-    """Resolve the text and label column names (exact, else ignoring surrounding spaces); report missing/duplicate ones."""
+def _find_columns(source: str, found: list[str], columns: dict[str, str], problems: list[str], flat_flag_hint: str | None = None) -> list[str] | None:
+    """Resolve the wanted column names ({name: flag}; exact, else ignoring surrounding spaces); report missing/duplicate ones."""
     resolved: list[str] = []
-    for wanted, flag in ((cfg.text_column, "--text-column"), (cfg.label_column, "--label-column")):
+    for wanted, flag in columns.items():
         matches = [c for c in found if c == wanted] or [c for c in found if str(c).strip() == wanted]
         if len(matches) == 1:
             resolved.append(matches[0])
@@ -390,7 +417,7 @@ def _find_columns(source: str, found: list[str], cfg: DataConfig, problems: list
         if flat_flag_hint is not None and len(found) == 1:
             delim = f" The header has a single column: is the file separated by something other than {flat_flag_hint!r}?"
         problems.append(f"{source}: no column '{wanted}' ({flag}); columns found: {listed}.{guess}{delim}")
-    return (resolved[0], resolved[1]) if len(resolved) == 2 else None
+    return resolved if len(resolved) == len(columns) else None
 
 
 # ---------------------------------------------------------------- cleaning

@@ -10,7 +10,6 @@ logged. Request bodies, texts per request, text length and the waiting queue are
 server answers 413/422/503 instead of growing a backlog.
 """
 
-
 import asyncio
 import hmac
 import logging
@@ -54,6 +53,7 @@ class ServeConfig:
     max_body_bytes: int = field(default=1_000_000, metadata=_help("Largest request body, in bytes."))
     max_new_tokens: int = field(default=256, metadata=_help("Largest max_new_tokens a generation request may ask for."))
     micro_batching: bool = field(default=True, metadata=_help("Batch concurrent requests together (off: one request at a time)."))
+    torch_threads: int | None = field(default=None, metadata=_help("CPU threads for the model (default: torch's choice); 1-2 on a busy machine."))
 
 
 def load_api_keys(api_key_file: Path | None) -> list[str]:
@@ -86,6 +86,8 @@ def check_config(cfg: ServeConfig) -> None:
     for name in ("port", "max_batch_size", "max_queue", "max_texts_per_request", "max_text_chars", "max_body_bytes", "max_new_tokens"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name}: {getattr(cfg, name)}; expected a positive number")
+    if cfg.torch_threads is not None and cfg.torch_threads < 1:
+        problems.append(f"torch_threads: {cfg.torch_threads}; expected a positive number (or leave it unset)")
     if cfg.max_wait_ms < 0:
         problems.append(f"max_wait_ms: {cfg.max_wait_ms}; expected 0 or more")
     if cfg.max_queue < cfg.max_texts_per_request:
@@ -97,8 +99,8 @@ def check_config(cfg: ServeConfig) -> None:
         raise FmtuneError("cannot start fmtune serve:", problems)
 
 
-class QueueFull(Exception):
-    """More texts are waiting than the server allows (max_queue)."""
+class Busy(Exception):
+    """The server cannot take this request now (queue full, or shutting down): answered with 503 + Retry-After."""
 
 
 class MicroBatcher:
@@ -109,7 +111,6 @@ class MicroBatcher:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
-        self.batch_sizes: list[int] = []  # recent batch sizes, for tests and /v1/model
         self.queue: asyncio.Queue | None = None
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -130,19 +131,19 @@ class MicroBatcher:
             pending.append(self.queue.get_nowait())
         for _, future in pending:
             if not future.done():
-                future.set_exception(RuntimeError("the server is shutting down"))
+                future.set_exception(Busy("the server is shutting down"))
         self._current = []
 
     def waiting(self) -> int:
         return self.queue.qsize() if self.queue is not None else 0
 
     async def submit(self, texts: list[str]) -> list[Any]:
-        """Results for `texts`, in order; raises QueueFull instead of waiting for room."""
+        """Results for `texts`, in order; raises Busy instead of waiting for room."""
         if self._worker is None:  # served without lifespan events
             await self.start()
         assert self.queue is not None and self._arrived is not None
         if self.queue.maxsize - self.queue.qsize() < len(texts):
-            raise QueueFull
+            raise Busy(f"more than {self.max_queue} texts are waiting (max_queue)")
         loop = asyncio.get_running_loop()
         futures = []
         for text in texts:  # no await in this loop: the request's texts enter the queue together
@@ -174,9 +175,10 @@ class MicroBatcher:
             batch = self._current = [(text, future) for text, future in await self._gather() if not future.done()]
             if not batch:
                 continue
-            self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]
             try:
                 results = await asyncio.to_thread(self.predict, [text for text, _ in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"the model returned {len(results)} results for {len(batch)} texts")
             except Exception as exc:  # the requests in this batch fail; the server keeps serving
                 log.exception("prediction failed for a batch of %d texts", len(batch))
                 for _, future in batch:
@@ -194,7 +196,6 @@ class Serial:
     def __init__(self, run: Callable[..., list[Any]], max_queue: int):
         self.run = run
         self.max_queue = max_queue
-        self.batch_sizes: list[int] = []
         self._lock: asyncio.Lock | None = None
         self._waiting = 0
 
@@ -213,15 +214,17 @@ class Serial:
         lock = self._lock
         assert lock is not None
         if self._waiting + len(items) > self.max_queue:
-            raise QueueFull
+            raise Busy(f"more than {self.max_queue} texts are waiting (max_queue)")
         self._waiting += len(items)
         try:
             await lock.acquire()
         finally:  # also when cancelled while waiting
             self._waiting -= len(items)
         try:
-            self.batch_sizes = (self.batch_sizes + [len(items)])[-1000:]
             return await asyncio.to_thread(self.run, items, **kwargs)
+        except Exception:
+            log.exception("the model failed on a request of %d items", len(items))
+            raise
         finally:
             lock.release()
 
@@ -361,11 +364,15 @@ def create_app(predictor: Any, cfg: ServeConfig) -> "fastapi.FastAPI":
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": jsonable_encoder([_explain(e, cfg) for e in exc.errors()])})
 
-    def busy() -> HTTPException:
-        return HTTPException(
-            503, f"busy: more than {cfg.max_queue} texts are waiting (max_queue); retry after {RETRY_AFTER_SECONDS} s",
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        )
+    async def answer(runner: MicroBatcher | Serial, items: list[str], **kwargs: Any) -> list[Any]:
+        """The runner's results, or the HTTP error a client can act on."""
+        try:
+            return await runner.submit(items, **kwargs)
+        except Busy as exc:
+            raise HTTPException(503, f"busy: {exc}; retry after {RETRY_AFTER_SECONDS} s",
+                                headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+        except Exception:  # the runner logged it with its traceback
+            raise HTTPException(500, "the model failed on this request; the server log has the details") from None
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     async def healthz() -> dict:
@@ -378,11 +385,7 @@ def create_app(predictor: Any, cfg: ServeConfig) -> "fastapi.FastAPI":
     if can_classify:
         @app.post("/v1/predict", response_model=PredictResponse, dependencies=auth, responses=errors, tags=["predict"])
         async def predict(body: PredictRequest) -> dict:
-            try:
-                predictions = await runner.submit(body.texts)
-            except QueueFull:
-                raise busy() from None
-            return {"predictions": predictions, "model": name}
+            return {"predictions": await answer(runner, body.texts), "model": name}
     else:
         @app.post("/v1/predict", dependencies=auth, responses={401: errors[401], 404: {"model": Error}}, tags=["predict"])
         async def predict() -> JSONResponse:
@@ -391,10 +394,7 @@ def create_app(predictor: Any, cfg: ServeConfig) -> "fastapi.FastAPI":
     if can_generate:
         @app.post("/v1/generate", response_model=GenerateResponse, dependencies=auth, responses=errors, tags=["generate"])
         async def generate(body: GenerateRequest) -> dict:
-            try:
-                completions = await generator.submit(body.prompts, max_new_tokens=body.max_new_tokens)
-            except QueueFull:
-                raise busy() from None
+            completions = await answer(generator, body.prompts, max_new_tokens=body.max_new_tokens)
             return {"completions": [str(c) for c in completions], "model": name}
     else:
         @app.post("/v1/generate", dependencies=auth, responses={401: errors[401], 404: {"model": Error}}, tags=["generate"])
@@ -487,6 +487,10 @@ def serve(run_dir: Path, cfg: ServeConfig) -> None:
     from fmtune.predict import Predictor
 
     check_config(cfg)
+    if cfg.torch_threads:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
     predictor = Predictor.from_run(run_dir)
     app = create_app(predictor, cfg)
     log_config = copy.deepcopy(LOGGING_CONFIG)

@@ -167,6 +167,29 @@ def _register_optional_commands() -> None:
 _register_optional_commands()
 
 
+@app.command()
+def serve(
+    run_dir: Path = typer.Argument(..., help="A finished run folder."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; 127.0.0.1 keeps the API on this machine."),
+    port: int = typer.Option(8000, help="TCP port to listen on."),
+    no_auth: bool = typer.Option(False, "--no-auth", help="Serve /v1 without API keys (only for local experiments)."),
+    api_key_file: Optional[Path] = typer.Option(None, help="File with one API key per line (also read: FMTUNE_API_KEYS, comma separated)."),
+    max_batch_size: int = typer.Option(32, help="Most texts the model sees in one forward pass (micro-batching)."),
+    max_wait_ms: float = typer.Option(5.0, help="Longest a text waits for others to fill a batch, in milliseconds."),
+    max_queue: int = typer.Option(256, help="Most texts waiting; beyond it requests get 503 + Retry-After."),
+    micro_batching: bool = typer.Option(True, help="Batch concurrent requests together (off: one request at a time)."),
+    torch_threads: Optional[int] = typer.Option(None, help="CPU threads for the model (default: torch's choice)."),
+) -> None:
+    """Serve a run's model over HTTP (FastAPI): POST /v1/predict, POST /v1/generate, GET /v1/model, GET /healthz, /docs."""
+    from fmtune.serve import ServeConfig, load_api_keys
+    from fmtune.serve import serve as serve_run
+
+    cfg = ServeConfig(host=host, port=port, no_auth=no_auth, api_keys=[] if no_auth else load_api_keys(api_key_file),
+                      max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue, micro_batching=micro_batching,
+                      torch_threads=torch_threads)
+    serve_run(run_dir, cfg)
+
+
 def _main_group() -> click.Group:
     group = typer.main.get_group(app)
     group.add_command(run_command, "run")

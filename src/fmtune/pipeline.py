@@ -189,7 +189,9 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
                 def progress(n: int, row: dict) -> None:
                     prog.advance(task, n)
                     if row:
+                        info = f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, val macro-F1 {row['val_macro_f1']:.3f} ({row['seconds']:.0f} s)"
                         prog.update(task, info=f"epoch {row['epoch']} val macro-F1 {row['val_macro_f1']:.3f}")
+                        prog.console.print(f"  {label} {info}")
 
                 result = train.fit(model, tokenizer, tr, (ids["validation"], y["validation"]), cfg.train, learning_rate=lr, n_classes=len(labels),
                                    seed=seed, bf16=bf16, lora=use_lora, class_weight=class_weight, eval_batch_size=cfg.eval.eval_batch_size, progress=progress)

@@ -88,8 +88,11 @@ def verdict(ladder: list[dict], boots: dict, primary: str, retention: dict | Non
     reasons.append(f"cost: {cost_['train_seconds']:.0f} s of training on {cost_['hardware']}, about ${cost_['train_cost']:.4f} at ${cost_['price_per_hour']}/h")
     if audit.get("train_test_overlap"):
         reasons.append(f"caution: {audit['train_test_overlap']} test texts also occur in train, so test scores are optimistic")
-    headline = (
-        f"Fine-tuning helped: {gain:+.3f} {primary} over {baseline} (95% CI {ci[0]:+.3f} to {ci[1]:+.3f})." if recommend
-        else f"Fine-tuning is not recommended on this evidence: {gain:+.3f} {primary} over {baseline} (95% CI {ci[0]:+.3f} to {ci[1]:+.3f})."
-    )
+    gain_words = f"{gain:+.3f} {primary} over {baseline} (95% CI {ci[0]:+.3f} to {ci[1]:+.3f})"
+    if recommend:
+        headline = f"Fine-tuning helped: {gain_words}."
+    elif beyond_noise:
+        headline = f"Fine-tuning beat the no-training rungs ({gain_words}), but a linear head on the frozen FM is as good and cheaper: use head_only."
+    else:
+        headline = f"Fine-tuning is not recommended on this evidence: {gain_words}."
     return {"recommend_fine_tuning": bool(recommend), "gain": gain, "gain_ci95": ci, "baseline": baseline, "headline": headline, "reasons": reasons}

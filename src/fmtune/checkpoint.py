@@ -1,0 +1,171 @@
+"""Crash-safe training checkpoints: weights, optimizer, scheduler, RNG states and data position, safetensors + JSON only.
+
+Layout under a rung's checkpoint folder (e.g. RUN/.partial/checkpoints/fine_tuned/):
+  step-000120/            one complete checkpoint (written as .tmp-step-000120, fsynced, then renamed)
+    trainable.safetensors   the trainable weights (all weights, or the LoRA adapter + head)
+    best.safetensors        the best-epoch weights so far (early stopping restores them at the end), if any
+    optimizer.safetensors   AdamW moments per parameter
+    rng.safetensors         torch CPU RNG state
+    state.json              step, epoch, batch position, numpy RNG state, scheduler state, early-stopping state, history
+  latest                  the name of the newest complete checkpoint (replaced atomically)
+  done.json + final.safetensors   written when the rung finished: a resumed run reuses them instead of training again
+No pickle is ever written or read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs to continue exactly where it stopped."""
+
+    step: int = 0
+    epoch: int = 1  # the epoch in progress (1-based)
+    batch: int = 0  # batches of this epoch already done
+    epoch_rng: dict = field(default_factory=dict)  # numpy bit-generator state at the start of this epoch
+    scheduler: dict = field(default_factory=dict)
+    best_key: list = field(default_factory=lambda: [-1.0, float("inf")])
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    history: list = field(default_factory=list)
+    loss_sum: float = 0.0  # sum of (loss * batch size) so far in this epoch
+    start_seconds: float = 0.0  # training seconds spent before this checkpoint
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _contiguous(tensors: dict) -> dict:
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def trainable_state(model) -> dict:
+    """The weights that training changes (for LoRA: the adapter and the task head)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k in names} or model.state_dict()
+
+
+def optimizer_tensors(optimizer, model) -> tuple[dict, dict]:
+    """AdamW state as flat tensors keyed by parameter name, plus the param-group hyperparameters as JSON."""
+    import torch
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                tensors[f"{names[id(p)]}::{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return tensors, {"param_groups": groups}
+
+
+def load_optimizer(optimizer, model, tensors: dict, meta: dict) -> None:
+    params = dict(model.named_parameters())
+    for flat, value in tensors.items():
+        name, key = flat.split("::", 1)
+        optimizer.state[params[name]][key] = value.clone()
+    for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
+        group.update({k: v for k, v in saved.items() if k in group})
+
+
+def save(folder: Path, model, optimizer, state: TrainState, best: dict | None, keep: int = 1) -> Path:
+    """Write one complete checkpoint atomically, point `latest` at it, and prune older ones."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"step-{state.step:07d}"
+    tmp = folder / f".tmp-{name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(_contiguous(trainable_state(model)), str(tmp / "trainable.safetensors"))
+    if best is not None:
+        save_file(_contiguous(best), str(tmp / "best.safetensors"))
+    opt_tensors, opt_meta = optimizer_tensors(optimizer, model)
+    save_file(_contiguous(opt_tensors), str(tmp / "optimizer.safetensors"))
+    save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    body = dict(state.__dict__, optimizer=opt_meta)
+    _write_json(tmp / "state.json", body)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    final = folder / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(folder)
+    _write_json(folder / "latest", {"checkpoint": name})
+    for old in sorted(p for p in folder.glob("step-*") if p.name != name)[: max(0, len(list(folder.glob("step-*"))) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest(folder: Path) -> Path | None:
+    pointer = folder / "latest"
+    if not pointer.is_file():
+        return None
+    try:
+        path = folder / json.loads(pointer.read_text())["checkpoint"]
+    except (ValueError, KeyError):
+        return None
+    return path if (path / "state.json").is_file() else None
+
+
+def load(path: Path, model, optimizer) -> tuple[TrainState, dict | None]:
+    """Restore weights, optimizer and torch RNG in place; return the loop state and the best weights so far."""
+    import torch
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path / "trainable.safetensors")), strict=False)
+    body = json.loads((path / "state.json").read_text())
+    load_optimizer(optimizer, model, load_file(str(path / "optimizer.safetensors")), body.pop("optimizer"))
+    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch_cpu"])
+    best = load_file(str(path / "best.safetensors")) if (path / "best.safetensors").is_file() else None
+    return TrainState(**body), best
+
+
+def mark_done(folder: Path, model, result: dict) -> None:
+    """The rung finished: keep its final weights and result so a resumed run does not train it again."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(_contiguous(model.state_dict()), str(folder / "final.safetensors.tmp"))
+    os.replace(folder / "final.safetensors.tmp", folder / "final.safetensors")
+    _write_json(folder / "done.json", result)
+    for old in folder.glob("step-*"):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_done(folder: Path) -> tuple[dict, dict] | None:
+    from safetensors.torch import load_file
+
+    if (folder / "done.json").is_file() and (folder / "final.safetensors").is_file():
+        return json.loads((folder / "done.json").read_text()), load_file(str(folder / "final.safetensors"))
+    return None

@@ -88,7 +88,8 @@ class RunConfig(_Group):
     name: str | None = Field(None, description="Run name (default: derived from the data file and a timestamp).")
     out: Path | None = Field(None, description="Run folder (default: runs/<name>).")
     seed: int = Field(0, description="Random seed for splitting, sampling and training.")
-    overwrite: bool = Field(False, description="Replace an existing run folder.")
+    overwrite: bool = Field(False, description="Replace an existing run folder (or an unfinished one with another config).")
+    resume: bool = Field(False, description="Continue the newest unfinished run with this config from its last checkpoint (re-running the same command with the same --name/--out resumes too).")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -103,7 +104,7 @@ GROUPS: dict[str, type[_Group]] = {
     "eval": EvalConfig,
     "evidence": EvidenceConfig,
 }
-TOP_LEVEL = ("name", "out", "seed", "overwrite")
+TOP_LEVEL = ("name", "out", "seed", "overwrite", "resume")
 
 
 def flag_index() -> dict[str, tuple[str | None, str]]:

@@ -78,12 +78,68 @@ def run_name(cfg: RunConfig) -> str:
     return f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+def _comparable(cfg: RunConfig) -> dict:
+    """The config without the keys that only say where and how to (re)start."""
+    d = cfg.model_dump(mode="json")
+    for key in ("name", "out", "overwrite", "resume"):
+        d.pop(key, None)
+    return d
+
+
+def partial_dir(out: Path) -> Path:
+    """Where an unfinished run lives until it is complete (a stable name, so that a re-run finds it)."""
+    return out.parent / f".{out.name}.partial"
+
+
+def _find_resumable(cfg: RunConfig) -> Path | None:
+    import yaml
+
+    root = Path(cfg.out).parent if cfg.out else Path("runs")
+    candidates = sorted(root.glob(".*.partial"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for folder in candidates:
+        try:
+            saved = RunConfig.model_validate(yaml.safe_load((folder / "config.yaml").read_text()))
+        except Exception:
+            continue
+        if _comparable(saved) == _comparable(cfg):
+            return folder.parent / folder.name[1 : -len(".partial")]
+    return None
+
+
 def prepare_out_dir(cfg: RunConfig, name: str) -> Path:
+    """The final run folder (kept for callers that manage their own temporary folder)."""
+    return open_run_dir(cfg, name)[0]
+
+
+def open_run_dir(cfg: RunConfig, name: str) -> tuple[Path, Path, bool]:
+    """(final folder, partial folder, resuming?) after checking what is already on disk."""
+    import yaml
+
     out = Path(cfg.out) if cfg.out else Path("runs") / name
-    if out.exists():
-        if not cfg.overwrite:
-            raise ConfigError(f"{out} already exists. Fix: pass --overwrite to replace it, or --name/--out for a new run folder.")
-    return out
+    if cfg.resume and not (cfg.name or cfg.out):
+        found = _find_resumable(cfg)
+        if found is None:
+            raise ConfigError("--resume: no unfinished run with this configuration under runs/. Pass --name/--out of the run to resume, or drop --resume.")
+        out = found
+    partial = partial_dir(out)
+    if out.exists() and not cfg.overwrite:
+        raise ConfigError(f"{out} already exists. Fix: pass --overwrite to replace it, or --name/--out for a new run folder.")
+    resuming = False
+    if partial.exists():
+        try:
+            saved = RunConfig.model_validate(yaml.safe_load((partial / "config.yaml").read_text()))
+            same = _comparable(saved) == _comparable(cfg)
+        except Exception:
+            same = False
+        if same and not cfg.overwrite:
+            resuming = True
+        elif cfg.overwrite:
+            shutil.rmtree(partial)
+        else:
+            raise ConfigError(f"{partial} holds an unfinished run with a different configuration. Fix: pass --overwrite to discard it, or --name/--out for a new run.")
+    elif cfg.resume:
+        raise ConfigError(f"--resume: there is no unfinished run at {partial}.")
+    return out, partial, resuming
 
 
 def _rung(name: str, description: str, y_true, y_pred, labels, boot, train_examples: int, train_seconds: float, **extra) -> tuple[dict, np.ndarray]:
@@ -108,12 +164,12 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
     hf_logging.disable_progress_bar()  # fmtune shows its own progress
     started = datetime.now(timezone.utc)
     wall_start = time.perf_counter()
-    name = run_name(cfg)
-    out = prepare_out_dir(cfg, name)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "logs").mkdir(parents=True)
+    out, tmp, resuming = open_run_dir(cfg, run_name(cfg))
+    name = cfg.name or out.name
+    if resuming:
+        console.print(f"[cyan]Resuming the unfinished run in {tmp}[/] (finished rungs are reused; training continues from the last checkpoint).")
+        (tmp / "STATUS").unlink(missing_ok=True)
+    (tmp / "logs").mkdir(parents=True, exist_ok=True)
     (tmp / "config.yaml").write_text(to_yaml(cfg))
     log: list[str] = []
     if cfg.train.threads:
@@ -349,10 +405,10 @@ def _record(run_dir: Path, name: str, status: str) -> None:
 
 
 def _mark_interrupted(tmp: Path, out: Path) -> None:
-    """Leave the partial folder visibly unfinished, never in the final place."""
+    """Leave the partial folder visibly unfinished, never in the final place, and say how to continue."""
     if tmp.exists():
-        (tmp / "STATUS").write_text("interrupted: this run did not finish; its outputs are incomplete.\n")
-        console.print(f"[yellow]The run did not finish; partial outputs are in {tmp} (status: interrupted).[/]")
+        (tmp / "STATUS").write_text("status: interrupted\nThis run did not finish; its outputs are incomplete. Re-run the same command (or add --resume) to continue.\n")
+        console.print(f"[yellow]The run did not finish (status: interrupted); partial outputs are in {tmp}. Re-run the same command with --resume to continue from the last checkpoint.[/]")
 
 
 def print_summary(report: dict, out: Path) -> None:

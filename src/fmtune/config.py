@@ -63,6 +63,7 @@ class TrainConfig(_Group):
     length_bucketing: bool = Field(True, description="Group texts of similar length into batches (dynamic padding, less compute on pad tokens).")
     dropout: float | None = Field(None, ge=0, lt=1, description="Override the model's dropout (hidden and attention) during fine-tuning; default keeps the model's own.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
+    checkpoint_every: int = Field(500, ge=0, description="Also checkpoint every N optimizer steps within an epoch (a checkpoint is always written at each epoch end; 0 = epoch ends only). Checkpoints make --resume continue mid-epoch.")
 
 
 class EvalConfig(_Group):

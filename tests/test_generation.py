@@ -272,3 +272,11 @@ def test_generation_run_through_the_cli(tmp_path, tiny_llama):
     report = json.loads((tmp_path / "runs" / "cli" / "report.json").read_text())
     jsonschema.validate(report, SCHEMA)
     assert report["task"]["primary_metric"] == "exact_match" and report["learning_curve"]["skipped"]
+
+
+def test_generation_predictor_from_run(finished_run):
+    run, _ = finished_run
+    predictor = causal_lm.GenerationPredictor.from_run(run, bf16=False)
+    out = predictor.generate(["what colour is the red fox", "what colour is the blue cat"], max_new_tokens=3)
+    assert len(out) == 2 and all(isinstance(o, str) and len(o.split()) <= 3 for o in out)
+    assert predictor.report["task"]["type"] == "generation" and predictor.run_dir == run

@@ -71,6 +71,10 @@ def smollm2_folder(cache: Path | None = None) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True, trust_remote_code=False)
     ensure_chat_template(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True, trust_remote_code=False)
+    # The weights are dequantised to fp32 on load; drop the GGUF quantizer marker so it saves as a plain model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -400,6 +404,44 @@ def request_seconds(model, tokenizer, conversations: list[list[dict]], max_new_t
     return {"p50_s": float(np.percentile(times, 50)), "mean_s": float(np.mean(times)), "requests": len(times), "mean_prompt_tokens": float(np.mean(lengths))}
 
 
-def load_for_generation(model_dir: Path) -> tuple[Any, Any]:
-    """A run's merged causal LM and its tokenizer."""
-    return load_model(model_dir), load_tokenizer(model_dir)
+# ---------------------------------------------------------------- a run's tuned model
+
+
+@dataclass
+class GenerationPredictor:
+    """A generation run's tuned (merged) model: `fmtune predict RUN --prompt ...` and `fmtune serve` call .generate."""
+
+    run_dir: Path
+    model: Any
+    tokenizer: Any
+    bf16: bool
+    report: dict
+
+    @classmethod
+    def from_run(cls, run_dir: Path | str, bf16: bool | None = None) -> "GenerationPredictor":
+        import json
+
+        import torch
+
+        from fmtune.models import bf16_supported
+
+        run_dir = Path(run_dir)
+        model_dir = run_dir / "model"
+        if not model_dir.is_dir():
+            raise FmtuneError(f"{run_dir}: no model/ folder here. Is this a finished fmtune run folder? (see `fmtune runs list`)")
+        report_path = run_dir / "report.json"
+        report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+        kind = report.get("task", {}).get("type")
+        if kind is not None and kind != "generation":
+            raise FmtuneError(f"{run_dir}: this run is a {kind} run; use --text for classification runs.")
+        model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+        use_bf16 = bf16_supported(torch.device("cpu")) if bf16 is None else bf16
+        return cls(run_dir, model, tokenizer, use_bf16, report)
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
+        """Greedy completions, one per prompt (each a user message in the model's chat template), in input order."""
+        from fmtune.pipeline import model_token_limit
+
+        budget = max(1, model_token_limit(self.model.config, self.tokenizer) - max_new_tokens)
+        conversations = [[{"role": "user", "content": p}] for p in prompts]
+        return generate(self.model, self.tokenizer, conversations, max_new_tokens, batch_size, self.bf16, budget)

@@ -247,3 +247,59 @@ def _sample(pairs: list[Pair], limit: int | None, rng: random.Random, dropped: d
         return pairs
     dropped["max_examples_sample"] = dropped.get("max_examples_sample", 0) + len(pairs) - limit
     return [pairs[i] for i in sorted(rng.sample(range(len(pairs)), limit))]
+
+
+# ---------------------------------------------------------------- quickstart data
+
+# Recommended overrides for `fmtune quickstart --task generation` (SmolLM2 + chatterbot pairs, 2 CPU cores, minutes).
+QUICKSTART_EXAMPLES = 100  # pairs: 70 train, 10 validation, 20 test
+QUICKSTART_OVERRIDES = {
+    "task": "generation",
+    "model": "smollm2",
+    "method": "lora",
+    "epochs": 2,
+    "patience": 1,
+    "batch_size": 16,
+    "lora_learning_rate": 1e-3,
+    "few_shot_k": 2,
+    "max_new_tokens": 16,
+    "eval_batch_size": 32,
+    "latency_repeats": 3,
+    "curve_fractions": [0.25, 0.5],
+}
+
+
+def chatterbot_jsonl(seed: int, examples: int = QUICKSTART_EXAMPLES, max_answer_words: int = 20) -> Path:
+    """Question -> answer pairs from the chatterbot-corpus package's English YAML files (first two turns of each
+    conversation, one pair per question, answers of at most `max_answer_words` words), a seeded sample of `examples`,
+    as prompt/completion JSONL written once, atomically, into the fmtune cache."""
+    import os
+
+    import yaml
+
+    from fmtune.errors import DataError
+    from fmtune.models import package_dir
+    from fmtune.quickstart import cache_dir
+
+    root = package_dir("chatterbot_corpus")
+    if root is None:
+        raise DataError("the generation quickstart data comes with the chatterbot-corpus package. Fix: pip install --no-deps chatterbot-corpus")
+    out = cache_dir() / "quickstart" / f"chatterbot_{examples}_seed{seed}.jsonl"
+    if out.is_file():
+        return out
+    pairs: dict[str, str] = {}
+    for path in sorted((root / "data" / "english").glob("*.yml")):
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for conv in doc.get("conversations") or []:
+            if isinstance(conv, list) and len(conv) >= 2 and conv[0] is not None and conv[1] is not None:
+                q, a = str(conv[0]).strip(), str(conv[1]).strip()
+                if q and a and len(a.split()) <= max_answer_words:
+                    pairs.setdefault(q, a)
+    rng = random.Random(seed)
+    chosen = sorted(rng.sample(sorted(pairs), min(examples, len(pairs))))
+    rng.shuffle(chosen)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text("".join(json.dumps({"prompt": q, "completion": pairs[q]}, ensure_ascii=False) + "\n" for q in chosen), encoding="utf-8")
+    os.replace(tmp, out)
+    return out

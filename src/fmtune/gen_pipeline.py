@@ -21,7 +21,7 @@ from fmtune.errors import ConfigError
 from fmtune.pipeline import GateFailed, _mark_interrupted, _progress, _record, choose_max_length, finish, model_token_limit, prepare_out_dir, print_summary, run_name, stage
 
 DEFAULT_METRIC = "rouge_l"
-RETENTION_CHUNKS, RETENTION_CHUNK_TOKENS = 100, 128
+RETENTION_CHUNKS, RETENTION_CHUNK_TOKENS = 32, 128  # 4k tokens per model: base and tuned are scored on the same tokens
 LATENCY_REQUESTS = 8  # requests timed per model for the per-request cost (batch 1)
 
 

@@ -16,61 +16,61 @@ def autocast(device, enabled: bool):
     return torch.autocast(device_type=getattr(device, "type", "cpu"), dtype=torch.bfloat16)
 
 
-def _length_order(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], np.ndarray]:
-    enc = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
-    order = np.argsort([len(ids) for ids in enc], kind="stable")[::-1]
-    return enc, order
+def _length_sorted_batches(tokenizer, texts: list[str], max_length: int, batch_size: int, device):
+    """Tokenise once, pad once, then yield (rows, input_ids, attention_mask) longest-first, each cut to its longest."""
+    from fmtune.train import batch_tensors, pad_table
 
-
-def _batches(tokenizer, ids: list[list[int]], order: np.ndarray, batch_size: int):
+    ids = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    table, lengths = pad_table(ids, pad_id)
+    order = np.argsort(-lengths, kind="stable")
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        batch = tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt")
-        yield idx, batch
+        yield (idx, *batch_tensors(table, lengths, idx, device))
 
 
 def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64, bf16: bool = False, progress: Callable | None = None) -> np.ndarray:
     """Logits of a sequence classifier for `texts`, in input order."""
     import torch
 
+    if not texts:
+        return np.zeros((0, 0), dtype=np.float32)
     device = next(model.parameters()).device
-    ids, order = _length_order(tokenizer, texts, max_length)
     out = None
     model.eval()
     with torch.inference_mode(), autocast(device, bf16):
-        for idx, batch in _batches(tokenizer, ids, order, batch_size):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(**batch).logits.float().cpu().numpy()
+        for idx, input_ids, mask in _length_sorted_batches(tokenizer, texts, max_length, batch_size, device):
+            logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
             if out is None:
-                out = np.zeros((len(texts), logits.shape[1]), dtype=np.float32)
-            out[idx] = logits
+                out = torch.zeros((len(texts), logits.shape[1]), dtype=torch.float32, device=device)
+            out[torch.from_numpy(idx).to(device)] = logits
             if progress:
                 progress(len(idx))
-    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+    return out.cpu().numpy()
 
 
 def embed(encoder, tokenizer, texts: list[str], max_length: int, batch_size: int = 64, bf16: bool = False, progress: Callable | None = None) -> np.ndarray:
     """Mean-pooled, L2-normalised sentence embeddings (the sentence-transformers recipe), in input order."""
     import torch
 
+    if not texts:
+        return np.zeros((0, 0), dtype=np.float32)
     device = next(encoder.parameters()).device
-    ids, order = _length_order(tokenizer, texts, max_length)
     out = None
     encoder.eval()
     base = getattr(encoder, "base_model", encoder)
     with torch.inference_mode(), autocast(device, bf16):
-        for idx, batch in _batches(tokenizer, ids, order, batch_size):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            hidden = base(**batch).last_hidden_state.float()
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-            pooled = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+        for idx, input_ids, mask in _length_sorted_batches(tokenizer, texts, max_length, batch_size, device):
+            hidden = base(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
+            weights = mask.unsqueeze(-1).float()
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
             if out is None:
-                out = np.zeros((len(texts), pooled.shape[1]), dtype=np.float32)
-            out[idx] = pooled
+                out = torch.zeros((len(texts), pooled.shape[1]), dtype=torch.float32, device=device)
+            out[torch.from_numpy(idx).to(device)] = pooled
             if progress:
                 progress(len(idx))
-    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+    return out.cpu().numpy()
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:

@@ -1,0 +1,134 @@
+"""fmtune.train and fmtune.evaluate on a tiny random BERT (CPU, seconds)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fmtune import models, train
+from fmtune.config import TrainConfig
+from fmtune.evaluate import embed, predict_logits
+from conftest import make_reviews
+
+
+@pytest.fixture(scope="module")
+def data(tiny_bert):
+    tok = models.load_tokenizer(tiny_bert)
+    rows = make_reviews(96, seed=1)
+    texts = [t for t, _ in rows]
+    y = np.array([0 if lab == "neg" else 1 for _, lab in rows], dtype=np.int64)
+    ids = train.token_ids(tok, texts, 32)
+    return tok, texts, ids, y
+
+
+def _fit(tiny_bert, data, seed=0, **overrides):
+    tok, _, ids, y = data
+    torch.manual_seed(seed)
+    model = models.load_classifier(tiny_bert, ["neg", "pos"])
+    cfg = TrainConfig(**{"epochs": 2, "batch_size": 16, "patience": 2, **overrides})
+    result = train.fit(model, tok, (ids[:64], y[:64]), (ids[64:], y[64:]), cfg, learning_rate=1e-3, n_classes=2, seed=seed, bf16=overrides.get("bf16") == "on")
+    return model, result
+
+
+def test_fit_moves_weights_and_records_levers(tiny_bert, data):
+    before = models.load_classifier(tiny_bert, ["neg", "pos"]).bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    model, result = _fit(tiny_bert, data)
+    after = result.model.bert.encoder.layer[0].attention.self.query.weight
+    assert not torch.equal(before, after)
+    assert result.steps == 2 * 4 and result.epochs_run == 2 and len(result.history) == 2
+    assert result.real_tokens == 2 * sum(len(r) for r in data[2][:64])
+    assert result.levers["bf16"] is False and result.levers["length_bucketing"] is True and result.levers["dynamic_padding"] is True
+    assert result.levers["fused_optimizer"] is True and result.levers["torch_compile"] is False and result.levers["dropout"] == pytest.approx(0.1)
+
+
+def test_bf16_on_runs(tiny_bert, data):
+    _, result = _fit(tiny_bert, data, bf16="on")
+    assert result.levers["bf16"] is True
+    assert all(np.isfinite(h["train_loss"]) for h in result.history)
+
+
+def test_same_seed_same_weights(tiny_bert, data):
+    _, a = _fit(tiny_bert, data)
+    _, b = _fit(tiny_bert, data)
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    assert a.history == [{**h, "seconds": a.history[i]["seconds"]} for i, h in enumerate(b.history)]
+
+
+def test_levers_turn_off(tiny_bert, data):
+    _, result = _fit(tiny_bert, data, length_bucketing=False, dropout=0.0)
+    assert result.levers["length_bucketing"] is False
+
+
+def test_early_stopping_keeps_best_epoch(tiny_bert, data, monkeypatch):
+    scores = iter([0.5, 0.9, 0.7, 0.6, 0.95])  # epoch 2 is best; epochs 3 and 4 do not improve: stop after 4
+    monkeypatch.setattr("fmtune.evaluate.macro_f1", lambda y, p, k: next(scores))
+    snapshots = []
+    real = train.evaluate_split
+
+    def spy(model, *args, **kwargs):
+        snapshots.append(model.classifier.weight.detach().clone())
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate_split", spy)
+    _, result = _fit(tiny_bert, data, epochs=5, patience=2)
+    assert [h["val_macro_f1"] for h in result.history] == [0.5, 0.9, 0.7, 0.6]
+    assert result.best_epoch == 2 and result.epochs_run == 4 and result.stopped.startswith("early stopping")
+    assert torch.equal(result.model.classifier.weight, snapshots[1])
+    assert not torch.equal(result.model.classifier.weight, snapshots[3])
+
+
+def test_class_weights():
+    y = np.array([0] * 8 + [1] * 2)
+    w, why = train.class_weight_vector(y, 2, "auto")
+    assert w.tolist() == [10 / (2 * 8), 10 / (2 * 2)] and "4.00x" in why
+    assert train.class_weight_vector(np.array([0, 0, 0, 1, 1]), 2, "auto")[0] is None  # 1.5x: plain loss
+    assert train.class_weight_vector(y, 2, "none")[0] is None
+    assert train.class_weight_vector(np.array([0, 1, 1]), 3, "balanced")[0].tolist() == [1.0, 0.5, 1.0]  # an absent class counts as 1
+
+
+@pytest.mark.parametrize("bucketing", [True, False])
+def test_length_batches_cover_every_index_once(bucketing):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 60, size=3333)
+    batches = train.length_batches(lengths, 32, np.random.default_rng(1), bucketing)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(3333))
+    assert max(len(b) for b in batches) == 32
+    spread = np.mean([np.ptp(lengths[b]) for b in batches if len(b) == 32])
+    assert spread <= 2 if bucketing else spread > 30
+
+
+def test_batch_tensors_cut_to_longest():
+    table, lengths = train.pad_table([[2, 5, 3], [2, 3], [2, 7, 7, 7, 3]], pad_id=0)
+    assert table.shape == (3, 5) and lengths.tolist() == [3, 2, 5]
+    ids, mask = train.batch_tensors(table, lengths, np.array([1, 0]), "cpu")
+    assert ids.tolist() == [[2, 3, 0], [2, 5, 3]] and mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    ids, mask = train.batch_tensors(table, lengths, np.array([1]), "cpu", pad_to=4)
+    assert ids.tolist() == [[2, 3, 0, 0]] and mask.tolist() == [[1, 1, 0, 0]]
+
+
+def test_eval_matches_unbatched_in_input_order(tiny_bert, data):
+    tok, texts, ids, y = data
+    model = models.load_classifier(tiny_bert, ["neg", "pos"]).eval()
+    logits = predict_logits(model, tok, texts[:20], 32, batch_size=7)
+    with torch.no_grad():
+        one = [model(**tok(t, return_tensors="pt")).logits[0].numpy() for t in texts[:20]]
+    np.testing.assert_allclose(logits, np.stack(one), atol=1e-5)
+    loss, preds = train.evaluate_split(model, ids[:20], y[:20], tok.pad_token_id, 7, False)
+    assert preds.tolist() == np.stack(one).argmax(1).tolist()
+    expected = torch.nn.functional.cross_entropy(torch.tensor(np.stack(one)), torch.tensor(y[:20])).item()
+    assert loss == pytest.approx(expected, abs=1e-5)
+    emb = embed(models.load_encoder(tiny_bert), tok, texts[:20], 32, batch_size=7)
+    assert emb.shape == (20, 32) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_bf16_supported_decides_by_measurement(monkeypatch):
+    monkeypatch.setattr(models, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(models, "bf16_speedup", lambda: 0.9)
+    assert models.bf16_supported(torch.device("cpu")) is False
+    monkeypatch.setattr(models, "bf16_speedup", lambda: 1.6)
+    assert models.bf16_supported(torch.device("cpu")) is True
+    monkeypatch.setattr(models, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert models.bf16_supported(torch.device("cpu")) is False

@@ -14,11 +14,14 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from fmtune import checkpoint
 from fmtune.config import TrainConfig
+from fmtune.distributed import World, all_sum, shard, wrap
 
 
 @dataclass
@@ -144,11 +147,18 @@ def fit(
     class_weight: np.ndarray | None = None,
     eval_batch_size: int = 64,
     progress: Callable[[int, dict], None] | None = None,
+    checkpoint_dir: Path | None = None,
+    world: World | None = None,
 ) -> TrainResult:
     """Train `model` with early stopping on validation macro-F1; returns the best epoch's weights.
 
     Levers read from `cfg`: bf16 is decided by the caller (`bf16`); `length_bucketing`; `compile` (torch.compile of
-    the forward pass, off unless set: on CPU its compile time outweighs the gain at fmtune's data sizes)."""
+    the forward pass, off unless set: on CPU its compile time outweighs the gain at fmtune's data sizes).
+
+    With `checkpoint_dir`, a checkpoint (weights, optimizer, scheduler, RNG states, data position, early-stopping state)
+    is written at every epoch end and every `cfg.checkpoint_every` steps, and training resumes from the newest one,
+    mid-epoch included, giving the same result as an uninterrupted run. Under torchrun (`world.size > 1`) each rank
+    trains on its slice of every global batch inside DDP; only rank 0 writes checkpoints."""
     import torch
     from transformers import get_linear_schedule_with_warmup
 
@@ -179,34 +189,67 @@ def fit(
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     weight = torch.as_tensor(class_weight, dtype=torch.float32, device=device) if class_weight is not None else None
     compiled = bool(getattr(cfg, "compile", False))
-    forward = torch.compile(model, dynamic=True) if compiled else model
+    world = world or World()
+    forward = wrap(model, world)
+    forward = torch.compile(forward, dynamic=True) if compiled else forward
     pad_to = None if getattr(cfg, "dynamic_padding", True) else int(lengths.max(initial=1))
-    history: list[dict] = []
-    best = (-1.0, math.inf)
-    best_state, best_epoch, bad_epochs, step = None, 0, 0, 0
+    state = checkpoint.TrainState(epoch_rng=rng.bit_generator.state)
+    best_state = None
+    resumed = checkpoint.latest(checkpoint_dir) if checkpoint_dir is not None else None
+    if resumed is not None:
+        state, best_state = checkpoint.load(resumed, model, optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        rng.bit_generator.state = state.epoch_rng
+    history = state.history
+    best = tuple(state.best_key)
+    best_epoch, bad_epochs, step = state.best_epoch, state.bad_epochs, state.step
     stopped = f"reached the maximum of {cfg.epochs} epochs"
     real_tokens = 0
-    start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    start = time.perf_counter() - state.start_seconds
+
+    def save(epoch: int, batch: int, epoch_rng: dict, loss_total: float) -> None:
+        if checkpoint_dir is None or not world.main:
+            return
+        snapshot = checkpoint.TrainState(step, epoch, batch, epoch_rng, scheduler.state_dict(), list(best), best_epoch, bad_epochs, history, loss_total, time.perf_counter() - start)
+        checkpoint.save(checkpoint_dir, model, optimizer, snapshot, best_state)
+
+    done = bad_epochs >= cfg.patience
+    for epoch in range(state.epoch, cfg.epochs + 1):
+        if done:
+            break
         model.train()
-        loss_sum = torch.zeros((), device=device)
-        for idx in length_batches(lengths, cfg.batch_size, rng, cfg.length_bucketing):
-            input_ids, mask = batch_tensors(table, lengths, idx, device, pad_to)
-            target = targets[torch.from_numpy(idx).to(device)]
-            with autocast(device, bf16):
-                logits = forward(input_ids=input_ids, attention_mask=mask).logits
-            loss = torch.nn.functional.cross_entropy(logits.float(), target, weight=weight)
+        epoch_rng = rng.bit_generator.state  # the batch order of this epoch is rebuilt from it on resume
+        skip = state.batch if epoch == state.epoch else 0
+        loss_sum = torch.tensor(state.loss_sum if skip else 0.0, device=device)
+        batches = length_batches(lengths, cfg.batch_size, rng, cfg.length_bucketing)
+        for b, idx in enumerate(batches):
+            if b < skip:
+                continue
+            local = shard(idx, world)
+            target = targets[torch.from_numpy(local).to(device)]
+            denominator = weight[targets[torch.from_numpy(idx).to(device)]].sum() if weight is not None else float(len(idx))
+            if len(local):
+                input_ids, mask = batch_tensors(table, lengths, local, device, pad_to)
+                with autocast(device, bf16):
+                    logits = forward(input_ids=input_ids, attention_mask=mask).logits
+                # the sum over this rank's slice of the global batch, scaled so DDP's gradient average is the global mean
+                losses = torch.nn.functional.cross_entropy(logits.float(), target, weight=weight, reduction="sum")
+                loss = losses / denominator * world.size
+            else:  # a global batch smaller than the number of ranks: take part in the gradient average with zero
+                losses = loss = sum(p.sum() for p in params) * 0.0
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach() * len(idx)
+            loss_sum += losses.detach() * (len(idx) / denominator if weight is not None else 1.0)
             real_tokens += int(lengths[idx].sum())
             step += 1
             if progress:
                 progress(len(idx), {})
-        train_loss = float(loss_sum) / len(train_ids)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and b + 1 < len(batches):
+                save(epoch, b + 1, epoch_rng, float(loss_sum))
+        train_loss = float(all_sum(loss_sum, world)) / len(train_ids)
         if not math.isfinite(train_loss):
             from fmtune.errors import FmtuneError
 
@@ -222,9 +265,10 @@ def fit(
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             bad_epochs += 1
-            if bad_epochs >= cfg.patience:
-                stopped = f"early stopping: validation macro-F1 did not improve for {cfg.patience} epochs after epoch {best_epoch}"
-                break
+            done = bad_epochs >= cfg.patience
+        save(epoch + 1, 0, rng.bit_generator.state, 0.0)
+    if bad_epochs >= cfg.patience:
+        stopped = f"early stopping: validation macro-F1 did not improve for {cfg.patience} epochs after epoch {best_epoch}"
     seconds = time.perf_counter() - start
     if best_state is not None:
         model.load_state_dict(best_state)

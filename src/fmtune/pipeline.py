@@ -156,7 +156,7 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
     import torch
 
     from fmtune import audit as audit_mod
-    from fmtune import baselines, data, domain_shift, inference, learning_curve, models, retention, train, verdict
+    from fmtune import baselines, checkpoint, data, distributed, domain_shift, inference, learning_curve, models, retention, train, verdict
     from fmtune.evaluate import bootstrap_indices, embed
 
     from transformers.utils import logging as hf_logging
@@ -164,19 +164,32 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
     hf_logging.disable_progress_bar()  # fmtune shows its own progress
     started = datetime.now(timezone.utc)
     wall_start = time.perf_counter()
-    out, tmp, resuming = open_run_dir(cfg, run_name(cfg))
-    name = cfg.name or out.name
-    if resuming:
-        console.print(f"[cyan]Resuming the unfinished run in {tmp}[/] (finished rungs are reused; training continues from the last checkpoint).")
-        (tmp / "STATUS").unlink(missing_ok=True)
-    (tmp / "logs").mkdir(parents=True, exist_ok=True)
-    (tmp / "config.yaml").write_text(to_yaml(cfg))
-    log: list[str] = []
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = models.default_device()
+    world = distributed.init(device.type)
+    if world.distributed and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    if world.main:
+        out, tmp, resuming = open_run_dir(cfg, run_name(cfg))
+        if resuming:
+            console.print(f"[cyan]Resuming the unfinished run in {tmp}[/] (finished rungs are reused; training continues from the last checkpoint).")
+            (tmp / "STATUS").unlink(missing_ok=True)
+        (tmp / "logs").mkdir(parents=True, exist_ok=True)
+        (tmp / "config.yaml").write_text(to_yaml(cfg))
+    if world.distributed:  # every rank reads checkpoints from rank 0's folder; only rank 0 writes
+        import torch.distributed as dist
+
+        paths = [str(out), str(tmp)] if world.main else [None, None]
+        dist.broadcast_object_list(paths, src=0)
+        out, tmp = Path(paths[0]), Path(paths[1])
+        console.quiet = not world.main
+    name = cfg.name or out.name
+    log: list[str] = []
     seed = cfg.seed
-    _record(tmp, name, "running")
+    if world.main:
+        _record(tmp, name, "running")
     try:
         # ---- data and audit
         with stage("load and split data", log):
@@ -234,11 +247,21 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
         lora = cfg.train.method == "lora"  # auto = full fine-tuning for an encoder
         ft_lr = (cfg.train.lora_learning_rate or cfg.train.learning_rate * 10) if lora else cfg.train.learning_rate
 
-        def train_rung(label: str, subset: np.ndarray | None, from_scratch: bool, lr: float, use_lora: bool):
+        def train_rung(label: str, key: str, subset: np.ndarray | None, from_scratch: bool, lr: float, use_lora: bool):
             torch.manual_seed(seed)
             model = models.load_classifier(model_path, labels, from_scratch=from_scratch, dropout=cfg.train.dropout).to(device)
             idx = np.arange(len(y["train"])) if subset is None else subset
             tr = ([ids["train"][i] for i in idx], y["train"][idx])
+            ckpt = tmp / "checkpoints" / key
+            finished = checkpoint.load_done(ckpt)
+            if finished is not None:  # a resumed run: this rung finished before the interruption
+                info, weights = finished
+                model.load_state_dict(weights)
+                model.eval()
+                console.print(f"  {label}: reusing the finished rung from the interrupted run")
+                result = train.TrainResult(model, **info)
+                _, pred = train.evaluate_split(model, ids["test"], y["test"], pad_id, cfg.eval.eval_batch_size, bf16)
+                return result, pred, 0.0, len(idx)
             with _progress() as prog:
                 task = prog.add_task(label, total=len(idx) * cfg.train.epochs, info="")
 
@@ -250,24 +273,35 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
                         prog.console.print(f"  {label} {info}")
 
                 result = train.fit(model, tokenizer, tr, (ids["validation"], y["validation"]), cfg.train, learning_rate=lr, n_classes=len(labels),
-                                   seed=seed, bf16=bf16, lora=use_lora, class_weight=class_weight, eval_batch_size=cfg.eval.eval_batch_size, progress=progress)
+                                   seed=seed, bf16=bf16, lora=use_lora, class_weight=class_weight, eval_batch_size=cfg.eval.eval_batch_size, progress=progress,
+                                   checkpoint_dir=ckpt, world=world)
+            if world.main:
+                if result.adapter is not None:
+                    from safetensors.torch import save_file
+
+                    adapter_dir = tmp / "adapter"
+                    result.adapter["config"].save_pretrained(adapter_dir)
+                    save_file(result.adapter["state"], str(adapter_dir / "adapter_model.safetensors"))
+                info = {k: getattr(result, k) for k in ("history", "best_epoch", "epochs_run", "steps", "train_seconds", "stopped", "levers", "real_tokens")}
+                checkpoint.mark_done(ckpt, result.model, info)
             t0 = time.perf_counter()
             _, pred = train.evaluate_split(result.model, ids["test"], y["test"], pad_id, cfg.eval.eval_batch_size, bf16)
             return result, pred, time.perf_counter() - t0, len(idx)
 
         method = "lora" if lora else "full"
         with stage(f"rung fine_tuned ({method})", log):
-            ft, ft_pred, ft_eval_s, n = train_rung("fine-tuning", None, False, ft_lr, lora)
+            ft, ft_pred, ft_eval_s, n = train_rung("fine-tuning", "fine_tuned", None, False, ft_lr, lora)
             desc = f"{'LoRA (r=' + str(cfg.train.lora_r) + ', merged)' if lora else 'full'} fine-tuning of the base FM on all training data, best validation epoch ({ft.best_epoch} of {ft.epochs_run})"
             row, b = _rung("fine_tuned", desc, y["test"], ft_pred, labels, boot, n, ft.train_seconds, eval_seconds=round(ft_eval_s, 3), history=ft.history, best_epoch=ft.best_epoch, stopped=ft.stopped, learning_rate=ft_lr, method=method)
             ladder.append(row)
             boots["fine_tuned"] = b
-            (tmp / "logs" / "history_fine_tuned.jsonl").write_text("".join(json.dumps(h) + "\n" for h in ft.history))
+            if world.main:
+                (tmp / "logs" / "history_fine_tuned.jsonl").write_text("".join(json.dumps(h) + "\n" for h in ft.history))
         choices.append({"setting": "epochs", "value": ft.best_epoch, "why": f"{ft.stopped}; best validation macro-F1 at epoch {ft.best_epoch} (max {cfg.train.epochs}, patience {cfg.train.patience})"})
         choices.append({"setting": "learning_rate", "value": ft_lr, "why": "LoRA default: 10x --learning-rate" if lora and not cfg.train.lora_learning_rate else "--learning-rate"})
         if "from_scratch" in cfg.eval.rungs:
             with stage("rung from_scratch", log):
-                sc, sc_pred, sc_eval_s, n = train_rung("from scratch", None, True, cfg.train.scratch_learning_rate, False)
+                sc, sc_pred, sc_eval_s, n = train_rung("from scratch", "from_scratch", None, True, cfg.train.scratch_learning_rate, False)
                 desc = f"same architecture, random init, same data and budget (max {cfg.train.epochs} epochs, early stopping), lr {cfg.train.scratch_learning_rate:g}"
                 row, b = _rung("from_scratch", desc, y["test"], sc_pred, labels, boot, n, sc.train_seconds, eval_seconds=round(sc_eval_s, 3), history=sc.history, best_epoch=sc.best_epoch, stopped=sc.stopped, learning_rate=cfg.train.scratch_learning_rate)
                 ladder.append(row)
@@ -281,7 +315,7 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
             with stage("learning curve", log):
                 points, curve_boots = [], []
                 for frac, subset in learning_curve.nested_subsets(y["train"], cfg.evidence.curve_fractions, seed).items():
-                    res, pred, _, n = train_rung(f"curve {frac:.1%}", subset, False, ft_lr, lora)
+                    res, pred, _, n = train_rung(f"curve {frac:.1%}", f"curve-{frac:g}", subset, False, ft_lr, lora)
                     row, b = _rung("curve", "", y["test"], pred, labels, boot, n, res.train_seconds)
                     curve_seconds += res.train_seconds
                     points.append({"fraction": frac, "train_examples": n, "metric": row["metrics"][PRIMARY], "ci95": row["ci95"][PRIMARY], "train_seconds": row["train_seconds"], "epochs": res.epochs_run})
@@ -292,6 +326,8 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
         else:
             curve = {"metric": PRIMARY, "points": [], "skipped": "turned off with --no-curve"}
 
+        if not world.main:  # the other ranks only take part in training; rank 0 measures and writes the rest
+            return out
         # ---- retention and domain shift
         tuned = ft.model
         with stage("retention and domain shift", log):
@@ -308,12 +344,6 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
             model_dir = tmp / "model"
             tuned.save_pretrained(model_dir, safe_serialization=True)
             tokenizer.save_pretrained(model_dir)
-            if ft.adapter is not None:
-                from safetensors.torch import save_file
-
-                adapter_dir = tmp / "adapter"
-                ft.adapter["config"].save_pretrained(adapter_dir)
-                save_file(ft.adapter["state"], str(adapter_dir / "adapter_model.safetensors"))
 
         # ---- size and speed
         with stage("measure size and latency", log):
@@ -355,8 +385,9 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
         }
         finish(report, cfg, tmp, out, wall_start, model_path)
     except BaseException as exc:
-        _mark_interrupted(tmp, out)
-        _record(tmp, name, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+        if world.main:
+            _mark_interrupted(tmp, out)
+            _record(tmp, name, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
         raise
     print_summary(report, out)
     if gate_failed:
@@ -370,6 +401,7 @@ def finish(report: dict, cfg: RunConfig, tmp: Path, out: Path, wall_start: float
 
     report["run"]["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     report["run"]["wall_seconds"] = round(time.perf_counter() - wall_start, 2)
+    shutil.rmtree(tmp / "checkpoints", ignore_errors=True)  # only needed to resume an unfinished run
     lineage.write_json_atomic(tmp / "report.json", report)
     try:
         from fmtune import report_html

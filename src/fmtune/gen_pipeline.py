@@ -23,6 +23,7 @@ from fmtune.pipeline import GateFailed, _mark_interrupted, _progress, _record, c
 DEFAULT_METRIC = "rouge_l"
 RETENTION_CHUNKS, RETENTION_CHUNK_TOKENS = 32, 128  # 4k tokens per model: base and tuned are scored on the same tokens
 LATENCY_REQUESTS = 8  # requests timed per model for the per-request cost (batch 1)
+LATENCY_BATCH = 4  # batched forward-pass latency: small batches, a causal LM forward on CPU is costly
 
 
 def primary_metric(cfg: RunConfig) -> str:
@@ -237,8 +238,8 @@ def run_generation(cfg: RunConfig, command: str = "fmtune run") -> Path:
             prompts = [causal_lm.render(tokenizer, c)[0] for c in test_chats[: len(sample)]]
             reps = cfg.evidence.latency_repeats
             inf = {
-                "base": inference.describe(base, model_path, inference.latency(base, tokenizer, prompts, max_length, bf16, reps)),
-                "fine_tuned": inference.describe(tuned, model_dir, inference.latency(tuned, tokenizer, prompts, max_length, bf16, reps)),
+                "base": inference.describe(base, model_path, inference.latency(base, tokenizer, prompts, max_length, bf16, reps, batch_size=LATENCY_BATCH)),
+                "fine_tuned": inference.describe(tuned, model_dir, inference.latency(tuned, tokenizer, prompts, max_length, bf16, reps, batch_size=LATENCY_BATCH)),
                 "note": "Same inputs (test prompts in the chat template), same precision, same threads: one forward pass"
                 + (", with the LoRA adapters merged into the weights (same architecture, same size as the base)." if lora else "."),
             }

@@ -64,6 +64,23 @@ def reviews_csv(tmp_path) -> Path:
     return write_csv(tmp_path / "reviews.csv", make_reviews(200))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_session_state(tmp_path_factory):
+    """Module- and session-scoped fixtures run before the per-test isolation below: keep them out of the user's folders too."""
+    import os
+
+    root = tmp_path_factory.mktemp("state")
+    saved = {k: os.environ.get(k) for k in ("FMTUNE_REGISTRY", "FMTUNE_CACHE")}
+    os.environ["FMTUNE_REGISTRY"] = str(root / "registry.sqlite")
+    os.environ.setdefault("FMTUNE_CACHE", str(root / "cache"))
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(autouse=True)
 def _isolated_state(tmp_path, monkeypatch):
     """Registry and caches of tests live in the test's tmp folder, never in the user's."""

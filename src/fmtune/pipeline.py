@@ -161,9 +161,29 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
 
     from transformers.utils import logging as hf_logging
 
+    from fmtune import gen_data
+
     hf_logging.disable_progress_bar()  # fmtune shows its own progress
+    if gen_data.detect_task(cfg.data) == "generation":
+        from fmtune.gen_pipeline import run_generation
+
+        return run_generation(cfg, command)
     started = datetime.now(timezone.utc)
     wall_start = time.perf_counter()
+    log: list[str] = []
+    seed = cfg.seed
+    # input problems stop the run before any folder is created
+    with stage("load and split data", log):
+        splits = data.load_splits(cfg.data, seed)
+        redacted: dict[str, int] = {}
+        if cfg.data.redact_pii:
+            splits, redacted = audit_mod.redact_splits(splits)
+        labels = splits.labels
+        unknown = sorted(set(cfg.data.label_descriptions) - set(labels))
+        if unknown:
+            raise ConfigError(f"--label-descriptions names label(s) {unknown} that the data does not have; labels are {labels}.")
+    model_path = models.resolve_model_path(cfg.model.model or "minilm")
+    models.check_safe_folder(model_path)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = models.default_device()
@@ -186,23 +206,9 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
         out, tmp = Path(paths[0]), Path(paths[1])
         console.quiet = not world.main
     name = cfg.name or out.name
-    log: list[str] = []
-    seed = cfg.seed
     if world.main:
         _record(tmp, name, "running")
     try:
-        # ---- data and audit
-        with stage("load and split data", log):
-            splits = data.load_splits(cfg.data, seed)
-            redacted: dict[str, int] = {}
-            if cfg.data.redact_pii:
-                splits, redacted = audit_mod.redact_splits(splits)
-            labels = splits.labels
-            unknown = sorted(set(cfg.data.label_descriptions) - set(labels))
-            if unknown:
-                raise ConfigError(f"--label-descriptions names label(s) {unknown} that the data does not have; labels are {labels}.")
-        model_path = models.resolve_model_path(cfg.model.model or "minilm")
-        models.check_safe_folder(model_path)
         tokenizer = models.load_tokenizer(model_path)
         encoder = models.load_encoder(model_path).to(device)
         bf16 = {"on": True, "off": False}.get(cfg.train.bf16, models.bf16_supported(device))
@@ -414,7 +420,7 @@ def finish(report: dict, cfg: RunConfig, tmp: Path, out: Path, wall_start: float
     base_files = {p.name: lineage.sha256_file(p) for p in sorted(Path(model_path).glob("*.safetensors"))}
     manifest = lineage.build_manifest(
         config=cfg.model_dump(mode="json"), input_files={str(Path(p).resolve()): h for p, h in report["data"]["files"].items()}, data_sha256=report["data"]["sha256"],
-        base_model={"name": cfg.model.model or "minilm", "path": str(model_path), "files": base_files}, seed=cfg.seed, run_dir=tmp,
+        base_model={"name": report["base_model"]["name"], "path": str(model_path), "files": base_files}, seed=cfg.seed, run_dir=tmp,
         hardware=models.hardware_description(),
     )
     lineage.write_json_atomic(tmp / "manifest.json", manifest)
@@ -445,12 +451,14 @@ def _mark_interrupted(tmp: Path, out: Path) -> None:
 
 def print_summary(report: dict, out: Path) -> None:
     primary = report["task"]["primary_metric"]
+    second = next((m for m in ("accuracy", "token_f1", "exact_match", "perplexity") if m != primary and m in report["ladder"][0]["metrics"]), None)
     table = Table(title=f"fmtune ladder — {report['run']['name']} (test n={report['data']['test']})")
-    for col in ("rung", primary, "95% CI", "accuracy", "train examples", "train s"):
+    for col in ("rung", primary, "95% CI", second or "", "train examples", "train s"):
         table.add_column(col, justify="left" if col == "rung" else "right")
     for r in report["ladder"]:
         lo, hi = r["ci95"][primary]
-        table.add_row(r["name"], f"{r['metrics'][primary]:.3f}", f"{lo:.3f}–{hi:.3f}", f"{r['metrics'].get('accuracy', float('nan')):.3f}", str(r["train_examples"]), f"{r['train_seconds']:.1f}")
+        other = f"{r['metrics'][second]:.3f}" if second and second in r["metrics"] else ""
+        table.add_row(r["name"], f"{r['metrics'][primary]:.3f}", f"{lo:.3f}–{hi:.3f}", other, str(r["train_examples"]), f"{r['train_seconds']:.1f}")
     out_console = Console()
     out_console.print(table)
     v = report["verdict"]

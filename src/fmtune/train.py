@@ -260,7 +260,8 @@ def fit(
         history.append(row)
         if progress:
             progress(0, row)
-        if (val_f1, -val_loss) > (best[0], -best[1]):
+        improved = val_f1 > best[0] + cfg.min_delta or (abs(val_f1 - best[0]) <= cfg.min_delta and val_loss < best[1])
+        if improved:
             best, best_epoch, bad_epochs = (val_f1, val_loss), epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:

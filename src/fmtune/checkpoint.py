@@ -95,7 +95,24 @@ def load_optimizer(optimizer, model, tensors: dict, meta: dict) -> None:
 
 
 def save(folder: Path, model, optimizer, state: TrainState, best: dict | None, keep: int = 1) -> Path:
-    """Write one complete checkpoint atomically, point `latest` at it, and prune older ones."""
+    """Write one complete checkpoint atomically, point `latest` at it, and prune older ones. A full disk keeps the
+    last complete checkpoint and stops with an error that says so."""
+    import errno
+
+    from fmtune.errors import FmtuneError
+
+    try:
+        return _save(folder, model, optimizer, state, best, keep)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        shutil.rmtree(folder / f".tmp-step-{state.step:07d}", ignore_errors=True)
+        kept = latest(folder)
+        where = f"the last complete checkpoint ({kept.name}) is kept" if kept else "no earlier checkpoint exists"
+        raise FmtuneError(f"disk full while writing a checkpoint under {folder} (step {state.step}); {where}. Fix: free disk space, then re-run the same command with --resume.") from None
+
+
+def _save(folder: Path, model, optimizer, state: TrainState, best: dict | None, keep: int) -> Path:
     import torch
     from safetensors.torch import save_file
 

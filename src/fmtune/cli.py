@@ -255,7 +255,9 @@ def main() -> None:
 
     err = Console(stderr=True)
     try:
-        _main_group()(standalone_mode=False)
+        code = _main_group()(standalone_mode=False)  # without standalone mode click returns exit codes (e.g. 130 on Ctrl-C)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except SystemExit:

@@ -124,6 +124,46 @@ def evaluate_split(model, ids: list[list[int]], y: np.ndarray, pad_id: int, batc
     return float(total) / len(ids), preds.cpu().numpy()
 
 
+class _InterruptFlag:
+    """The first Ctrl-C asks training to stop after the current step (and checkpoint there); a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        import signal
+
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def install(self) -> "_InterruptFlag":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def uninstall(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+def out_of_memory(step: int, batch: int, longest: int, cfg: TrainConfig):
+    from fmtune.errors import FmtuneError
+
+    return FmtuneError(
+        f"out of memory at training step {step + 1} (a batch of {batch} texts, the longest {longest} tokens). Fix: lower "
+        f"--batch-size (now {cfg.batch_size}), use --method lora (fewer optimizer states), or lower --max-length."
+    )
+
+
 def _dropout(model) -> float | None:
     config = getattr(model, "config", None)
     for key in ("hidden_dropout_prob", "dropout"):
@@ -214,30 +254,40 @@ def fit(
         checkpoint.save(checkpoint_dir, model, optimizer, snapshot, best_state)
 
     done = bad_epochs >= cfg.patience
+    interrupt = _InterruptFlag().install()
     for epoch in range(state.epoch, cfg.epochs + 1):
         if done:
             break
         model.train()
         epoch_rng = rng.bit_generator.state  # the batch order of this epoch is rebuilt from it on resume
         skip = state.batch if epoch == state.epoch else 0
+        epoch_first_step = step - skip
         loss_sum = torch.tensor(state.loss_sum if skip else 0.0, device=device)
         batches = length_batches(lengths, cfg.batch_size, rng, cfg.length_bucketing)
         for b, idx in enumerate(batches):
             if b < skip:
                 continue
+            if interrupt.requested:  # Ctrl-C: the last step is complete, so checkpoint exactly here, then stop
+                save(epoch, b, epoch_rng, float(loss_sum))
+                raise KeyboardInterrupt
             local = shard(idx, world)
             target = targets[torch.from_numpy(local).to(device)]
             denominator = weight[targets[torch.from_numpy(idx).to(device)]].sum() if weight is not None else float(len(idx))
-            if len(local):
-                input_ids, mask = batch_tensors(table, lengths, local, device, pad_to)
-                with autocast(device, bf16):
-                    logits = forward(input_ids=input_ids, attention_mask=mask).logits
-                # the sum over this rank's slice of the global batch, scaled so DDP's gradient average is the global mean
-                losses = torch.nn.functional.cross_entropy(logits.float(), target, weight=weight, reduction="sum")
-                loss = losses / denominator * world.size
-            else:  # a global batch smaller than the number of ranks: take part in the gradient average with zero
-                losses = loss = sum(p.sum() for p in params) * 0.0
-            loss.backward()
+            try:
+                if len(local):
+                    input_ids, mask = batch_tensors(table, lengths, local, device, pad_to)
+                    with autocast(device, bf16):
+                        logits = forward(input_ids=input_ids, attention_mask=mask).logits
+                    # the sum over this rank's slice of the global batch, scaled so DDP's gradient average is the global mean
+                    losses = torch.nn.functional.cross_entropy(logits.float(), target, weight=weight, reduction="sum")
+                    loss = losses / denominator * world.size
+                else:  # a global batch smaller than the number of ranks: take part in the gradient average with zero
+                    losses = loss = sum(p.sum() for p in params) * 0.0
+                loss.backward()
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+                    raise out_of_memory(step, len(local), int(lengths[local].max(initial=0)), cfg) from None
+                raise
             torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
             optimizer.step()
             scheduler.step()
@@ -253,7 +303,7 @@ def fit(
         if not math.isfinite(train_loss):
             from fmtune.errors import FmtuneError
 
-            raise FmtuneError(f"training loss became {train_loss} in epoch {epoch} (step {step}). Fix: lower --learning-rate (now {learning_rate:g}) or turn bf16 off with --bf16 off.")
+            raise FmtuneError(f"training loss became {train_loss} in epoch {epoch} (between steps {epoch_first_step + 1} and {step}; checked once per epoch to keep the loop free of per-step syncs). Fix: lower --learning-rate (now {learning_rate:g}) or turn bf16 off with --bf16 off.")
         val_loss, val_pred = evaluate_split(model, val_ids, val_y, pad_id, eval_batch_size, bf16, class_weight)
         val_f1 = macro_f1(val_y, val_pred, n_classes)
         row = {"epoch": epoch, "step": step, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5), "val_macro_f1": round(val_f1, 5), "seconds": round(time.perf_counter() - start, 2)}
@@ -268,6 +318,9 @@ def fit(
             bad_epochs += 1
             done = bad_epochs >= cfg.patience
         save(epoch + 1, 0, rng.bit_generator.state, 0.0)
+    interrupt.uninstall()
+    if interrupt.requested:  # Ctrl-C during the last validation pass: the epoch-end checkpoint is written
+        raise KeyboardInterrupt
     if bad_epochs >= cfg.patience:
         stopped = f"early stopping: validation macro-F1 did not improve for {cfg.patience} epochs after epoch {best_epoch}"
     seconds = time.perf_counter() - start

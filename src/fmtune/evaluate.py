@@ -29,8 +29,8 @@ def _length_sorted_batches(tokenizer, texts: list[str], max_length: int, batch_s
         yield (idx, *batch_tensors(table, lengths, idx, device))
 
 
-def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64, bf16: bool = False, progress: Callable | None = None) -> np.ndarray:
-    """Logits of a sequence classifier for `texts`, in input order."""
+def _in_input_order(model, forward: Callable, tokenizer, texts: list[str], max_length: int, batch_size: int, bf16: bool, progress: Callable | None) -> np.ndarray:
+    """Run `forward(input_ids, mask) -> (batch, dim)` over length-sorted batches; rows come back in input order."""
     import torch
 
     if not texts:
@@ -40,37 +40,37 @@ def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_si
     model.eval()
     with torch.inference_mode(), autocast(device, bf16):
         for idx, input_ids, mask in _length_sorted_batches(tokenizer, texts, max_length, batch_size, device):
-            logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+            rows = forward(input_ids, mask)
             if out is None:
-                out = torch.zeros((len(texts), logits.shape[1]), dtype=torch.float32, device=device)
-            out[torch.from_numpy(idx).to(device)] = logits
+                out = torch.zeros((len(texts), rows.shape[1]), dtype=torch.float32, device=device)
+            out[torch.from_numpy(idx).to(device)] = rows
             if progress:
                 progress(len(idx))
     return out.cpu().numpy()
+
+
+def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64, bf16: bool = False, progress: Callable | None = None) -> np.ndarray:
+    """Logits of a sequence classifier for `texts`, in input order."""
+
+    def forward(input_ids, mask):
+        return model(input_ids=input_ids, attention_mask=mask).logits.float()
+
+    return _in_input_order(model, forward, tokenizer, texts, max_length, batch_size, bf16, progress)
 
 
 def embed(encoder, tokenizer, texts: list[str], max_length: int, batch_size: int = 64, bf16: bool = False, progress: Callable | None = None) -> np.ndarray:
     """Mean-pooled, L2-normalised sentence embeddings (the sentence-transformers recipe), in input order."""
     import torch
 
-    if not texts:
-        return np.zeros((0, 0), dtype=np.float32)
-    device = next(encoder.parameters()).device
-    out = None
-    encoder.eval()
     base = getattr(encoder, "base_model", encoder)
-    with torch.inference_mode(), autocast(device, bf16):
-        for idx, input_ids, mask in _length_sorted_batches(tokenizer, texts, max_length, batch_size, device):
-            hidden = base(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
-            weights = mask.unsqueeze(-1).float()
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-            pooled = torch.nn.functional.normalize(pooled, dim=-1)
-            if out is None:
-                out = torch.zeros((len(texts), pooled.shape[1]), dtype=torch.float32, device=device)
-            out[torch.from_numpy(idx).to(device)] = pooled
-            if progress:
-                progress(len(idx))
-    return out.cpu().numpy()
+
+    def forward(input_ids, mask):
+        hidden = base(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
+        weights = mask.unsqueeze(-1).float()
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+    return _in_input_order(encoder, forward, tokenizer, texts, max_length, batch_size, bf16, progress)
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:

@@ -66,6 +66,7 @@ class TrainConfig(_Group):
     compile: bool = Field(False, description="torch.compile the training forward pass (off by default: on CPU its compile time outweighs the gain at these data sizes).")
     dropout: float | None = Field(None, ge=0, lt=1, description="Override the model's dropout (hidden and attention) during fine-tuning; default keeps the model's own.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Multi-process strategy under torchrun / accelerate launch / --nproc: ddp (a full model copy per process, gradients averaged) or fsdp (parameters, gradients and optimizer state sharded across processes, for models that do not fit one device).")
     checkpoint_every: int = Field(500, ge=0, description="Also checkpoint every N optimizer steps within an epoch (a checkpoint is always written at each epoch end; 0 = epoch ends only). Checkpoints make --resume continue mid-epoch.")
 
 

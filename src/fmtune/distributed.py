@@ -51,7 +51,7 @@ def shard(idx: np.ndarray, w: World) -> np.ndarray:
     return np.array_split(idx, w.size)[w.rank]
 
 
-def wrap(model, w: World):
+def wrap(model, w: World, strategy: str = "ddp"):
     """DDP around the model when distributed; the model itself otherwise."""
     if not w.distributed:
         return model

@@ -230,7 +230,7 @@ def fit(
     weight = torch.as_tensor(class_weight, dtype=torch.float32, device=device) if class_weight is not None else None
     compiled = bool(getattr(cfg, "compile", False))
     world = world or World()
-    forward = wrap(model, world)
+    forward = wrap(model, world, getattr(cfg, "distributed", "ddp"))
     forward = torch.compile(forward, dynamic=True) if compiled else forward
     pad_to = None if getattr(cfg, "dynamic_padding", True) else int(lengths.max(initial=1))
     state = checkpoint.TrainState(epoch_rng=rng.bit_generator.state)

@@ -99,11 +99,28 @@ def resolve_model(name: str | None) -> tuple[Path, str]:
     path = Path(name).expanduser()
     if not path.is_dir():
         raise ModelError(
-            f"--model {name}: not a packaged model (smollm2 for generation) and not a local folder. "
+            f"--model {name}: not a packaged model (smollm2) and not a local folder. "
             "fmtune never downloads from a hub: pass a local Hugging Face causal-LM folder (config.json + *.safetensors)."
         )
     check_safe_folder(path)
     return path, name
+
+
+def is_causal_lm(name: str | None) -> bool:
+    """Whether --model names a causal LM: 'smollm2', or a local folder whose config.json architecture is *ForCausalLM
+    (read without loading anything)."""
+    import json
+
+    if name == "smollm2":
+        return True
+    config = Path(name).expanduser() / "config.json" if name else None
+    if config is None or not config.is_file():
+        return False
+    try:
+        architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(str(a).endswith("ForCausalLM") for a in architectures)
 
 
 def ensure_chat_template(tokenizer) -> str:
@@ -157,6 +174,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]  # IGNORE on the prompt, the token id on the completion (and its end-of-turn)
     truncated: bool = False
+    weight: float = 1.0  # training loss weight of this example (class weights for imbalanced labels)
 
 
 def render(tokenizer, messages: list[dict], completion: str | None = None) -> tuple[str, str]:
@@ -213,12 +231,17 @@ def _parts(model):
     return base.get_decoder(), base.get_output_embeddings()
 
 
-def token_losses(model, batch: dict):
-    """Per-row summed negative log-likelihood and number of scored tokens (labels shifted by one; IGNORE skipped)."""
+def token_losses(model, batch: dict, past_key_values=None):
+    """Per-row summed negative log-likelihood and number of scored tokens (labels shifted by one; IGNORE skipped).
+    With `past_key_values` (a cache of tokens every row starts with), the batch holds only what follows them."""
     import torch
 
     decoder, head = _parts(model)
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    mask, cached = batch["attention_mask"], {}
+    if past_key_values is not None:
+        mask = torch.cat([mask.new_ones(mask.shape[0], past_key_values.get_seq_length()), mask], 1)
+        cached = {"past_key_values": past_key_values, "use_cache": True}
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask, **cached).last_hidden_state
     target = batch["labels"][:, 1:]
     rows, cols = torch.nonzero(target != IGNORE, as_tuple=True)
     logits = head(hidden[:, :-1][rows, cols]).float()
@@ -282,7 +305,8 @@ def fit(
     progress: Callable[[int, dict], None] | None = None,
 ):
     """Train on the completion tokens with early stopping on validation loss; returns fmtune.train.TrainResult with the
-    best epoch's weights (LoRA merged into a plain transformers model, the adapter kept beside it)."""
+    best epoch's weights (LoRA merged into a plain transformers model, the adapter kept beside it). Rows whose `weight`
+    is not 1 weigh their tokens in the loss by it (class weights); validation loss stays unweighted."""
     import torch
     from transformers import get_linear_schedule_with_warmup
 
@@ -304,6 +328,8 @@ def fit(
     total_steps = math.ceil(len(train) / cfg.batch_size) * cfg.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     lengths = [len(r.input_ids) for r in train]
+    weights = torch.tensor([r.weight for r in train], dtype=torch.float32, device=device)
+    weighted = bool((weights != 1).any())
     history: list[dict] = []
     best_loss, best_state, best_epoch, bad, step = math.inf, None, 0, 0, 0
     stopped = f"reached the maximum of {cfg.epochs} epochs"
@@ -316,7 +342,11 @@ def fit(
             with autocast(device, bf16):
                 sums, counts = token_losses(model, batch)
             n_tokens = counts.sum().clamp(min=1)
-            loss = sums.sum() / n_tokens
+            if weighted:
+                w = weights[torch.as_tensor(idx, device=device)]
+                loss = (sums * w).sum() / (counts * w).sum().clamp(min=1e-8)
+            else:
+                loss = sums.sum() / n_tokens
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -356,7 +386,7 @@ def fit(
         model = model.merge_and_unload()
     model.eval()
     levers = {"bf16": bf16, "length_bucketing": cfg.length_bucketing, "dynamic_padding": True, "fused_optimizer": fused, "torch_compile": False,
-              "lora": lora, "loss_on_completion_only": True, "output_layer_on_scored_positions_only": True}
+              "lora": lora, "loss_on_completion_only": True, "output_layer_on_scored_positions_only": True, "example_weights": weighted}
     return TrainResult(model, history, best_epoch, len(history), step, seconds, stopped, levers, adapter)
 
 

@@ -1,7 +1,10 @@
-"""The generation run: prompt/completion (or chat) data -> audit -> ladder (zero_shot, few_shot, fine_tuned, from_scratch)
--> learning curve, retention and domain shift as perplexity, cost with break-even, size/latency -> verdict -> run folder.
+"""Causal-LM runs. Generation: prompt/completion (or chat) data -> audit -> ladder (zero_shot, few_shot, fine_tuned,
+from_scratch) -> learning curve, retention and domain shift as perplexity, cost with break-even, size/latency -> verdict
+-> run folder. Classification with a causal LM (run_lm_classification): text/label data, the label word as the answer,
+constrained scoring over the label set (fmtune.lm_classify), the same evidence.
 
-The same run folder and report.json contract as classification (fmtune.pipeline); its helpers are reused, not copied.
+The same run folder and report.json contract as classification (fmtune.pipeline); its helpers are reused, not copied,
+and the stages both causal-LM runs share are the functions below run_generation.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -61,32 +65,21 @@ def choose_shots(tokenizer, train: list, test: list, k: int, budget: int, seed: 
 
 def run_generation(cfg: RunConfig, command: str = "fmtune run") -> Path:
     """Run the whole evidence pipeline for a generation task; returns the finished run folder."""
-    import torch
     from transformers.utils import logging as hf_logging
 
     from fmtune import audit as audit_mod
-    from fmtune import causal_lm, gen_data, inference, learning_curve, models, retention, verdict
+    from fmtune import causal_lm, gen_data, models, verdict
     from fmtune.evaluate import bootstrap_indices
     from fmtune.gen_metrics import generation_metrics
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     primary = primary_metric(cfg)
-    started = datetime.now(timezone.utc)
-    wall_start = time.perf_counter()
-    name = run_name(cfg)
-    out = prepare_out_dir(cfg, name)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "logs").mkdir(parents=True)
-    (tmp / "config.yaml").write_text(to_yaml(cfg))
+    started, wall_start = datetime.now(timezone.utc), time.perf_counter()
+    name, out, tmp = start_run(cfg)
     log: list[str] = []
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
     device = models.default_device()
     seed = cfg.seed
-    _record(tmp, name, "running")
     try:
         # ---- data, base model, audit
         with stage("load and split data", log):
@@ -95,10 +88,7 @@ def run_generation(cfg: RunConfig, command: str = "fmtune run") -> Path:
             if cfg.data.redact_pii:
                 splits, redacted = gen_data.redact(splits)
         with stage("load the base model", log):
-            model_path, model_name = causal_lm.resolve_model(cfg.model.model)
-            tokenizer = causal_lm.load_tokenizer(model_path)
-            template_why = causal_lm.ensure_chat_template(tokenizer)
-            base = causal_lm.load_model(model_path).to(device)
+            model_path, model_name, tokenizer, template_why, base = load_base(cfg, device)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         bf16 = {"on": True, "off": False}.get(cfg.train.bf16, models.bf16_supported(device))
         pairs = {s: getattr(splits, s) for s in ("train", "validation", "test")}
@@ -156,20 +146,9 @@ def run_generation(cfg: RunConfig, command: str = "fmtune run") -> Path:
         ft_lr = (cfg.train.lora_learning_rate or cfg.train.learning_rate * 10) if lora else cfg.train.learning_rate
 
         def train_rung(label: str, subset: np.ndarray | None, from_scratch: bool, lr: float, use_lora: bool):
-            torch.manual_seed(seed)
-            model = causal_lm.load_model(model_path, from_scratch=from_scratch).to(device)
             idx = np.arange(len(enc["train"])) if subset is None else subset
-            with _progress() as prog:
-                task = prog.add_task(label, total=len(idx) * cfg.train.epochs, info="")
-
-                def progress(n: int, row: dict) -> None:
-                    prog.advance(task, n)
-                    if row:
-                        prog.update(task, info=f"epoch {row['epoch']} val loss {row['val_loss']:.3f}")
-
-                result = causal_lm.fit(model, [enc["train"][i] for i in idx], enc["validation"], cfg.train, pad_id=pad_id, learning_rate=lr, seed=seed,
-                                       bf16=bf16, lora=use_lora, eval_batch_size=bs, progress=progress)
-            return result, len(idx)
+            return fit_rung(cfg, model_path, device, label, [enc["train"][i] for i in idx], enc["validation"], lr=lr, lora=use_lora,
+                            from_scratch=from_scratch, pad_id=pad_id, bf16=bf16), len(idx)
 
         with stage(f"rung fine_tuned ({method})", log):
             ft, n = train_rung("fine-tuning", None, False, ft_lr, lora)
@@ -185,48 +164,20 @@ def run_generation(cfg: RunConfig, command: str = "fmtune run") -> Path:
                 rung("from_scratch", desc, sc.model, test_chats, enc["test"], n, sc.train_seconds, history=sc.history, best_epoch=sc.best_epoch, stopped=sc.stopped, learning_rate=cfg.train.scratch_learning_rate)
                 del sc
 
-        # ---- learning curve
-        curve_seconds = 0.0
-        if cfg.evidence.curve:
-            with stage("learning curve", log):
-                points, curve_boots = [], []
-                same = np.zeros(len(enc["train"]), dtype=np.int64)  # one group: nested random subsets
-                for frac, subset in learning_curve.nested_subsets(same, cfg.evidence.curve_fractions, seed).items():
-                    res, n = train_rung(f"curve {frac:.1%}", subset, False, ft_lr, lora)
-                    preds = causal_lm.generate(res.model, tokenizer, test_chats, new_tokens, bs, bf16, limit - new_tokens)
-                    m = generation_metrics(preds, references, None, boot, primary)
-                    curve_seconds += res.train_seconds
-                    points.append({"fraction": frac, "train_examples": n, "metric": m["metrics"][primary], "ci95": m["ci95"][primary], "train_seconds": round(res.train_seconds, 3), "epochs": res.epochs_run})
-                    curve_boots.append(m["_boot_primary"])
-                    del res
-                points.append({"fraction": 1.0, "train_examples": ft_row["train_examples"], "metric": ft_row["metrics"][primary], "ci95": ft_row["ci95"][primary], "train_seconds": ft_row["train_seconds"], "epochs": ft.epochs_run})
-                curve_boots.append(boots["fine_tuned"])
-                curve = {"metric": primary, "points": points, "forecast": learning_curve.forecast(points, curve_boots, cfg.evidence.target_metric)}
-        else:
-            curve = {"metric": primary, "points": [], "skipped": "turned off with --no-curve"}
+        # ---- learning curve (one group: nested random subsets)
+        curve, curve_seconds = learning_curve_evidence(
+            cfg, log, np.zeros(len(enc["train"]), dtype=np.int64), lambda label, subset: train_rung(label, subset, False, ft_lr, lora),
+            lambda model: generation_metrics(causal_lm.generate(model, tokenizer, test_chats, new_tokens, bs, bf16, limit - new_tokens), references, None, boot, primary),
+            ft_row, ft.epochs_run, boots["fine_tuned"], primary)
 
         # ---- retention and domain shift, as perplexity
         tuned = ft.model
         with stage("retention and domain shift", log):
-            docs, source = retention.general_documents(cfg.evidence.general_text)
-            nll_base, n_chunks = causal_lm.text_nll(base, tokenizer, docs, RETENTION_CHUNK_TOKENS, RETENTION_CHUNKS, bs, bf16)
-            nll_tuned, _ = causal_lm.text_nll(tuned, tokenizer, docs, RETENTION_CHUNK_TOKENS, RETENTION_CHUNKS, bs, bf16)
-            retention_ = perplexity_retention(float(np.exp(nll_base)), float(np.exp(nll_tuned)), n_chunks, source, cfg.evidence.max_forgetting)
-            task_texts = [f"{p.prompt}\n{p.completion}" for p in pairs["train"]]
-            nll_task, task_chunks = causal_lm.text_nll(base, tokenizer, task_texts, RETENTION_CHUNK_TOKENS, RETENTION_CHUNKS, bs, bf16)
-            shift = perplexity_shift(float(np.exp(nll_task)), float(np.exp(nll_base)), task_chunks, n_chunks, source)
+            retention_, shift = perplexity_evidence(cfg, base, tuned, tokenizer, [f"{p.prompt}\n{p.completion}" for p in pairs["train"]], bf16)
 
         # ---- the model folder
         with stage("save model", log):
-            model_dir = tmp / "model"
-            tuned.save_pretrained(model_dir, safe_serialization=True)
-            tokenizer.save_pretrained(model_dir)
-            if ft.adapter is not None:
-                from safetensors.torch import save_file
-
-                adapter_dir = tmp / "adapter"
-                ft.adapter["config"].save_pretrained(adapter_dir)
-                save_file(ft.adapter["state"], str(adapter_dir / "adapter_model.safetensors"))
+            model_dir = save_model(tmp, tuned, tokenizer, ft.adapter)
             (tmp / "logs" / "generations.jsonl").write_text("".join(
                 json.dumps({"row": p.row, "prompt": p.prompt, "reference": p.completion, **{r: generations[r][i] for r in generations}}, ensure_ascii=False) + "\n"
                 for i, p in enumerate(pairs["test"])
@@ -234,16 +185,8 @@ def run_generation(cfg: RunConfig, command: str = "fmtune run") -> Path:
 
         # ---- size, speed and cost per request
         with stage("measure size, latency and cost per request", log):
-            sample = [p.prompt for p in pairs["test"]][: max(1, min(64, len(pairs["test"])))]
-            prompts = [causal_lm.render(tokenizer, c)[0] for c in test_chats[: len(sample)]]
-            reps = cfg.evidence.latency_repeats
-            inf = {
-                "base": inference.describe(base, model_path, inference.latency(base, tokenizer, prompts, max_length, bf16, reps, batch_size=LATENCY_BATCH)),
-                "fine_tuned": inference.describe(tuned, model_dir, inference.latency(tuned, tokenizer, prompts, max_length, bf16, reps, batch_size=LATENCY_BATCH)),
-                "note": "Same inputs (test prompts in the chat template), same precision, same threads: one forward pass"
-                + (", with the LoRA adapters merged into the weights (same architecture, same size as the base)." if lora else "."),
-            }
-            k = max(1, min(LATENCY_REQUESTS, reps, len(test_chats)))
+            inf = size_and_latency(cfg, base, tuned, tokenizer, model_path, model_dir, test_chats, max_length, bf16, lora)
+            k = max(1, min(LATENCY_REQUESTS, cfg.evidence.latency_repeats, len(test_chats)))
             per_request = {
                 "few_shot": causal_lm.request_seconds(base, tokenizer, shot_chats[:k], new_tokens, bf16),
                 "fine_tuned": causal_lm.request_seconds(tuned, tokenizer, test_chats[:k], new_tokens, bf16),
@@ -281,9 +224,130 @@ def run_generation(cfg: RunConfig, command: str = "fmtune run") -> Path:
         _mark_interrupted(tmp, out)
         _record(tmp, name, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
         raise
+    return summarise(report, out, cfg)
+
+
+# ---------------------------------------------------------------- stages both causal-LM runs share
+
+
+def start_run(cfg: RunConfig) -> tuple[str, Path, Path]:
+    """(name, final folder, temporary folder): the config written, torch threads set, the run recorded as running."""
+    import torch
+
+    name = run_name(cfg)
+    out = prepare_out_dir(cfg, name)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "logs").mkdir(parents=True)
+    (tmp / "config.yaml").write_text(to_yaml(cfg))
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    _record(tmp, name, "running")
+    return name, out, tmp
+
+
+def load_base(cfg: RunConfig, device):
+    """(folder, display name, tokenizer, where its chat template came from, base model on `device`)."""
+    from fmtune import causal_lm
+
+    model_path, model_name = causal_lm.resolve_model(cfg.model.model)
+    tokenizer = causal_lm.load_tokenizer(model_path)
+    template_why = causal_lm.ensure_chat_template(tokenizer)
+    return model_path, model_name, tokenizer, template_why, causal_lm.load_model(model_path).to(device)
+
+
+def fit_rung(cfg: RunConfig, model_path: Path, device, label: str, train: list, validation: list, *, lr: float, lora: bool, from_scratch: bool,
+             pad_id: int, bf16: bool):
+    """A fresh copy of the base model (or its architecture, randomly initialised) trained on the rows, with a progress bar."""
+    import torch
+
+    from fmtune import causal_lm
+
+    torch.manual_seed(cfg.seed)
+    model = causal_lm.load_model(model_path, from_scratch=from_scratch).to(device)
+    with _progress() as prog:
+        task = prog.add_task(label, total=len(train) * cfg.train.epochs, info="")
+
+        def progress(n: int, row: dict) -> None:
+            prog.advance(task, n)
+            if row:
+                prog.update(task, info=f"epoch {row['epoch']} val loss {row['val_loss']:.3f}")
+
+        return causal_lm.fit(model, train, validation, cfg.train, pad_id=pad_id, learning_rate=lr, seed=cfg.seed, bf16=bf16, lora=lora,
+                             eval_batch_size=cfg.eval.eval_batch_size, progress=progress)
+
+
+def learning_curve_evidence(cfg: RunConfig, log: list[str], groups: np.ndarray, train_subset: Callable, evaluate: Callable[[Any], dict], ft_row: dict, ft_epochs: int,
+                            ft_boot: np.ndarray, primary: str) -> tuple[dict, float]:
+    """(learning_curve block, training seconds): nested subsets stratified by `groups`, each trained by
+    `train_subset(label, indices) -> (TrainResult, n)` and scored by `evaluate(model)` (metrics, ci95, _boot_primary);
+    the fine_tuned rung is the 100% point."""
+    from fmtune import learning_curve
+
+    if not cfg.evidence.curve:
+        return {"metric": primary, "points": [], "skipped": "turned off with --no-curve"}, 0.0
+    points, curve_boots, seconds = [], [], 0.0
+    with stage("learning curve", log):
+        for frac, subset in learning_curve.nested_subsets(groups, cfg.evidence.curve_fractions, cfg.seed).items():
+            res, n = train_subset(f"curve {frac:.1%}", subset)
+            m = evaluate(res.model)
+            seconds += res.train_seconds
+            points.append({"fraction": frac, "train_examples": n, "metric": m["metrics"][primary], "ci95": m["ci95"][primary], "train_seconds": round(res.train_seconds, 3), "epochs": res.epochs_run})
+            curve_boots.append(m["_boot_primary"])
+            del res
+    points.append({"fraction": 1.0, "train_examples": ft_row["train_examples"], "metric": ft_row["metrics"][primary], "ci95": ft_row["ci95"][primary], "train_seconds": ft_row["train_seconds"], "epochs": ft_epochs})
+    curve_boots.append(ft_boot)
+    return {"metric": primary, "points": points, "forecast": learning_curve.forecast(points, curve_boots, cfg.evidence.target_metric)}, seconds
+
+
+def perplexity_evidence(cfg: RunConfig, base, tuned, tokenizer, task_texts: list[str], bf16: bool) -> tuple[dict, dict]:
+    """Retention (general-text perplexity, base vs tuned) and domain shift (task text vs general text, base model)."""
+    from fmtune import causal_lm, retention
+
+    bs = cfg.eval.eval_batch_size
+    docs, source = retention.general_documents(cfg.evidence.general_text)
+    nll_base, n_chunks = causal_lm.text_nll(base, tokenizer, docs, RETENTION_CHUNK_TOKENS, RETENTION_CHUNKS, bs, bf16)
+    nll_tuned, _ = causal_lm.text_nll(tuned, tokenizer, docs, RETENTION_CHUNK_TOKENS, RETENTION_CHUNKS, bs, bf16)
+    retention_ = perplexity_retention(float(np.exp(nll_base)), float(np.exp(nll_tuned)), n_chunks, source, cfg.evidence.max_forgetting)
+    nll_task, task_chunks = causal_lm.text_nll(base, tokenizer, task_texts, RETENTION_CHUNK_TOKENS, RETENTION_CHUNKS, bs, bf16)
+    return retention_, perplexity_shift(float(np.exp(nll_task)), float(np.exp(nll_base)), task_chunks, n_chunks, source)
+
+
+def save_model(tmp: Path, tuned, tokenizer, adapter: dict | None) -> Path:
+    """model/ (merged, plain transformers, safetensors) and, for LoRA, adapter/ beside it; returns model/."""
+    model_dir = tmp / "model"
+    tuned.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    if adapter is not None:
+        from safetensors.torch import save_file
+
+        adapter_dir = tmp / "adapter"
+        adapter["config"].save_pretrained(adapter_dir)
+        save_file(adapter["state"], str(adapter_dir / "adapter_model.safetensors"))
+    return model_dir
+
+
+def size_and_latency(cfg: RunConfig, base, tuned, tokenizer, model_path: Path, model_dir: Path, chats: list[list[dict]], max_length: int, bf16: bool, lora: bool) -> dict:
+    """Parameters, size on disk and forward-pass latency of base and tuned on the same test prompts (chat template)."""
+    from fmtune import causal_lm, inference
+
+    prompts = [causal_lm.render(tokenizer, c)[0] for c in chats[:64]]
+    reps = cfg.evidence.latency_repeats
+    return {
+        "base": inference.describe(base, model_path, inference.latency(base, tokenizer, prompts, max_length, bf16, reps, batch_size=LATENCY_BATCH)),
+        "fine_tuned": inference.describe(tuned, model_dir, inference.latency(tuned, tokenizer, prompts, max_length, bf16, reps, batch_size=LATENCY_BATCH)),
+        "note": "Same inputs (test prompts in the chat template), same precision, same threads: one forward pass"
+        + (", with the LoRA adapters merged into the weights (same architecture, same size as the base)." if lora else "."),
+    }
+
+
+def summarise(report: dict, out: Path, cfg: RunConfig) -> Path:
+    """Print the ladder; raise GateFailed when --max-forgetting was passed (general-text perplexity rose too much)."""
     print_summary(report, out)
-    if gate_failed:
-        raise GateFailed(f"general-text perplexity rose {retention_['relative_change']:+.1%}, past --max-forgetting {gate:.0%}. The run folder {out} is complete; the gate failed.")
+    gate, change = cfg.evidence.max_forgetting, report["retention"]["relative_change"]
+    if gate is not None and change > gate:
+        raise GateFailed(f"general-text perplexity rose {change:+.1%}, past --max-forgetting {gate:.0%}. The run folder {out} is complete; the gate failed.")
     return out
 
 

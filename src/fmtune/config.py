@@ -64,6 +64,7 @@ class TrainConfig(_Group):
     length_bucketing: bool = Field(True, description="Group texts of similar length into batches (dynamic padding, less compute on pad tokens).")
     dynamic_padding: bool = Field(True, description="Pad each batch only to its longest text (off: pad to the longest training text).")
     compile: bool = Field(False, description="torch.compile the training forward pass (off by default: on CPU its compile time outweighs the gain at these data sizes).")
+    fast_dropout: bool = Field(True, description="On CPU, draw dropout masks from a fast counter-free generator (numpy SFC64 seeded from torch's RNG) instead of torch's serial Bernoulli sampler; same probabilities, ~10x cheaper masks.")
     dropout: float | None = Field(None, ge=0, lt=1, description="Override the model's dropout (hidden and attention) during fine-tuning; default keeps the model's own.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Multi-process strategy under torchrun / accelerate launch / --nproc: ddp (a full model copy per process, gradients averaged) or fsdp (parameters, gradients and optimizer state sharded across processes, for models that do not fit one device).")

@@ -1,0 +1,89 @@
+"""The fast CPU dropout: right probabilities and scaling, reproducible from torch's seed, and a model put back exactly."""
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from fmtune import fast_dropout
+
+
+def tiny_bert(dropout: float = 0.1):
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, max_position_embeddings=32,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, num_labels=2, attn_implementation="sdpa")
+    return BertForSequenceClassification(config)
+
+
+def batch():
+    ids = torch.tensor([[2, 5, 7, 9, 11, 3], [2, 6, 8, 3, 0, 0]])
+    return ids, (ids != 0).long()
+
+
+def test_keep_mask_rate_and_scaling():
+    torch.manual_seed(0)
+    x = torch.ones(400_000)
+    y = fast_dropout.dropout(x, 0.3)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.3) < 0.005
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.7))
+    assert abs(y.mean().item() - 1.0) < 0.01
+    assert torch.equal(fast_dropout.dropout(x, 0.3, training=False), x)
+    assert torch.equal(fast_dropout.dropout(x, 1.0), torch.zeros_like(x))
+
+
+def test_masks_follow_torch_seed():
+    x = torch.ones(1000)
+    torch.manual_seed(7)
+    a = fast_dropout.dropout(x, 0.5)
+    torch.manual_seed(7)
+    b = fast_dropout.dropout(x, 0.5)
+    c = fast_dropout.dropout(x, 0.5)
+    assert torch.equal(a, b) and not torch.equal(b, c)
+
+
+def test_gradient_is_mask_times_scale():
+    torch.manual_seed(1)
+    x = torch.randn(64, 8, requires_grad=True)
+    y = fast_dropout.dropout(x, 0.25)
+    y.sum().backward()
+    kept = y.detach() != 0
+    assert torch.allclose(x.grad, kept.float() / 0.75)
+
+
+def test_install_swaps_and_undo_restores():
+    model = tiny_bert()
+    ids, mask = batch()
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+    undo, info = fast_dropout.install(model)
+    assert info["dropout_modules"] > 0 and info["attention"] == fast_dropout.ATTENTION_NAME
+    assert any(isinstance(m, fast_dropout.FastDropout) for m in model.modules())
+    with torch.no_grad():  # eval: no dropout, SDPA with the same padding mask
+        during = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(before, during, atol=1e-6)
+    model.train()
+    model(input_ids=ids, attention_mask=mask).logits.sum().backward()  # training path runs and has gradients
+    assert model.classifier.weight.grad is not None
+    undo()
+    assert not any(isinstance(m, fast_dropout.FastDropout) for m in model.modules())
+    assert model.config._attn_implementation == "sdpa"
+    model.eval()
+    with torch.no_grad():
+        after = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(before, after)
+
+
+def test_training_attention_matches_sdpa_without_dropout():
+    """With a vanishing attention-dropout p, the eager formula used in training equals SDPA (padding mask included)."""
+    model = tiny_bert(dropout=0.0)
+    ids, mask = batch()
+    model.train()
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask).logits
+    fast_dropout.install(model)
+    for module in model.modules():
+        if type(module).__name__.endswith("SelfAttention"):
+            module.dropout.p = 1e-12
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(reference, got, atol=1e-5)

@@ -231,6 +231,23 @@ def _parts(model):
     return base.get_decoder(), base.get_output_embeddings()
 
 
+def cache_argument(decoder) -> str:
+    """The name a decoder's forward takes its key/value cache by: `cache` (transformers >= 5.24) or `past_key_values`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def prefix_cache(model, ids: list[int]):
+    """The key/value cache of running `ids` (one row) through the model's decoder."""
+    import torch
+
+    decoder, _ = _parts(model)
+    device = next(model.parameters()).device
+    out = decoder(input_ids=torch.tensor([ids], device=device), use_cache=True)
+    return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+
+
 def token_losses(model, batch: dict, past_key_values=None):
     """Per-row summed negative log-likelihood and number of scored tokens (labels shifted by one; IGNORE skipped).
     With `past_key_values` (a cache of tokens every row starts with), the batch holds only what follows them."""
@@ -240,7 +257,7 @@ def token_losses(model, batch: dict, past_key_values=None):
     mask, cached = batch["attention_mask"], {}
     if past_key_values is not None:
         mask = torch.cat([mask.new_ones(mask.shape[0], past_key_values.get_seq_length()), mask], 1)
-        cached = {"past_key_values": past_key_values, "use_cache": True}
+        cached = {cache_argument(decoder): past_key_values, "use_cache": True}
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask, **cached).last_hidden_state
     target = batch["labels"][:, 1:]
     rows, cols = torch.nonzero(target != IGNORE, as_tuple=True)
@@ -318,6 +335,11 @@ def fit(
     device = next(model.parameters()).device
     if lora:
         model = _wrap_lora(model, cfg)
+    undo_fast_dropout, fast_dropout_info = lambda: None, None
+    if device.type == "cpu" and getattr(cfg, "fast_dropout", True):  # LoRA's input dropout is the costliest op after the matmuls
+        from fmtune import fast_dropout
+
+        undo_fast_dropout, fast_dropout_info = fast_dropout.install(model)
     params = [p for p in model.parameters() if p.requires_grad]
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     fused = device.type in ("cpu", "cuda")
@@ -374,6 +396,7 @@ def fit(
                 stopped = f"early stopping: validation loss did not improve for {cfg.patience} epochs after epoch {best_epoch}"
                 break
     seconds = time.perf_counter() - start
+    undo_fast_dropout()
     if best_state is not None:
         with torch.no_grad():
             for n, p in named.items():
@@ -386,7 +409,7 @@ def fit(
         model = model.merge_and_unload()
     model.eval()
     levers = {"bf16": bf16, "length_bucketing": cfg.length_bucketing, "dynamic_padding": True, "fused_optimizer": fused, "torch_compile": False,
-              "lora": lora, "loss_on_completion_only": True, "output_layer_on_scored_positions_only": True, "example_weights": weighted}
+              "lora": lora, "loss_on_completion_only": True, "output_layer_on_scored_positions_only": True, "example_weights": weighted, "fast_dropout": fast_dropout_info}
     return TrainResult(model, history, best_epoch, len(history), step, seconds, stopped, levers, adapter)
 
 

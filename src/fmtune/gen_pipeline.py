@@ -227,6 +227,189 @@ def run_generation(cfg: RunConfig, command: str = "fmtune run") -> Path:
     return summarise(report, out, cfg)
 
 
+def run_lm_classification(cfg: RunConfig, command: str = "fmtune run") -> Path:
+    """Classification with a causal LM: text/label data, each text a chat whose answer is its label word (LoRA by default),
+    constrained scoring over the label set (fmtune.lm_classify). The classification metrics, CIs and verdict of
+    fmtune.pipeline; retention, domain shift, cost per request and latency as in run_generation."""
+    from transformers.utils import logging as hf_logging
+
+    from fmtune import audit as audit_mod
+    from fmtune import causal_lm, data, lm_classify, models, train, verdict
+    from fmtune.evaluate import bootstrap_indices, classification_metrics
+    from fmtune.pipeline import PRIMARY, _rung
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    started, wall_start = datetime.now(timezone.utc), time.perf_counter()
+    log: list[str] = []
+    seed = cfg.seed
+    # input problems stop the run before any folder is created
+    with stage("load and split data", log):
+        splits = data.load_splits(cfg.data, seed)
+        redacted: dict[str, int] = {}
+        if cfg.data.redact_pii:
+            splits, redacted = audit_mod.redact_splits(splits)
+        labels = splits.labels
+        unknown = sorted(set(cfg.data.label_descriptions) - set(labels))
+        if unknown:
+            raise ConfigError(f"--label-descriptions names label(s) {unknown} that the data does not have; labels are {labels}.")
+    name, out, tmp = start_run(cfg)
+    device = models.default_device()
+    try:
+        with stage("load the base model", log):
+            model_path, model_name, tokenizer, template_why, base = load_base(cfg, device)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        bf16 = {"on": True, "off": False}.get(cfg.train.bf16, models.bf16_supported(device))
+        bs = cfg.eval.eval_batch_size
+        texts = {s: [e.text for e in getattr(splits, s)] for s in ("train", "validation", "test")}
+        label_index = {lab: i for i, lab in enumerate(labels)}
+        y = {s: np.array([label_index[e.label] for e in getattr(splits, s)], dtype=np.int64) for s in texts}
+        with stage("audit data", log):
+            lengths = {s: [len(ids) for ids in tokenizer(t, add_special_tokens=False)["input_ids"]] if t else [] for s, t in texts.items()}
+            limit = model_token_limit(base.config, tokenizer)
+            bare = lm_classify.LabelPrompt(tuple(labels), dict(cfg.data.label_descriptions))
+            overhead = max(len(causal_lm.encode(tokenizer, bare.messages(""), lab).input_ids) for lab in labels)
+            if limit - overhead < 8:
+                raise ConfigError(f"the instruction, the {len(labels)} labels and the chat template take {overhead} of the model's {limit} tokens, leaving no room "
+                                  "for the text. Fix: shorter --label-descriptions, or a model with a longer context.")
+            max_length, max_length_why = choose_max_length(lengths["train"], limit - overhead, cfg.model.max_length)
+            audit = audit_mod.audit(splits, token_lengths=lengths, max_length=max_length, redacted=redacted)
+        prompt = lm_classify.LabelPrompt(tuple(labels), dict(cfg.data.label_descriptions), max_length)
+        cut = {s: [lm_classify.cut(tokenizer, t, max_length) for t in ts] for s, ts in texts.items()}
+        truncated = {s: sum(c for _, c in rows) for s, rows in cut.items()}
+        texts = {s: [t for t, _ in rows] for s, rows in cut.items()}
+        class_weight, cw_why = train.class_weight_vector(y["train"], len(labels), cfg.train.class_weights)
+        choices = [
+            {"setting": "max_length", "value": max_length, "why": f"{max_length_why} (tokens of the text alone; the instruction, label list and chat template add up to {overhead}; a longer text keeps its start)"},
+            {"setting": "formulation", "value": "label word as the chat answer", "why": f"a causal LM classifies by answering: the user turn names the task and lists the labels as they appear in the data ({prompt.instruction()!r}), then the text; the answer is the label word"},
+            {"setting": "scoring", "value": "constrained", "why": f"{lm_classify.SCORING}; no free generation, so every prediction is one of the labels"},
+            {"setting": "chat_template", "value": True, "why": template_why},
+            {"setting": "loss", "value": "label tokens only", "why": "prompt and template tokens are masked (labels -100): the model learns to answer with the label"},
+            {"setting": "class_weights", "value": None if class_weight is None else [round(float(w), 4) for w in class_weight],
+             "why": cw_why + ("; each training example's loss is weighted by its class's weight" if class_weight is not None else "")},
+            {"setting": "bf16", "value": bf16, "why": f"--bf16 {cfg.train.bf16}" + (" (hardware supports bf16)" if bf16 and cfg.train.bf16 == "auto" else " (no bf16 speed-up detected)" if cfg.train.bf16 == "auto" else "")},
+        ]
+        boot = bootstrap_indices(len(y["test"]), cfg.eval.bootstrap, seed)
+        ladder: list[dict] = []
+        boots: dict[str, np.ndarray] = {}
+        predictions: dict[str, np.ndarray] = {}
+
+        def rung(rung_name: str, description: str, model, shots: list, train_examples: int, train_seconds: float, **extra) -> dict:
+            with _progress() as prog:
+                task = prog.add_task(f"{rung_name}: scoring the labels", total=len(texts["test"]), info="")
+                t0 = time.perf_counter()
+                scores = lm_classify.label_scores(model, tokenizer, prompt, texts["test"], shots, bs, bf16, lambda n: prog.advance(task, n))
+                eval_s = time.perf_counter() - t0
+            predictions[rung_name] = scores.argmax(1)
+            row, boots[rung_name] = _rung(rung_name, description, y["test"], predictions[rung_name], labels, boot, train_examples, train_seconds, eval_seconds=round(eval_s, 3), **extra)
+            ladder.append(row)
+            return row
+
+        # ---- no-training rungs: prompting the base model
+        with stage("rung zero_shot", log):
+            rung("zero_shot", "the base model, no labeled examples: the instruction and the label list, constrained scoring of the labels", base, [], 0, 0.0)
+        shots, per_class, shots_why = lm_classify.choose_shots(tokenizer, prompt, texts["train"], y["train"], texts["test"], cfg.eval.few_shot_k, limit, seed)
+        with stage("rung few_shot", log):
+            rung("few_shot", f"the base model with {per_class} labeled examples per class ({len(shots)} in all) as previous chat turns in every prompt, constrained scoring",
+                 base, shots, len(shots), 0.0, shots_per_class=per_class)
+        choices.append({"setting": "few_shot_k", "value": per_class, "why": shots_why})
+        skipped = {}
+        if "head_only" in cfg.eval.rungs:
+            skipped["head_only"] = ("not run for a causal LM: head_only is a linear head on a frozen encoder's embeddings; here the no-training rungs are the "
+                                    "same model prompted (zero_shot, few_shot), and the report contract makes head_only optional")
+
+        # ---- trained rungs: the label word as the answer, loss on its tokens
+        lora = cfg.train.method in ("auto", "lora")  # auto = LoRA for causal LMs
+        method = "lora" if lora else "full"
+        ft_lr = (cfg.train.lora_learning_rate or cfg.train.learning_rate * 10) if lora else cfg.train.learning_rate
+        weights = None if class_weight is None else class_weight[y["train"]]
+        rows = {"train": lm_classify.training_rows(tokenizer, prompt, texts["train"], [labels[i] for i in y["train"]], weights),
+                "validation": lm_classify.training_rows(tokenizer, prompt, texts["validation"], [labels[i] for i in y["validation"]])}
+
+        def train_rung(label: str, subset: np.ndarray | None, from_scratch: bool, lr: float, use_lora: bool):
+            idx = np.arange(len(rows["train"])) if subset is None else subset
+            return fit_rung(cfg, model_path, device, label, [rows["train"][i] for i in idx], rows["validation"], lr=lr, lora=use_lora,
+                            from_scratch=from_scratch, pad_id=pad_id, bf16=bf16), len(idx)
+
+        with stage(f"rung fine_tuned ({method})", log):
+            ft, n = train_rung("fine-tuning", None, False, ft_lr, lora)
+            desc = f"{'LoRA (r=' + str(cfg.train.lora_r) + ', merged)' if lora else 'full'} fine-tuning of the base model to answer with the label word, loss on the label tokens, best validation-loss epoch ({ft.best_epoch} of {ft.epochs_run}); zero-shot prompt, constrained scoring"
+            ft_row = rung("fine_tuned", desc, ft.model, [], n, ft.train_seconds, history=ft.history, best_epoch=ft.best_epoch, stopped=ft.stopped, learning_rate=ft_lr, method=method)
+            (tmp / "logs" / "history_fine_tuned.jsonl").write_text("".join(json.dumps(h) + "\n" for h in ft.history))
+        choices.append({"setting": "epochs", "value": ft.best_epoch, "why": f"{ft.stopped}; best validation loss (label tokens) at epoch {ft.best_epoch} (max {cfg.train.epochs}, patience {cfg.train.patience})"})
+        choices.append({"setting": "learning_rate", "value": ft_lr, "why": "LoRA default: 10x --learning-rate" if lora and not cfg.train.lora_learning_rate else "--lora-learning-rate" if lora else "--learning-rate"})
+        if "from_scratch" in cfg.eval.rungs:
+            with stage("rung from_scratch", log):
+                sc, n = train_rung("from scratch", None, True, cfg.train.scratch_learning_rate, False)
+                desc = f"same architecture, random init, same data and budget (max {cfg.train.epochs} epochs, early stopping), lr {cfg.train.scratch_learning_rate:g}; constrained scoring"
+                rung("from_scratch", desc, sc.model, [], n, sc.train_seconds, history=sc.history, best_epoch=sc.best_epoch, stopped=sc.stopped, learning_rate=cfg.train.scratch_learning_rate)
+                del sc
+
+        # ---- learning curve (stratified nested subsets)
+        curve, curve_seconds = learning_curve_evidence(
+            cfg, log, y["train"], lambda label, subset: train_rung(label, subset, False, ft_lr, lora),
+            lambda model: classification_metrics(y["test"], lm_classify.label_scores(model, tokenizer, prompt, texts["test"], [], bs, bf16).argmax(1), labels, boot),
+            ft_row, ft.epochs_run, boots["fine_tuned"], PRIMARY)
+
+        # ---- retention and domain shift, as perplexity
+        tuned = ft.model
+        with stage("retention and domain shift", log):
+            retention_, shift = perplexity_evidence(cfg, base, tuned, tokenizer, texts["train"], bf16)
+
+        # ---- the model folder: the merged model and how to prompt and score it
+        with stage("save model", log):
+            model_dir = save_model(tmp, tuned, tokenizer, ft.adapter)
+            prompt.save(model_dir)
+            (tmp / "logs" / "predictions.jsonl").write_text("".join(
+                json.dumps({"row": e.row, "text": e.text, "label": e.label, **{r: labels[predictions[r][i]] for r in predictions}}, ensure_ascii=False) + "\n"
+                for i, e in enumerate(splits.test)
+            ))
+
+        # ---- size, speed and cost per request
+        with stage("measure size, latency and cost per request", log):
+            test_chats = [prompt.messages(t) for t in texts["test"]]
+            inf = size_and_latency(cfg, base, tuned, tokenizer, model_path, model_dir, test_chats, limit, bf16, lora)
+            k = max(1, min(LATENCY_REQUESTS, cfg.evidence.latency_repeats, len(test_chats)))
+            per_request = {
+                "few_shot": lm_classify.request_seconds(base, tokenizer, prompt, texts["test"][:k], shots, bf16),
+                "fine_tuned": lm_classify.request_seconds(tuned, tokenizer, prompt, texts["test"][:k], [], bf16),
+            }
+            inf["per_request"] = per_request
+
+        hardware = models.hardware_description()
+        cost_ = verdict.cost(ladder, hardware, os.cpu_count() or 1, cfg.evidence.price_per_hour, curve_seconds, "classification")
+        cost_.update(break_even(cost_, per_request))
+        verdict_ = verdict.verdict(ladder, boots, PRIMARY, retention_, audit, curve, cost_)
+        gate = cfg.evidence.max_forgetting
+        verdict_["gates"] = {"max_forgetting": gate, "passed": not (gate is not None and retention_["relative_change"] > gate)}
+        report = {
+            "fmtune_version": fmtune.__version__,
+            "run": {"name": name, "status": "complete", "started_at": started.isoformat(timespec="seconds"), "finished_at": None,
+                    "wall_seconds": None, "seed": seed, "command": command, "stages": log},
+            "task": {"type": "classification", "primary_metric": PRIMARY, "labels": labels, "model_kind": "causal_lm", "prompt": prompt.to_dict()},
+            "data": {"train": len(y["train"]), "validation": len(y["validation"]), "test": len(y["test"]), "sha256": splits.sha256,
+                     "files": splits.files, "dropped": splits.dropped, "truncated": truncated, "audit": audit},
+            "base_model": {"name": model_name, "path": str(model_path), "parameters": models.count_parameters(base),
+                           "sha256": models.weights_hash(model_path), "architecture": type(base).__name__, "max_length": max_length},
+            "choices": choices,
+            "levers": dict(ft.levers),
+            "ladder": ladder,
+            "skipped_rungs": skipped,
+            "retention": retention_,
+            "domain_shift": shift,
+            "learning_curve": curve,
+            "cost": cost_,
+            "inference": inf,
+            "verdict": verdict_,
+        }
+        finish(report, cfg, tmp, out, wall_start, model_path)
+    except BaseException as exc:
+        _mark_interrupted(tmp, out)
+        _record(tmp, name, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+        raise
+    return summarise(report, out, cfg)
+
+
 # ---------------------------------------------------------------- stages both causal-LM runs share
 
 

@@ -168,6 +168,12 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
         from fmtune.gen_pipeline import run_generation
 
         return run_generation(cfg, command)
+    from fmtune.causal_lm import is_causal_lm
+
+    if is_causal_lm(cfg.model.model):  # classification with a causal LM: the label word as the answer
+        from fmtune.gen_pipeline import run_lm_classification
+
+        return run_lm_classification(cfg, command)
     started = datetime.now(timezone.utc)
     wall_start = time.perf_counter()
     log: list[str] = []

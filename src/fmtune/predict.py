@@ -21,6 +21,7 @@ class Predictor:
     max_length: int
     bf16: bool
     report: dict = field(default_factory=dict)
+    label_prompt: Any = None  # a causal-LM classifier: its fmtune.lm_classify.LabelPrompt (labels are scored as answers)
 
     @classmethod
     def from_run(cls, run_dir: Path | str, bf16: bool | None = None) -> "Predictor":
@@ -38,6 +39,16 @@ class Predictor:
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
         if report.get("task", {}).get("type", "classification") != "classification":
             raise FmtuneError(f"{run_dir}: this run is a {report['task']['type']} run; use --prompt for generation runs.")
+        use_bf16 = bf16_supported(torch.device("cpu")) if bf16 is None else bf16
+        from fmtune.lm_classify import LabelPrompt
+
+        prompt = LabelPrompt.load(model_dir)
+        if prompt is not None:  # a causal LM fine-tuned to answer with the label word
+            from fmtune import causal_lm
+
+            model = causal_lm.load_model(model_dir)
+            model.eval()
+            return cls(run_dir, model, causal_lm.load_tokenizer(model_dir), list(prompt.labels), prompt.max_text_tokens, use_bf16, report, prompt)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
         model = AutoModelForSequenceClassification.from_pretrained(
             model_dir, local_files_only=True, trust_remote_code=False, use_safetensors=True
@@ -46,8 +57,14 @@ class Predictor:
         id2label = model.config.id2label
         labels = [id2label[i] for i in range(len(id2label))]
         max_length = int(report.get("base_model", {}).get("max_length") or min(tokenizer.model_max_length, 512))
-        use_bf16 = bf16_supported(torch.device("cpu")) if bf16 is None else bf16
         return cls(run_dir, model, tokenizer, labels, max_length, use_bf16, report)
+
+    def label_scores(self, texts: list[str], batch_size: int = 64):
+        """Causal-LM classifiers: summed log-probability of every label's answer, shape (len(texts), len(labels))."""
+        from fmtune import lm_classify
+
+        cut = [lm_classify.cut(self.tokenizer, t, self.max_length)[0] for t in texts]
+        return lm_classify.label_scores(self.model, self.tokenizer, self.label_prompt, cut, (), batch_size, self.bf16)
 
     def predict_proba(self, texts: list[str], batch_size: int = 64):
         """Class probabilities, shape (len(texts), len(labels)), in the input order."""
@@ -55,14 +72,22 @@ class Predictor:
 
         import torch
 
+        if self.label_prompt is not None:
+            from fmtune.lm_classify import probabilities
+
+            return probabilities(self.label_scores(texts, batch_size))
         logits = predict_logits(self.model, self.tokenizer, texts, self.max_length, batch_size=batch_size, bf16=self.bf16)
         return torch.softmax(torch.as_tensor(logits, dtype=torch.float32), dim=-1).numpy()
 
     def predict(self, texts: list[str], batch_size: int = 64) -> list[dict]:
-        """One {"label", "probabilities"} per text, in the input order."""
-        probs = self.predict_proba(texts, batch_size=batch_size)
-        out = []
-        for row in probs:
-            best = int(row.argmax())
-            out.append({"label": self.labels[best], "probabilities": {lab: float(p) for lab, p in zip(self.labels, row)}})
-        return out
+        """One {"label", "probabilities"} per text, in the input order; causal-LM classifiers add "log_probs", the summed
+        log-probability of each label's answer (the probabilities are their softmax over the label set)."""
+        if self.label_prompt is not None:
+            from fmtune.lm_classify import probabilities
+
+            scores = self.label_scores(texts, batch_size)
+            return [{**p, "log_probs": {lab: float(s) for lab, s in zip(self.labels, row)}} for p, row in zip(self._rows(probabilities(scores)), scores)]
+        return self._rows(self.predict_proba(texts, batch_size=batch_size))
+
+    def _rows(self, probs) -> list[dict]:
+        return [{"label": self.labels[int(row.argmax())], "probabilities": {lab: float(p) for lab, p in zip(self.labels, row)}} for row in probs]

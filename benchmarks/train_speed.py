@@ -79,7 +79,8 @@ def run_fmtune(recipe: str, cfg: dict, split: dict, model_path: Path, tokenizer)
     dropout = 0.0 if recipe == "fmtune_no_dropout" else None
     torch.manual_seed(cfg["seed"])
     model = models.load_classifier(model_path, ["rotten", "fresh"], dropout=dropout)
-    tc = TrainConfig(epochs=cfg["epochs"], patience=cfg["epochs"], batch_size=cfg["batch_size"], weight_decay=cfg["weight_decay"], warmup_ratio=cfg["warmup_ratio"], class_weights="none")
+    tc = TrainConfig(epochs=cfg["epochs"], patience=cfg["epochs"], batch_size=cfg["batch_size"], weight_decay=cfg["weight_decay"], warmup_ratio=cfg["warmup_ratio"], class_weights="none",
+                     fast_dropout=recipe != "fmtune_torch_dropout")
     start = time.perf_counter()
     ids = {s: train.token_ids(tokenizer, split[s][0], cfg["max_length"]) for s in ("train", "validation")}
     tokenise_seconds = time.perf_counter() - start

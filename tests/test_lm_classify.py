@@ -252,3 +252,37 @@ def test_full_fine_tuning_through_the_dispatch(tmp_path, tiny_llama):
     rungs = {r["name"]: r for r in report["ladder"]}
     assert rungs["fine_tuned"]["method"] == "full" and "from_scratch" not in rungs and report["learning_curve"]["skipped"]
     assert report["task"]["labels"] == ["blue", "green", "red"] and dict(report["levers"])["example_weights"] is False
+
+
+# ---------------------------------------------------------------- the real packaged SmolLM2
+
+
+@pytest.mark.integration
+def test_smollm2_classifies_rotten_tomatoes_snippets(tmp_path, monkeypatch):
+    """--model smollm2 on text/label data: a tiny real run (56 training snippets, 1 epoch of LoRA) through the dispatch;
+    the tuned model puts more probability on the true labels of the test snippets than the base model does."""
+    from fmtune.config import build_config
+    from fmtune.pipeline import run
+    from fmtune.predict import Predictor
+    from fmtune.quickstart import QUICKSTART_DESCRIPTIONS, rotten_tomatoes_csv
+
+    monkeypatch.setenv("FMTUNE_CACHE", str(tmp_path / "cache"))
+    causal_lm.smollm2_folder()  # the one-time GGUF conversion (about 20 s) is not part of the run
+    cfg = build_config(None, {"data": rotten_tomatoes_csv(80, 0), "model": "smollm2", "out": tmp_path / "runs" / "smol", "epochs": 1, "batch_size": 16,
+                              "lora_learning_rate": 1e-3, "few_shot_k": 2, "curve": False, "bootstrap": 200, "latency_repeats": 3, "threads": 2,
+                              "label_descriptions": QUICKSTART_DESCRIPTIONS})
+    out = run(cfg, "test")
+    report = json.loads((out / "report.json").read_text())
+    jsonschema.validate(report, SCHEMA)
+    assert report["task"]["model_kind"] == "causal_lm" and report["task"]["labels"] == ["fresh", "rotten"]
+    assert report["base_model"]["architecture"] == "LlamaForCausalLM" and report["data"]["train"] == 56
+    assert [r["name"] for r in report["ladder"]] == ["zero_shot", "few_shot", "fine_tuned", "from_scratch"]
+    assert report["run"]["wall_seconds"] < 300, report["run"]["stages"]
+    test = [json.loads(line) for line in (out / "logs" / "predictions.jsonl").read_text().splitlines()]
+    texts, truth = [t["text"] for t in test], np.array([report["task"]["labels"].index(t["label"]) for t in test])
+    tuned = Predictor.from_run(out, bf16=False)
+    base = causal_lm.load_model(Path(report["base_model"]["path"]))
+    before = lm_classify.label_scores(base, tuned.tokenizer, tuned.label_prompt, texts)
+    after = tuned.label_scores(texts)
+    picked = lambda s: float(np.log(lm_classify.probabilities(s))[np.arange(len(truth)), truth].mean())  # noqa: E731
+    assert picked(after) > picked(before)

@@ -166,18 +166,20 @@ def choose_shots(tokenizer, prompt: LabelPrompt, train_texts: list[str], y_train
     def pick(n: int) -> list[tuple[str, str]]:
         return [(train_texts[idx[j]], prompt.labels[c]) for j in range(n) for c, idx in enumerate(per_class) if j < len(idx)]
 
-    fits = lambda n: len(causal_lm.encode(tokenizer, prompt.messages(longest_text, pick(n)), longest_label).input_ids) <= budget  # noqa: E731
-    n = min(k, max((len(idx) for idx in per_class), default=0))
+    def fits(n: int) -> bool:
+        return len(causal_lm.encode(tokenizer, prompt.messages(longest_text, pick(n)), longest_label).input_ids) <= budget
+
+    available = min(k, max((len(idx) for idx in per_class), default=0))
+    n = available
     while n > 0 and not fits(n):
         n -= 1
     shots = pick(n)
     why = f"{n} training examples per class ({len(shots)} in all) as previous chat turns, classes interleaved (--few-shot-k {k})"
-    if n < k:
-        short = [prompt.labels[c] for c, idx in enumerate(per_class) if len(idx) < k]
-        if n < min(k, max((len(idx) for idx in per_class), default=0)):
-            why += f"; {n} per class is what fits the model's context of {budget} tokens with the longest test text"
-        if short:
-            why += f"; classes with fewer than {k} training examples: {', '.join(short)}"
+    if n < available:
+        why += f"; {n} per class is what fits the model's context of {budget} tokens with the longest test text"
+    short = [prompt.labels[c] for c, idx in enumerate(per_class) if len(idx) < n]
+    if short:
+        why += f"; fewer for {', '.join(short)}, which have fewer than {n} training examples"
     return shots, n, why
 
 

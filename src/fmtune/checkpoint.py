@@ -10,6 +10,10 @@ Layout under a rung's checkpoint folder (e.g. RUN/.partial/checkpoints/fine_tune
   latest                  the name of the newest complete checkpoint (replaced atomically)
   done.json + final.safetensors   written when the rung finished: a resumed run reuses them instead of training again
 No pickle is ever written or read.
+
+Under FSDP (`--distributed fsdp`) the model's parameters and AdamW moments are shards on each rank: save gathers whole
+tensors (a collective every rank calls; only rank 0 writes) and load cuts them into this run's shards, so the files are
+the same as in one process, and a checkpoint resumes under any number of processes and either strategy.
 """
 
 from __future__ import annotations
@@ -66,14 +70,22 @@ def _contiguous(tensors: dict) -> dict:
 
 
 def trainable_state(model) -> dict:
-    """The weights that training changes (for LoRA: the adapter and the task head)."""
+    """The weights that training changes (for LoRA: the adapter and the task head). Under FSDP: gathered whole, on
+    rank 0 only (a collective)."""
+    from fmtune.distributed import gather, sharded
+
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in model.state_dict().items() if k in names} or model.state_dict()
+    state = model.state_dict()
+    chosen = {k: v for k, v in state.items() if k in names} or state
+    return gather(chosen) if sharded(model) else chosen
 
 
 def optimizer_tensors(optimizer, model) -> tuple[dict, dict]:
-    """AdamW state as flat tensors keyed by parameter name, plus the param-group hyperparameters as JSON."""
+    """AdamW state as flat tensors keyed by parameter name, plus the param-group hyperparameters as JSON. Under FSDP:
+    gathered whole, on rank 0 only (a collective)."""
     import torch
+
+    from fmtune.distributed import gather, sharded
 
     names = {id(p): n for n, p in model.named_parameters()}
     tensors = {}
@@ -82,21 +94,25 @@ def optimizer_tensors(optimizer, model) -> tuple[dict, dict]:
             for key, value in optimizer.state.get(p, {}).items():
                 tensors[f"{names[id(p)]}::{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    return tensors, {"param_groups": groups}
+    return (gather(tensors) if sharded(model) else tensors), {"param_groups": groups}
 
 
 def load_optimizer(optimizer, model, tensors: dict, meta: dict) -> None:
+    from fmtune.distributed import sharded
+
     params = dict(model.named_parameters())
     for flat, value in tensors.items():
         name, key = flat.split("::", 1)
-        optimizer.state[params[name]][key] = value.clone()
+        p = params[name]
+        optimizer.state[p][key] = _shard_like(value, p) if sharded(model) else value.clone()
     for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
         group.update({k: v for k, v in saved.items() if k in group})
 
 
-def save(folder: Path, model, optimizer, state: TrainState, best: dict | None, keep: int = 1) -> Path:
+def save(folder: Path, model, optimizer, state: TrainState, best: dict | None, keep: int = 1) -> Path | None:
     """Write one complete checkpoint atomically, point `latest` at it, and prune older ones. A full disk keeps the
-    last complete checkpoint and stops with an error that says so."""
+    last complete checkpoint and stops with an error that says so. Under FSDP every rank calls it (the shards are
+    gathered together); rank 0 writes and gets the path, the others None."""
     import errno
 
     from fmtune.errors import FmtuneError
@@ -112,20 +128,38 @@ def save(folder: Path, model, optimizer, state: TrainState, best: dict | None, k
         raise FmtuneError(f"disk full while writing a checkpoint under {folder} (step {state.step}); {where}. Fix: free disk space, then re-run the same command with --resume.") from None
 
 
-def _save(folder: Path, model, optimizer, state: TrainState, best: dict | None, keep: int) -> Path:
+def _shard_like(value, param):
+    """A whole optimizer tensor cut into `param`'s FSDP shard (the step count, a scalar, is kept whole)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor) and value.shape == param.shape:
+        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+    return value.to(param.device)
+
+
+def _save(folder: Path, model, optimizer, state: TrainState, best: dict | None, keep: int) -> Path | None:
     import torch
     from safetensors.torch import save_file
 
+    from fmtune.distributed import gather, sharded
+
+    weights = trainable_state(model)
+    opt_tensors, opt_meta = optimizer_tensors(optimizer, model)
+    if sharded(model):  # every rank took part in gathering the shards; rank 0 writes
+        import torch.distributed as dist
+
+        best = gather(best) if best is not None else None
+        if dist.get_rank() != 0:
+            return None
     folder.mkdir(parents=True, exist_ok=True)
     name = f"step-{state.step:07d}"
     tmp = folder / f".tmp-{name}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(_contiguous(trainable_state(model)), str(tmp / "trainable.safetensors"))
+    save_file(_contiguous(weights), str(tmp / "trainable.safetensors"))
     if best is not None:
         save_file(_contiguous(best), str(tmp / "best.safetensors"))
-    opt_tensors, opt_meta = optimizer_tensors(optimizer, model)
     save_file(_contiguous(opt_tensors), str(tmp / "optimizer.safetensors"))
     save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
     body = dict(state.__dict__, optimizer=opt_meta)
@@ -156,15 +190,21 @@ def latest(folder: Path) -> Path | None:
 
 
 def load(path: Path, model, optimizer) -> tuple[TrainState, dict | None]:
-    """Restore weights, optimizer and torch RNG in place; return the loop state and the best weights so far."""
+    """Restore weights, optimizer and torch RNG in place; return the loop state and the best weights so far. Under FSDP
+    every rank calls it and reads the same files; weights and best weights come back as this rank's shards."""
     import torch
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(str(path / "trainable.safetensors")), strict=False)
+    from fmtune.distributed import scatter_like, sharded
+
+    weights = load_file(str(path / "trainable.safetensors"))
+    model.load_state_dict(scatter_like(weights, model) if sharded(model) else weights, strict=False)
     body = json.loads((path / "state.json").read_text())
     load_optimizer(optimizer, model, load_file(str(path / "optimizer.safetensors")), body.pop("optimizer"))
     torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch_cpu"])
     best = load_file(str(path / "best.safetensors")) if (path / "best.safetensors").is_file() else None
+    if best is not None and sharded(model):
+        best = scatter_like(best, model)
     return TrainState(**body), best
 
 

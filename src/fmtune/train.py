@@ -21,7 +21,7 @@ import numpy as np
 
 from fmtune import checkpoint
 from fmtune.config import TrainConfig
-from fmtune.distributed import World, all_sum, shard, wrap
+from fmtune.distributed import World, all_sum, shard, sharded, unwrap, wrap, zero_loss
 
 
 @dataclass
@@ -217,6 +217,8 @@ def fit(
     targets = torch.as_tensor(np.asarray(train_y), dtype=torch.long, device=device)
     steps_per_epoch = math.ceil(len(train_ids) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
+    world = world or World()
+    forward = wrap(model, world, getattr(cfg, "distributed", "ddp"))  # before the optimizer: FSDP swaps in sharded parameters
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -229,8 +231,6 @@ def fit(
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     weight = torch.as_tensor(class_weight, dtype=torch.float32, device=device) if class_weight is not None else None
     compiled = bool(getattr(cfg, "compile", False))
-    world = world or World()
-    forward = wrap(model, world, getattr(cfg, "distributed", "ddp"))
     forward = torch.compile(forward, dynamic=True) if compiled else forward
     pad_to = None if getattr(cfg, "dynamic_padding", True) else int(lengths.max(initial=1))
     state = checkpoint.TrainState(epoch_rng=rng.bit_generator.state)
@@ -248,13 +248,13 @@ def fit(
     start = time.perf_counter() - state.start_seconds
 
     def save(epoch: int, batch: int, epoch_rng: dict, loss_total: float) -> None:
-        if checkpoint_dir is None or not world.main:
+        if checkpoint_dir is None or not (world.main or sharded(model)):  # FSDP: every rank gathers its shards, rank 0 writes
             return
         snapshot = checkpoint.TrainState(step, epoch, batch, epoch_rng, scheduler.state_dict(), list(best), best_epoch, bad_epochs, history, loss_total, time.perf_counter() - start)
         checkpoint.save(checkpoint_dir, model, optimizer, snapshot, best_state)
 
     done = bad_epochs >= cfg.patience
-    interrupt = _InterruptFlag().install()
+    interrupt = _InterruptFlag() if sharded(model) else _InterruptFlag().install()  # FSDP: ranks cannot agree on the step to checkpoint at
     for epoch in range(state.epoch, cfg.epochs + 1):
         if done:
             break
@@ -262,7 +262,7 @@ def fit(
         epoch_rng = rng.bit_generator.state  # the batch order of this epoch is rebuilt from it on resume
         skip = state.batch if epoch == state.epoch else 0
         epoch_first_step = step - skip
-        loss_sum = torch.tensor(state.loss_sum if skip else 0.0, device=device)
+        loss_sum = torch.tensor(state.loss_sum if skip and world.main else 0.0, device=device)  # a checkpoint holds the sum over ranks
         batches = length_batches(lengths, cfg.batch_size, rng, cfg.length_bucketing)
         for b, idx in enumerate(batches):
             if b < skip:
@@ -282,7 +282,7 @@ def fit(
                     losses = torch.nn.functional.cross_entropy(logits.float(), target, weight=weight, reduction="sum")
                     loss = losses / denominator * world.size
                 else:  # a global batch smaller than the number of ranks: take part in the gradient average with zero
-                    losses = loss = sum(p.sum() for p in params) * 0.0
+                    losses = loss = zero_loss(forward, *batch_tensors(table, lengths, idx[:1], device, pad_to))
                 loss.backward()
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
@@ -298,7 +298,7 @@ def fit(
             if progress:
                 progress(len(idx), {})
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and b + 1 < len(batches):
-                save(epoch, b + 1, epoch_rng, float(loss_sum))
+                save(epoch, b + 1, epoch_rng, float(all_sum(loss_sum.clone(), world)))
         train_loss = float(all_sum(loss_sum, world)) / len(train_ids)
         if not math.isfinite(train_loss):
             from fmtune.errors import FmtuneError
@@ -326,6 +326,7 @@ def fit(
     seconds = time.perf_counter() - start
     if best_state is not None:
         model.load_state_dict(best_state)
+    model = unwrap(model)  # FSDP: gathered into a plain copy on every rank; otherwise the model itself
     if lora:
         from peft import get_peft_model_state_dict
 

@@ -210,6 +210,11 @@ def fit(
     adapter = None
     if lora:
         model = _wrap_lora(model, cfg)
+    undo_fast_dropout, fast_dropout_info = lambda: None, None
+    if device.type == "cpu" and getattr(cfg, "fast_dropout", True):
+        from fmtune import fast_dropout
+
+        undo_fast_dropout, fast_dropout_info = fast_dropout.install(model)
     train_ids, train_y = train
     val_ids, val_y = validation
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -319,6 +324,7 @@ def fit(
             done = bad_epochs >= cfg.patience
         save(epoch + 1, 0, rng.bit_generator.state, 0.0)
     interrupt.uninstall()
+    undo_fast_dropout()
     if interrupt.requested:  # Ctrl-C during the last validation pass: the epoch-end checkpoint is written
         raise KeyboardInterrupt
     if bad_epochs >= cfg.patience:
@@ -340,6 +346,7 @@ def fit(
         "fused_optimizer": fused,
         "torch_compile": compiled,
         "dropout": _dropout(model),
+        "fast_dropout": fast_dropout_info,
         "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),

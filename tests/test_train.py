@@ -132,3 +132,33 @@ def test_bf16_supported_decides_by_measurement(monkeypatch):
     assert models.bf16_supported(torch.device("cpu")) is True
     monkeypatch.setattr(models, "cpu_flags", lambda: frozenset({"avx2"}))
     assert models.bf16_supported(torch.device("cpu")) is False
+
+
+def test_best_weights_parked_on_disk_not_in_memory(tmp_path):
+    import torch
+
+    from fmtune.train import BestWeights
+
+    state = {"a": torch.randn(4, 3), "b": torch.arange(5.0)}
+    best = BestWeights(tmp_path / "ckpt", in_memory=False)
+    best.set(state)
+    assert best._state is None and best._file is not None and best._file.is_file()
+    got = best.get()
+    assert all(torch.equal(got[k], state[k]) for k in state)
+    state["a"].add_(1.0)  # later training steps must not change the parked copy
+    assert not torch.equal(best.get()["a"], state["a"])
+    best.close()
+    assert not list((tmp_path / "ckpt").glob(".best-*"))
+
+
+def test_best_weights_shared_tensors_stay_in_memory(tmp_path):
+    import torch
+
+    from fmtune.train import BestWeights
+
+    shared = torch.randn(3, 3)
+    best = BestWeights(None, in_memory=False)
+    best.set({"embed": shared, "head": shared})  # tied weights: safetensors refuses to write them
+    assert best._state is not None
+    assert torch.equal(best.get()["head"], shared)
+    best.close()

@@ -124,6 +124,60 @@ def evaluate_split(model, ids: list[list[int]], y: np.ndarray, pad_id: int, batc
     return float(total) / len(ids), preds.cpu().numpy()
 
 
+class BestWeights:
+    """The best epoch's weights so far, parked in a safetensors file instead of a second in-RAM copy of the model (that
+    copy was the whole gap between fmtune's and Trainer's peak memory). Kept in memory when the model is sharded (FSDP:
+    each rank holds its own shards) or when its tensors share storage, which safetensors refuses to write."""
+
+    def __init__(self, checkpoint_dir: Path | None, in_memory: bool) -> None:
+        import shutil
+        import tempfile
+        import weakref
+
+        self.in_memory = in_memory
+        self._state: dict | None = None
+        self._file: Path | None = None
+        self._dir: Path | None = None
+        if not in_memory:
+            if checkpoint_dir is not None:
+                checkpoint_dir.mkdir(parents=True, exist_ok=True)
+                for stale in checkpoint_dir.glob(".best-*"):  # left by a killed run
+                    shutil.rmtree(stale, ignore_errors=True)
+            self._dir = Path(tempfile.mkdtemp(prefix=".best-", dir=checkpoint_dir))
+            weakref.finalize(self, shutil.rmtree, self._dir, ignore_errors=True)  # also when training raises
+
+    def set(self, state: dict | None) -> None:
+        if state is None:
+            return
+        if self._dir is not None:
+            from safetensors.torch import save_file
+
+            target = self._dir / "best.safetensors"
+            try:
+                save_file({k: v.detach().contiguous() for k, v in state.items()}, str(target.with_suffix(".tmp")))
+                os.replace(target.with_suffix(".tmp"), target)
+                self._file, self._state = target, None
+                return
+            except (RuntimeError, ValueError, OSError):  # shared tensors or no disk room: keep this copy in memory
+                self._file = None
+        self._state = {k: v.detach().clone() for k, v in state.items()}
+
+    def get(self) -> dict | None:
+        if self._state is not None:
+            return self._state
+        if self._file is not None:
+            from safetensors.torch import load_file
+
+            return load_file(str(self._file))
+        return None
+
+    def close(self) -> None:
+        import shutil
+
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
 class _InterruptFlag:
     """The first Ctrl-C asks training to stop after the current step (and checkpoint there); a second one stops at once."""
 
@@ -239,10 +293,11 @@ def fit(
     forward = torch.compile(forward, dynamic=True) if compiled else forward
     pad_to = None if getattr(cfg, "dynamic_padding", True) else int(lengths.max(initial=1))
     state = checkpoint.TrainState(epoch_rng=rng.bit_generator.state)
-    best_state = None
+    best_state = BestWeights(checkpoint_dir if world.main else None, in_memory=sharded(model))
     resumed = checkpoint.latest(checkpoint_dir) if checkpoint_dir is not None else None
     if resumed is not None:
-        state, best_state = checkpoint.load(resumed, model, optimizer)
+        state, resumed_best = checkpoint.load(resumed, model, optimizer)
+        best_state.set(resumed_best)
         scheduler.load_state_dict(state.scheduler)
         rng.bit_generator.state = state.epoch_rng
     history = state.history
@@ -256,7 +311,7 @@ def fit(
         if checkpoint_dir is None or not (world.main or sharded(model)):  # FSDP: every rank gathers its shards, rank 0 writes
             return
         snapshot = checkpoint.TrainState(step, epoch, batch, epoch_rng, scheduler.state_dict(), list(best), best_epoch, bad_epochs, history, loss_total, time.perf_counter() - start)
-        checkpoint.save(checkpoint_dir, model, optimizer, snapshot, best_state)
+        checkpoint.save(checkpoint_dir, model, optimizer, snapshot, best_state.get())
 
     done = bad_epochs >= cfg.patience
     interrupt = _InterruptFlag() if sharded(model) else _InterruptFlag().install()  # FSDP: ranks cannot agree on the step to checkpoint at
@@ -318,7 +373,7 @@ def fit(
         improved = val_f1 > best[0] + cfg.min_delta or (abs(val_f1 - best[0]) <= cfg.min_delta and val_loss < best[1])
         if improved:
             best, best_epoch, bad_epochs = (val_f1, val_loss), epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state.set(model.state_dict())
         else:
             bad_epochs += 1
             done = bad_epochs >= cfg.patience
@@ -330,8 +385,12 @@ def fit(
     if bad_epochs >= cfg.patience:
         stopped = f"early stopping: validation macro-F1 did not improve for {cfg.patience} epochs after epoch {best_epoch}"
     seconds = time.perf_counter() - start
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    best_weights = best_state.get()
+    best_state.close()
+    if best_weights is not None:
+        optimizer.state.clear()  # the AdamW moments are not needed any more: free them before the best weights are loaded
+        model.load_state_dict(best_weights)
+        del best_weights
     model = unwrap(model)  # FSDP: gathered into a plain copy on every rank; otherwise the model itself
     if lora:
         from peft import get_peft_model_state_dict

@@ -280,3 +280,18 @@ def test_generation_predictor_from_run(finished_run):
     out = predictor.generate(["what colour is the red fox", "what colour is the blue cat"], max_new_tokens=3)
     assert len(out) == 2 and all(isinstance(o, str) and len(o.split()) <= 3 for o in out)
     assert predictor.report["task"]["type"] == "generation" and predictor.run_dir == run
+
+
+def test_causal_lm_runs_refuse_more_than_one_process(tmp_path, monkeypatch):
+    """Under torchrun every rank would run a causal-LM pipeline and write the same folder: refused before any work."""
+    from fmtune import pipeline
+    from fmtune.config import build_config
+    from fmtune.errors import FmtuneError
+
+    data = write_jsonl(tmp_path / "qa.jsonl", colour_pairs(20))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    cfg = build_config({}, {"data": str(data), "out": str(tmp_path / "run")})
+    with pytest.raises(FmtuneError, match="one process"):
+        pipeline.run(cfg)
+    assert not (tmp_path / "run").exists()

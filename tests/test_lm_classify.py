@@ -139,6 +139,114 @@ def test_few_shot_takes_k_per_class_interleaved_and_fewer_when_the_context_is_sh
     assert per_class == 1 and len(shots) == 2 and f"fits the model's context of {one} tokens" in why
 
 
+# ---------------------------------------------------------------- contextual calibration of the no-training rungs
+
+
+def biased_scores(y: np.ndarray, bias: np.ndarray, signal: float = 2.0) -> np.ndarray:
+    """Summed label log-probs with a per-label bias that swamps the text's evidence (`signal` on the true label)."""
+    scores = np.full((len(y), len(bias)), -6.0) + bias[None, :]
+    scores[np.arange(len(y)), y] += signal
+    return scores
+
+
+def test_calibration_removes_a_constant_per_label_bias():
+    y = np.array([0, 1, 2, 1, 2, 0, 2, 2, 1, 0])
+    bias = np.array([0.0, -7.0, -9.0])  # label 0's word is the model's favourite
+    raw = biased_scores(y, bias)
+    assert raw.argmax(1).tolist() == [0] * len(y)
+    prior = bias - 5.0  # content-free texts: the same bias, no evidence (any constant shift is harmless)
+    assert lm_classify.calibrate(raw, prior).argmax(1).tolist() == y.tolist()
+    # the same as dividing each label's probability by its content-free probability and renormalising
+    divided = lm_classify.probabilities(raw) / lm_classify.probabilities(prior[None, :])
+    assert lm_classify.probabilities(lm_classify.calibrate(raw, prior)) == pytest.approx(divided / divided.sum(1, keepdims=True))
+    chosen = lm_classify.choose_calibration(raw, y, prior)
+    assert chosen.applied and chosen.validation_calibrated == 1.0 and chosen.validation_raw == pytest.approx(2 / 13)  # all label 0: F1 6/13 for it, 0 for the others
+    assert chosen.why == "calibrated: content-free label prior removed (validation macro-F1 1.000 calibrated vs 0.154 raw)"
+    assert chosen.apply(raw).argmax(1).tolist() == y.tolist()
+    d = chosen.to_dict(["a", "b", "c"])
+    assert d["applied"] and d["content_free_texts"] == list(lm_classify.CONTENT_FREE) and d["label_prior"] == {"a": -5.0, "b": -12.0, "c": -14.0}
+    assert d["validation_macro_f1"] == {"raw": 0.1538, "calibrated": 1.0}
+
+
+def test_raw_is_kept_when_calibration_does_not_win_on_validation():
+    y = np.array([0, 1, 0, 1, 1, 0])
+    unbiased = biased_scores(y, np.zeros(2))
+    skewed_prior = np.array([0.0, 4.0])  # a content-free prior that is not the model's bias on real texts
+    worse = lm_classify.choose_calibration(unbiased, y, skewed_prior)
+    assert not worse.applied and worse.validation_raw == 1.0 and worse.validation_calibrated < 1.0
+    assert worse.why.startswith("raw: calibration did not help on validation (validation macro-F1") and "tie" not in worse.why
+    assert worse.apply(unbiased) is unbiased
+    tie = lm_classify.choose_calibration(unbiased, y, np.array([-3.0, -3.0]))
+    assert not tie.applied and tie.validation_raw == tie.validation_calibrated == 1.0 and tie.why.endswith("; a tie keeps raw)")
+    empty = lm_classify.choose_calibration(np.zeros((0, 2)), np.zeros(0, dtype=np.int64), np.zeros(2))
+    assert not empty.applied and empty.to_dict(["a", "b"])["validation_macro_f1"] == {"raw": None, "calibrated": None}
+
+
+@pytest.mark.parametrize("few_shot", [False, True])
+def test_fit_calibration_scores_content_free_and_validation_texts_in_the_rungs_prompt(tiny_llama, tok, few_shot):
+    """The prior is the mean label score after the content-free texts with the rung's own shots; the choice compares
+    raw and calibrated macro-F1 of the validation texts."""
+    from fmtune.evaluate import macro_f1
+
+    model = causal_lm.load_model(tiny_llama)
+    p = lm_classify.LabelPrompt(("red", "blue"))
+    shots = [("the blue owl", "blue"), ("the red ant", "red")] if few_shot else ()
+    texts, y = ["the red cat", "the blue dog", "the red cow", "the blue yak"], np.array([0, 1, 0, 1])
+    chosen = lm_classify.fit_calibration(model, tok, p, shots, texts, y, batch_size=3)
+    prior = lm_classify.label_scores(model, tok, p, list(lm_classify.CONTENT_FREE), shots).mean(0)
+    assert chosen.prior == pytest.approx(prior, abs=1e-4)
+    val = lm_classify.label_scores(model, tok, p, texts, shots)
+    assert chosen.validation_raw == macro_f1(y, val.argmax(1), 2)
+    assert chosen.validation_calibrated == macro_f1(y, (val - prior).argmax(1), 2)
+    assert chosen.applied == (chosen.validation_calibrated > chosen.validation_raw)
+
+
+@pytest.mark.parametrize("validation_prefers", ["calibrated", "raw"])
+def test_the_pipeline_chooses_calibration_on_validation_never_on_test(tmp_path, tiny_llama, monkeypatch, validation_prefers):
+    """Label scores replaced by ones with a bias towards 'blue' that swamps the text's colour: on the test split,
+    calibration would recover every label. In the calibration pass (content-free + validation texts) the evidence
+    points the right way or, for 'raw', the wrong way, so the zero_shot and few_shot rungs take whatever validation
+    prefers and the test split's own answer plays no part. fine_tuned is never calibrated: it stays all 'blue'."""
+    from fmtune.config import build_config
+    from fmtune.pipeline import run
+
+    def fake_scores(model, tokenizer, prompt, texts, shots=(), batch_size=32, bf16=False, progress=None):
+        labels = list(prompt.labels)  # ["blue", "red"]
+        in_calibration = lm_classify.CONTENT_FREE[0] in texts
+        sign = -1.0 if in_calibration and validation_prefers == "raw" else 1.0
+        scores = np.tile(np.array([40.0, 0.0]) - 50.0, (len(texts), 1))
+        for i, t in enumerate(texts):
+            for j, lab in enumerate(labels):
+                if lab in t.split():
+                    scores[i, j] += 2.0 * sign
+        if progress:
+            progress(len(texts))
+        return scores
+
+    monkeypatch.setattr(lm_classify, "label_scores", fake_scores)
+    data = write_csv(tmp_path / "c.csv", colour_rows(40))
+    cfg = build_config(None, {"data": data, "model": str(tiny_llama), "out": tmp_path / "runs" / "cal", "epochs": 1, "bootstrap": 100, "latency_repeats": 3,
+                              "few_shot_k": 1, "curve": False, "rungs": ["zero_shot", "few_shot", "fine_tuned"]})
+    out = run(cfg, "test")
+    report = json.loads((out / "report.json").read_text())
+    rungs = {r["name"]: r for r in report["ladder"]}
+    choices = {c["setting"]: c for c in report["choices"]}
+    for name in ("zero_shot", "few_shot"):
+        cal = rungs[name]["calibration"]
+        assert cal["applied"] == (validation_prefers == "calibrated") and choices[f"calibration_{name}"]["value"] == validation_prefers
+        assert choices[f"calibration_{name}"]["why"] == cal["why"] and cal["label_prior"] == {"blue": -10.0, "red": -50.0}
+        if validation_prefers == "calibrated":
+            assert cal["validation_macro_f1"]["calibrated"] == 1.0 and rungs[name]["metrics"]["macro_f1"] == 1.0
+            assert "contextually calibrated" in rungs[name]["description"]
+        else:
+            assert cal["validation_macro_f1"]["calibrated"] == 0.0 and rungs[name]["metrics"]["macro_f1"] < 0.5
+            assert "contextually calibrated" not in rungs[name]["description"]
+    assert "calibration" not in rungs["fine_tuned"] and "calibration_fine_tuned" not in choices
+    lines = [json.loads(line) for line in (out / "logs" / "predictions.jsonl").read_text().splitlines()]
+    assert {line["fine_tuned"] for line in lines} == {"blue"}
+    assert all(line["zero_shot"] == (line["label"] if validation_prefers == "calibrated" else "blue") for line in lines)
+
+
 # ---------------------------------------------------------------- the whole run through the CLI
 
 
@@ -182,6 +290,13 @@ def test_run_folder_and_report_contract(finished_run):
     choices = {c["setting"]: c for c in report["choices"]}
     assert choices["class_weights"]["value"] is not None and report["levers"]["example_weights"] is True
     assert choices["scoring"]["value"] == "constrained" and choices["few_shot_k"]["value"] == 2
+    for name in ("zero_shot", "few_shot"):  # raw or calibrated, chosen on validation, with both numbers
+        cal, choice = rungs[name]["calibration"], choices[f"calibration_{name}"]
+        f1 = cal["validation_macro_f1"]
+        assert choice["value"] == ("calibrated" if cal["applied"] else "raw") and cal["applied"] == (f1["calibrated"] > f1["raw"])
+        assert choice["why"] == cal["why"] and f"validation macro-F1 {f1['calibrated']:.3f} calibrated vs {f1['raw']:.3f} raw" in cal["why"]
+        assert set(cal["label_prior"]) == {"blue", "red"} and cal["content_free_texts"] == list(lm_classify.CONTENT_FREE)
+    assert "calibration" not in rungs["fine_tuned"] and "calibration" not in rungs["from_scratch"]
     assert report["data"]["audit"]["class_counts"]["train"]["red"] > report["data"]["audit"]["class_counts"]["train"]["blue"]
     assert report["retention"]["higher_is_better"] is False and report["domain_shift"]["score"] > 0
     assert [p["fraction"] for p in report["learning_curve"]["points"]] == [0.25, 0.5, 1.0]

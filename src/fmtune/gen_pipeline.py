@@ -294,12 +294,26 @@ def run_lm_classification(cfg: RunConfig, command: str = "fmtune run") -> Path:
         boots: dict[str, np.ndarray] = {}
         predictions: dict[str, np.ndarray] = {}
 
-        def rung(rung_name: str, description: str, model, shots: list, train_examples: int, train_seconds: float, **extra) -> dict:
+        def rung(rung_name: str, description: str, model, shots: list, train_examples: int, train_seconds: float, calibrated: bool = False, **extra) -> dict:
+            """Scores the test split; with `calibrated` (the no-training rungs) the content-free texts and the validation split
+            first, to choose raw or calibrated scores on validation (lm_classify.fit_calibration)."""
+            calibration = None
             with _progress() as prog:
+                if calibrated:
+                    n_cal = len(lm_classify.CONTENT_FREE) + len(texts["validation"])
+                    task = prog.add_task(f"{rung_name}: content-free and validation texts (calibration)", total=n_cal, info="")
+                    t0 = time.perf_counter()
+                    calibration = lm_classify.fit_calibration(model, tokenizer, prompt, shots, texts["validation"], y["validation"], bs, bf16, lambda n: prog.advance(task, n))
+                    extra["calibration"] = {**calibration.to_dict(labels), "seconds": round(time.perf_counter() - t0, 3)}
+                    choices.append({"setting": f"calibration_{rung_name}", "value": "calibrated" if calibration.applied else "raw", "why": calibration.why})
+                    if calibration.applied:
+                        description += "; contextually calibrated (each label's log-probability minus its mean after content-free texts, chosen on validation)"
                 task = prog.add_task(f"{rung_name}: scoring the labels", total=len(texts["test"]), info="")
                 t0 = time.perf_counter()
                 scores = lm_classify.label_scores(model, tokenizer, prompt, texts["test"], shots, bs, bf16, lambda n: prog.advance(task, n))
                 eval_s = time.perf_counter() - t0
+            if calibration is not None:
+                scores = calibration.apply(scores)
             predictions[rung_name] = scores.argmax(1)
             row, boots[rung_name] = _rung(rung_name, description, y["test"], predictions[rung_name], labels, boot, train_examples, train_seconds, eval_seconds=round(eval_s, 3), **extra)
             ladder.append(row)
@@ -307,11 +321,11 @@ def run_lm_classification(cfg: RunConfig, command: str = "fmtune run") -> Path:
 
         # ---- no-training rungs: prompting the base model
         with stage("rung zero_shot", log):
-            rung("zero_shot", "the base model, no labeled examples: the instruction and the label list, constrained scoring of the labels", base, [], 0, 0.0)
-        shots, per_class, shots_why = lm_classify.choose_shots(tokenizer, prompt, texts["train"], y["train"], texts["test"], cfg.eval.few_shot_k, limit, seed)
+            rung("zero_shot", "the base model, no labeled examples: the instruction and the label list, constrained scoring of the labels", base, [], 0, 0.0, calibrated=True)
+        shots, per_class, shots_why = lm_classify.choose_shots(tokenizer, prompt, texts["train"], y["train"], texts["test"] + texts["validation"], cfg.eval.few_shot_k, limit, seed)
         with stage("rung few_shot", log):
             rung("few_shot", f"the base model with {per_class} labeled examples per class ({len(shots)} in all) as previous chat turns in every prompt, constrained scoring",
-                 base, shots, len(shots), 0.0, shots_per_class=per_class)
+                 base, shots, len(shots), 0.0, calibrated=True, shots_per_class=per_class)
         choices.append({"setting": "few_shot_k", "value": per_class, "why": shots_why})
         skipped = {}
         if "head_only" in cfg.eval.rungs:

@@ -5,6 +5,11 @@ never answers outside the label set and no free generation is needed.
 
 Scoring shares the prompt: the tokens every (text, label) row starts with (the system turn, the instruction, few-shot
 examples) run once; their key/value cache is reused by every batch, and only each text and label run per row.
+
+The no-training rungs (the base model prompted) may be calibrated: summed label log-probabilities carry the model's prior
+for each label word, which can make it answer one label for every text. Contextual calibration (Zhao et al. 2021,
+"Calibrate Before Use") scores the labels after a few content-free texts in the same prompt and subtracts their mean
+per-label log-probability; whether that helps is decided on the validation split (`choose_calibration`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ PROMPT_FILE = "fmtune_label_prompt.json"  # in a run's model/ folder: how to pro
 TASK = "Task: classify the text below. Answer with exactly one of these labels and nothing else"
 SCORING = ("constrained scoring: each label's answer is scored after the prompt (sum of its token log-probabilities, "
            "end-of-turn included) and the highest-scoring label is the prediction")
+CONTENT_FREE = ("N/A", "", "[MASK]")  # texts that say nothing: what the model answers for them is its label prior
 CACHE_TOKENS_PER_BATCH = 8192  # rows x (shared prefix + row) tokens of key/value cache held at once while scoring
 
 
@@ -153,11 +159,65 @@ def probabilities(scores: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def calibrate(scores: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """Contextual calibration with a diagonal W on log-probabilities: each label's score minus its content-free score,
+    i.e. each label's probability divided by its content-free probability."""
+    return scores - prior[None, :]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Raw or calibrated scoring for one no-training rung, chosen on the validation split (ties keep raw)."""
+
+    applied: bool
+    prior: np.ndarray  # the content-free log-probability per label
+    validation_raw: float | None  # macro-F1 on validation, raw and calibrated scores (None without validation examples)
+    validation_calibrated: float | None
+    why: str
+
+    def apply(self, scores: np.ndarray) -> np.ndarray:
+        return calibrate(scores, self.prior) if self.applied else scores
+
+    def to_dict(self, labels: list[str] | tuple[str, ...]) -> dict:
+        return {"applied": self.applied, "content_free_texts": list(CONTENT_FREE),
+                "label_prior": {lab: round(float(p), 4) for lab, p in zip(labels, self.prior)},
+                "validation_macro_f1": {"raw": _round(self.validation_raw), "calibrated": _round(self.validation_calibrated)}, "why": self.why}
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def choose_calibration(validation_scores: np.ndarray, y_validation: np.ndarray, prior: np.ndarray) -> Calibration:
+    """Calibrated when it scores a higher macro-F1 than raw on the validation split; raw on a tie or without validation
+    examples. The test split plays no part."""
+    from fmtune.evaluate import macro_f1
+
+    k = len(prior)
+    if len(y_validation) == 0:
+        return Calibration(False, prior, None, None, "raw: no validation examples to decide whether calibration helps")
+    raw = macro_f1(y_validation, validation_scores.argmax(1), k)
+    cal = macro_f1(y_validation, calibrate(validation_scores, prior).argmax(1), k)
+    numbers = f"validation macro-F1 {cal:.3f} calibrated vs {raw:.3f} raw"
+    if cal > raw:
+        return Calibration(True, prior, raw, cal, f"calibrated: content-free label prior removed ({numbers})")
+    return Calibration(False, prior, raw, cal, f"raw: calibration did not help on validation ({numbers}{'; a tie keeps raw' if cal == raw else ''})")
+
+
+def fit_calibration(model, tokenizer, prompt: LabelPrompt, shots: list[tuple[str, str]] | tuple, validation_texts: list[str], y_validation: np.ndarray,
+                    batch_size: int = 32, bf16: bool = False, progress: Callable[[int], None] | None = None) -> Calibration:
+    """Scores the CONTENT_FREE texts and the validation texts in one shared-prefix pass (same prompt, same shots); the
+    content-free mean per label is the prior, and choose_calibration picks raw or calibrated on validation."""
+    n = len(CONTENT_FREE)
+    scores = label_scores(model, tokenizer, prompt, list(CONTENT_FREE) + list(validation_texts), shots, batch_size, bf16, progress)
+    return choose_calibration(scores[n:], np.asarray(y_validation), scores[:n].mean(0))
+
+
 def choose_shots(tokenizer, prompt: LabelPrompt, train_texts: list[str], y_train: np.ndarray, test_texts: list[str], k: int, budget: int,
                  seed: int) -> tuple[list[tuple[str, str]], int, str]:
     """Up to k seeded random training examples per class, classes interleaved (no run of one class right before the
-    question); fewer per class while the longest test text's prompt with them and the longest label exceeds `budget`
-    tokens. Returns (shots, per class, why)."""
+    question); fewer per class while the prompt of the longest of `test_texts` (every text the shots will be scored with),
+    with them and the longest label, exceeds `budget` tokens. Returns (shots, per class, why)."""
     rng = np.random.default_rng(seed + 2)
     per_class = [rng.permutation(np.flatnonzero(y_train == c))[:k] for c in range(len(prompt.labels))]
     longest_text = max(test_texts, key=len) if test_texts else ""
@@ -176,7 +236,7 @@ def choose_shots(tokenizer, prompt: LabelPrompt, train_texts: list[str], y_train
     shots = pick(n)
     why = f"{n} training examples per class ({len(shots)} in all) as previous chat turns, classes interleaved (--few-shot-k {k})"
     if n < available:
-        why += f"; {n} per class is what fits the model's context of {budget} tokens with the longest test text"
+        why += f"; {n} per class is what fits the model's context of {budget} tokens with the longest text it is scored with"
     short = [prompt.labels[c] for c, idx in enumerate(per_class) if len(idx) < n]
     if short:
         why += f"; fewer for {', '.join(short)}, which have fewer than {n} training examples"

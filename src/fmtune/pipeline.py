@@ -151,6 +151,12 @@ def _rung(name: str, description: str, y_true, y_pred, labels, boot, train_examp
     return row, boot_primary
 
 
+def _is_causal_lm(name: str | None) -> bool:
+    from fmtune.causal_lm import is_causal_lm
+
+    return is_causal_lm(name)
+
+
 def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
     """Run the whole evidence pipeline; returns the finished run folder."""
     import torch
@@ -164,13 +170,19 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
     from fmtune import gen_data
 
     hf_logging.disable_progress_bar()  # fmtune shows its own progress
+    causal = gen_data.detect_task(cfg.data) == "generation" or _is_causal_lm(cfg.model.model)
+    if causal and distributed.world().distributed:  # every rank would run the whole pipeline and write the same folder
+        raise FmtuneError(
+            "runs on a causal LM (generation, or classification with smollm2 or a *ForCausalLM folder) train in one process; "
+            "multi-process training (--nproc, torchrun, accelerate launch) covers encoder classification. Fix: run the same command without --nproc / the launcher."
+        )
+    if causal and cfg.resume:
+        console.print("[yellow]note:[/] --resume applies to encoder classification runs; a causal-LM run starts again from the beginning.")
     if gen_data.detect_task(cfg.data) == "generation":
         from fmtune.gen_pipeline import run_generation
 
         return run_generation(cfg, command)
-    from fmtune.causal_lm import is_causal_lm
-
-    if is_causal_lm(cfg.model.model):  # classification with a causal LM: the label word as the answer
+    if _is_causal_lm(cfg.model.model):  # classification with a causal LM: the label word as the answer
         from fmtune.gen_pipeline import run_lm_classification
 
         return run_lm_classification(cfg, command)

@@ -196,6 +196,8 @@ def _view(report: dict) -> dict[str, Any]:
         "extra_metrics": extra_metrics,
         "ladder": ladder,
         "is_generation": is_generation,
+        "is_label_scoring": task.get("model_kind") == "causal_lm" and not is_generation,
+        "skipped_rungs": _skipped_rungs(report.get("skipped_rungs")),
         "labels": labels,
         "skip": {
             "verdict": _skip_reason(report.get("verdict")),
@@ -230,6 +232,15 @@ def _count(counts: Any) -> int:
 
 def _history_rungs(ladder: list[dict]) -> list[dict]:
     return [r for r in ladder if r.get("history")]
+
+
+def _skipped_rungs(value) -> list[tuple[str, str]]:
+    """[(rung, reason)] from report["skipped_rungs"] ({rung: reason} or [{"name", "reason"}])."""
+    if isinstance(value, dict):
+        return [(str(k), str(v)) for k, v in value.items()]
+    if isinstance(value, list):
+        return [(str(x.get("name", "")), str(x.get("reason", ""))) for x in value if isinstance(x, dict)]
+    return []
 
 
 def _confusion_skip(ladder: list[dict], is_generation: bool) -> str | None:

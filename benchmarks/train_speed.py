@@ -80,7 +80,8 @@ def run_fmtune(recipe: str, cfg: dict, split: dict, model_path: Path, tokenizer)
     torch.manual_seed(cfg["seed"])
     model = models.load_classifier(model_path, ["rotten", "fresh"], dropout=dropout)
     tc = TrainConfig(epochs=cfg["epochs"], patience=cfg["epochs"], batch_size=cfg["batch_size"], weight_decay=cfg["weight_decay"], warmup_ratio=cfg["warmup_ratio"], class_weights="none",
-                     fast_dropout=recipe != "fmtune_torch_dropout")
+                     fast_dropout=recipe != "fmtune_torch_dropout", bf16_weights=recipe != "fmtune_autocast", sparse_embedding_grad=recipe != "fmtune_dense_embedding_grad",
+                     compile=recipe == "fmtune_compile")
     start = time.perf_counter()
     ids = {s: train.token_ids(tokenizer, split[s][0], cfg["max_length"]) for s in ("train", "validation")}
     tokenise_seconds = time.perf_counter() - start
@@ -123,8 +124,18 @@ def run_trainer(recipe: str, cfg: dict, split: dict, model_path: Path, tokenizer
 
 
 def child(recipe: str, cfg: dict) -> dict:
-    """One recipe in this (fresh) process: train, then score the test split with the same fp32 evaluation for all."""
+    """One recipe in this (fresh) process: train, then score the test split with the same fp32 evaluation for all.
+    fmtune's recipes choose the OpenMP wait policy as the fmtune CLI does (fmtune.threads, before torch starts);
+    Trainer's recipes run in the environment a Trainer user has (OpenMP's defaults), `fmtune_passive` with
+    OMP_WAIT_POLICY=PASSIVE."""
     import resource
+
+    from fmtune import threads
+
+    if recipe == "fmtune_passive":
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    if recipe.startswith("fmtune"):
+        threads.configure()
 
     import numpy as np
     import torch
@@ -153,7 +164,7 @@ def child(recipe: str, cfg: dict) -> dict:
         "non_embedding_parameters": non_embedding_parameters(model), "bf16": res["bf16"], "threads": torch.get_num_threads(),
         "tokenise_seconds": round(res["tokenise_seconds"], 3), "test_eval_seconds": round(eval_seconds, 3),
         "test_accuracy": round(metrics["accuracy"], 4), "test_macro_f1": round(metrics["macro_f1"], 4),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "omp_wait": threads.choice(),
         **{k: v for k, v in res.items() if k not in ("seconds", "tokenise_seconds", "bf16", "real_tokens")},
     }
 

@@ -60,3 +60,24 @@ def test_done_marker_roundtrip(tmp_path):
     checkpoint.mark_done(tmp_path, model, {"best_epoch": 2})
     result, weights = checkpoint.load_done(tmp_path)
     assert result == {"best_epoch": 2} and set(weights) == set(model.state_dict())
+
+
+def test_streamed_safetensors_round_trip_every_dtype(tmp_path):
+    """checkpoint.write_safetensors writes the standard format: safetensors' own loader reads back every dtype, 0-d
+    and empty tensors and non-contiguous views, bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fmtune import checkpoint
+
+    base = torch.randn(5, 7)
+    tensors = {
+        "f32": base, "bf16": base.to(torch.bfloat16), "f16": base.half(), "f64": base.double(), "i64": torch.arange(6).view(2, 3),
+        "i32": torch.arange(4, dtype=torch.int32), "u8": torch.arange(3, dtype=torch.uint8), "bool": base > 0, "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4), "view": base.t(), "step": torch.tensor(7),
+    }
+    checkpoint.write_safetensors(tensors, tmp_path / "t.safetensors")
+    back = load_file(str(tmp_path / "t.safetensors"))
+    assert set(back) == set(tensors)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k

@@ -54,8 +54,6 @@ def test_out_of_memory_suggests_smaller_batches(tiny_bert, monkeypatch):
 
 
 def test_disk_full_while_checkpointing_keeps_the_last_good_one(tmp_path, monkeypatch):
-    import safetensors.torch
-
     model = torch.nn.Linear(4, 2)
     opt = torch.optim.AdamW(model.parameters())
     checkpoint.save(tmp_path, model, opt, checkpoint.TrainState(step=1), None)
@@ -63,7 +61,7 @@ def test_disk_full_while_checkpointing_keeps_the_last_good_one(tmp_path, monkeyp
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(checkpoint, "write_safetensors", full)
     with pytest.raises(FmtuneError) as err:
         checkpoint.save(tmp_path, model, opt, checkpoint.TrainState(step=2), None)
     assert "disk full" in str(err.value) and "step-0000001" in str(err.value) and "--resume" in str(err.value)

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import os
+import sys
 
-# Before torch starts its thread pool: idle OpenMP threads sleep instead of spinning, so a busy core (another process,
-# the HTTP server's event loop) does not stall every parallel region. Measured: 2-6x slower steps without it on a shared
-# 2-core machine. An explicit OMP_WAIT_POLICY from the user wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import sys  # noqa: E402
-import types
+def _configure_threads(argv: list[str]) -> None:
+    """Before torch starts its thread pool: how its threads wait between ops (fmtune.threads), for the commands that
+    compute; `--help` and the registry commands skip the 0.15 s look at the machine's load."""
+    words = [a for a in argv[1:] if not a.startswith("-")]
+    command = words[0] if words else None
+    if command in ("run", "quickstart", "predict", "serve") and not {"--help", "-h"} & set(argv):
+        from fmtune import threads
+
+        threads.configure(serving=command == "serve")
+
+
+_configure_threads(sys.argv)
+
+import types  # noqa: E402  (after the thread-pool setting above)
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -130,8 +139,9 @@ run_command = click.Command(
 # --------------------------------------------------------------------------- other commands
 @app.command()
 def quickstart(
-    task: str = typer.Option("classification", help="classification (MiniLM on Rotten Tomatoes snippets) or generation (SmolLM2-135M-Instruct + LoRA on chatterbot-corpus question/answer pairs)."),
-    examples: int = typer.Option(3200, help="Rotten Tomatoes snippets to use (fresh/rotten, stratified sample)."),
+    task: str = typer.Option("classification", help="classification (MiniLM on Rotten Tomatoes snippets) or generation (SmolLM2-135M-Instruct + LoRA on packaged question/answer pairs, see --dataset)."),
+    examples: Optional[int] = typer.Option(None, help="Examples to use. Classification: Rotten Tomatoes snippets, stratified (default 3200). Generation: question/answer pairs (default 420 word-forms, 100 chatterbot)."),
+    dataset: str = typer.Option("word-forms", help="Generation only: word-forms (one-word answers: plurals, tenses, comparatives, opposites, nationalities, capitals, currencies, from gensim's questions-words.txt) or chatterbot (chit-chat and trivia question -> answer pairs from chatterbot-corpus)."),
     out: Path = typer.Option(Path("runs/quickstart"), help="Run folder (replaced if it exists)."),
     method: str = typer.Option("full", help="full or lora."),
     curve: bool = typer.Option(True, help="Run the learning curve."),
@@ -143,16 +153,21 @@ def quickstart(
     from fmtune.quickstart import QUICKSTART_DESCRIPTIONS, rotten_tomatoes_csv
 
     if task == "generation":
-        from fmtune.gen_data import QUICKSTART_OVERRIDES, chatterbot_jsonl
+        from fmtune import gen_data
 
+        if dataset == "word-forms":
+            path, overrides = gen_data.word_forms_jsonl(seed, examples or gen_data.WORD_FORMS_EXAMPLES), gen_data.WORD_FORMS_OVERRIDES
+        elif dataset == "chatterbot":
+            path, overrides = gen_data.chatterbot_jsonl(seed, examples or gen_data.QUICKSTART_EXAMPLES), gen_data.QUICKSTART_OVERRIDES
+        else:
+            raise FmtuneError(f"--dataset {dataset}: choose one of {', '.join(gen_data.QUICKSTART_DATASETS)}.")
         target = out if out != Path("runs/quickstart") else Path("runs/quickstart-generation")
-        overrides = {**QUICKSTART_OVERRIDES, "curve": curve and QUICKSTART_OVERRIDES.get("curve", True)}
-        cfg = build_config(None, {"data": chatterbot_jsonl(seed), "out": target, "name": target.name, "overwrite": True, "seed": seed, **overrides})
+        cfg = build_config(None, {"data": path, "out": target, "name": target.name, "overwrite": True, "seed": seed, **overrides, "curve": curve})
         run(cfg, command=" ".join(["fmtune"] + sys.argv[1:]))
         return
     if task != "classification":
         raise FmtuneError(f"--task {task}: choose classification or generation.")
-    data = rotten_tomatoes_csv(examples, seed)
+    data = rotten_tomatoes_csv(examples or 3200, seed)
     cfg = build_config(None, {"data": data, "out": out, "name": out.name, "overwrite": True, "method": method, "curve": curve, "seed": seed, "label_descriptions": QUICKSTART_DESCRIPTIONS})
     run(cfg, command=" ".join(["fmtune"] + sys.argv[1:]))
 

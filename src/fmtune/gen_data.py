@@ -251,8 +251,8 @@ def _sample(pairs: list[Pair], limit: int | None, rng: random.Random, dropped: d
 
 # ---------------------------------------------------------------- quickstart data
 
-# Recommended overrides for `fmtune quickstart --task generation` (SmolLM2 + chatterbot pairs, 2 CPU cores, minutes).
-QUICKSTART_EXAMPLES = 100  # pairs: 70 train, 10 validation, 20 test
+# Recommended overrides for `fmtune quickstart --task generation` (SmolLM2 + LoRA, 2 CPU cores, minutes).
+QUICKSTART_EXAMPLES = 100  # chatterbot pairs: 70 train, 10 validation, 20 test
 QUICKSTART_OVERRIDES = {
     "task": "generation",
     "model": "smollm2",
@@ -267,6 +267,87 @@ QUICKSTART_OVERRIDES = {
     "latency_repeats": 3,
     "curve_fractions": [0.25, 0.5],
 }
+# The default generation quickstart: one-word answers that follow rules of English morphology and a few facts, so what
+# fine-tuning teaches (the answer's form, and the rule) is visible in exact match on unseen words.
+WORD_FORMS_EXAMPLES = 420  # 294 train, 42 validation, 84 test
+WORD_FORMS_OVERRIDES = {**QUICKSTART_OVERRIDES, "epochs": 3, "few_shot_k": 4, "max_new_tokens": 8, "metric": "exact_match"}
+WORD_FORMS_QUESTIONS = {  # questions-words.txt section -> (question for the first word of a pair; the answer is the second)
+    "capital-common-countries": None,  # (capital, country) pairs: asked the other way round below
+    "capital-world": None,
+    "currency": "What is the currency of {}?",
+    "city-in-state": "In which US state is the city of {}?",
+    "family": "What is the female counterpart of the word '{}'?",
+    "gram1-adjective-to-adverb": "What is the adverb formed from the adjective '{}'?",
+    "gram2-opposite": "What is the opposite of '{}', formed with a prefix?",
+    "gram3-comparative": "What is the comparative form of '{}'?",
+    "gram4-superlative": "What is the superlative form of '{}'?",
+    "gram5-present-participle": "What is the present participle (-ing form) of the verb '{}'?",
+    "gram6-nationality-adjective": "What is the nationality adjective for {}?",
+    "gram7-past-tense": "What is the simple past tense of '{}'?",
+    "gram8-plural": "What is the plural of '{}'?",
+    "gram9-plural-verbs": "What is the third-person singular present form of the verb '{}'?",
+}
+QUICKSTART_DATASETS = ("word-forms", "chatterbot")
+
+
+def word_forms_pairs() -> dict[str, list[tuple[str, str]]]:
+    """{section: sorted unique (question, answer)} from questions-words.txt in the gensim package (word-analogy lines
+    'a b c d' hold two pairs (a, b) and (c, d) of one relation); read as a file, gensim is not imported."""
+    from fmtune.errors import DataError
+    from fmtune.models import package_dir
+
+    root = package_dir("gensim")
+    path = root / "test" / "test_data" / "questions-words.txt" if root is not None else None
+    if path is None or not path.is_file():
+        raise DataError("the generation quickstart data (questions-words.txt) comes with the gensim package. Fix: pip install --no-deps gensim")
+    sections: dict[str, set[tuple[str, str]]] = {}
+    section = None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith(":"):
+            section = line[1:].strip()
+            sections[section] = set()
+            continue
+        words = line.split()
+        if section in WORD_FORMS_QUESTIONS and len(words) == 4:
+            sections[section].update({(words[0], words[1]), (words[2], words[3])})
+    out = {}
+    for name, found in sections.items():
+        if name not in WORD_FORMS_QUESTIONS:
+            continue
+        template = WORD_FORMS_QUESTIONS[name]
+        out[name] = sorted((f"What is the capital of {b}?", a) if template is None else (template.format(a), b) for a, b in found)
+    return out
+
+
+def word_forms_jsonl(seed: int, examples: int = WORD_FORMS_EXAMPLES) -> Path:
+    """A seeded sample of `examples` word-form questions, the same number from every section (as far as each has them),
+    as prompt/completion JSONL written once, atomically, into the fmtune cache."""
+    import os
+
+    from fmtune.quickstart import cache_dir
+
+    out = cache_dir() / "quickstart" / f"word_forms_{examples}_seed{seed}.jsonl"
+    if out.is_file():
+        return out
+    rng = random.Random(seed)
+    sections = word_forms_pairs()
+    pools = {name: rng.sample(pairs, len(pairs)) for name, pairs in sorted(sections.items())}
+    chosen: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    while len(chosen) < examples and any(pools.values()):
+        for pool in pools.values():  # round robin over the sections
+            while pool and len(chosen) < examples:
+                q, a = pool.pop()
+                if q not in seen:  # the capital questions of both capital sections can coincide
+                    seen.add(q)
+                    chosen.append((q, a))
+                    break
+    rng.shuffle(chosen)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text("".join(json.dumps({"prompt": q, "completion": a}, ensure_ascii=False) + "\n" for q, a in chosen), encoding="utf-8")
+    os.replace(tmp, out)
+    return out
 
 
 def chatterbot_jsonl(seed: int, examples: int = QUICKSTART_EXAMPLES, max_answer_words: int = 20) -> Path:

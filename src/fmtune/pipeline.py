@@ -162,7 +162,7 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
     import torch
 
     from fmtune import audit as audit_mod
-    from fmtune import baselines, checkpoint, data, distributed, domain_shift, inference, learning_curve, models, retention, train, verdict
+    from fmtune import baselines, checkpoint, data, distributed, domain_shift, inference, learning_curve, models, retention, tokens, train, verdict
     from fmtune.evaluate import bootstrap_indices, embed
 
     from transformers.utils import logging as hf_logging
@@ -233,8 +233,10 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
         texts = {s: [e.text for e in getattr(splits, s)] for s in ("train", "validation", "test")}
         label_index = {lab: i for i, lab in enumerate(labels)}
         y = {s: np.array([label_index[e.label] for e in getattr(splits, s)], dtype=np.int64) for s in texts}
+        with stage("tokenise", log):
+            tokenised = {s: tokens.tokenise(tokenizer, t, use_cache=cfg.train.token_cache) for s, t in texts.items()}
         with stage("audit data", log):
-            lengths = {s: [len(ids) for ids in tokenizer(t, add_special_tokens=True, truncation=False)["input_ids"]] for s, t in texts.items()}
+            lengths = {s: r.lengths for s, r in tokenised.items()}
             limit = model_token_limit(encoder.config, tokenizer)
             max_length, max_length_why = choose_max_length(lengths["train"], limit, cfg.model.max_length)
             audit = audit_mod.audit(splits, token_lengths=lengths, max_length=max_length, redacted=redacted)
@@ -266,7 +268,7 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
                 boots[rung_name] = b
 
         # ---- trained rungs
-        ids = {s: train.token_ids(tokenizer, t, max_length) for s, t in texts.items()}
+        ids = {s: tokens.truncate(tokenizer, t, tokenised[s].ids, max_length) for s, t in texts.items()}
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         lora = cfg.train.method == "lora"  # auto = full fine-tuning for an encoder
         ft_lr = (cfg.train.lora_learning_rate or cfg.train.learning_rate * 10) if lora else cfg.train.learning_rate
@@ -387,7 +389,8 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
         gate = cfg.evidence.max_forgetting
         gate_failed = gate is not None and retention_["relative_change"] < -gate
         verdict_["gates"] = {"max_forgetting": gate, "passed": not gate_failed}
-        levers = dict(ft.levers)
+        levers = {**ft.levers, "token_cache": {s: r.source for s, r in tokenised.items()} if cfg.train.token_cache else "off",
+                  "tokenise_seconds": round(sum(r.seconds for r in tokenised.values()), 3)}
         report = {
             "fmtune_version": fmtune.__version__,
             "run": {"name": name, "status": "complete", "started_at": started.isoformat(timespec="seconds"), "finished_at": None,

@@ -1,0 +1,144 @@
+"""fmtune.mixed_precision: the bf16 compute copy with fp32 masters, the sparse embedding gradient and the clip, on a tiny
+random BERT (CPU, seconds)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fmtune import models, train
+from fmtune.config import TrainConfig
+from fmtune.mixed_precision import Bf16Copy, SparseEmbeddingGrad, clip_grad_norm
+from conftest import make_reviews
+
+
+@pytest.fixture(scope="module")
+def data(tiny_bert):
+    tok = models.load_tokenizer(tiny_bert)
+    rows = make_reviews(96, seed=1)
+    ids = train.token_ids(tok, [t for t, _ in rows], 32)
+    y = np.array([0 if lab == "neg" else 1 for _, lab in rows], dtype=np.int64)
+    return tok, ids, y
+
+
+def _fit(tiny_bert, data, checkpoint_dir=None, progress=None, **overrides):
+    tok, ids, y = data
+    torch.manual_seed(0)
+    model = models.load_classifier(tiny_bert, ["neg", "pos"])
+    cfg = TrainConfig(**{"epochs": 2, "batch_size": 16, "patience": 2, "dropout": 0.0, **overrides})
+    bf16 = overrides.pop("bf16", "off") == "on"
+    return train.fit(model, tok, (ids[:64], y[:64]), (ids[64:], y[64:]), cfg, learning_rate=1e-3, n_classes=2, seed=0, bf16=bf16,
+                     checkpoint_dir=checkpoint_dir, progress=progress)
+
+
+def _batch(data, model):
+    tok, ids, y = data
+    table, lengths = train.pad_table(ids[:16], tok.pad_token_id)
+    input_ids, mask = train.batch_tensors(table, lengths, np.arange(16), "cpu")
+    return input_ids, mask, torch.as_tensor(y[:16])
+
+
+def test_sparse_embedding_gradient_gives_the_dense_update(tiny_bert, data):
+    """Same dense gradient in the buffer (touched rows only), same clip, same AdamW step as the plain dense recipe."""
+    grads = {}
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = models.load_classifier(tiny_bert, ["neg", "pos"], dropout=0.0)
+        helper = SparseEmbeddingGrad.install(model) if sparse else None
+        input_ids, mask, y = _batch(data, model)
+        torch.nn.functional.cross_entropy(model(input_ids=input_ids, attention_mask=mask).logits, y).backward()
+        emb = model.get_input_embeddings().weight
+        assert emb.grad.layout == torch.strided  # the optimizer always sees a dense gradient
+        grads[sparse] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        params = [p for p in model.parameters()]
+        norm = clip_grad_norm(params, 0.1, helper) if sparse else torch.nn.utils.clip_grad_norm_(params, 0.1)
+        grads[(sparse, "norm")] = float(norm)
+        grads[(sparse, "clipped")] = emb.grad.clone()
+        if sparse:
+            rows = helper.rows()
+            assert set(rows.tolist()) == set(input_ids.unique().tolist()) - {0}  # [PAD] (id 0) is the padding_idx: no gradient
+            helper.zero()
+            assert emb.grad is helper.buffer and not helper.buffer.any()
+            helper.remove()
+            assert model.get_input_embeddings().sparse is False and emb.grad is None
+    for name in grads[False]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-5, atol=1e-7, msg=name)
+    assert grads[(True, "norm")] == pytest.approx(grads[(False, "norm")], rel=1e-5)
+    torch.testing.assert_close(grads[(True, "clipped")], grads[(False, "clipped")], rtol=1e-5, atol=1e-8)
+
+
+def test_clip_matches_torch_and_leaves_small_gradients_alone():
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))
+    a.grad, b.grad = torch.randn(5, 3) * 3, torch.randn(4) * 3
+    ref = [a.grad.clone(), b.grad.clone()]
+    ra, rb = torch.nn.Parameter(a.detach().clone()), torch.nn.Parameter(b.detach().clone())
+    ra.grad, rb.grad = ref[0].clone(), ref[1].clone()
+    assert float(clip_grad_norm([a, b], 1.0)) == pytest.approx(float(torch.nn.utils.clip_grad_norm_([ra, rb], 1.0)), rel=1e-6)
+    torch.testing.assert_close(a.grad, ra.grad) and torch.testing.assert_close(b.grad, rb.grad)
+    before = a.grad.clone()
+    clip_grad_norm([a, b], 100.0)
+    assert torch.equal(a.grad, before)
+
+
+def test_bf16_copy_feeds_fp32_masters(tiny_bert, data):
+    torch.manual_seed(0)
+    master = models.load_classifier(tiny_bert, ["neg", "pos"], dropout=0.0)
+    helper = SparseEmbeddingGrad.install(master)
+    mp = Bf16Copy(master)
+    emb = master.get_input_embeddings().weight
+    assert mp.shared == [emb] and mp.compute.get_input_embeddings().weight is emb  # shared fp32, not copied
+    assert all(p.dtype == torch.float32 for p in master.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in mp.compute_params) and len(mp.compute_params) == len(list(master.parameters())) - 1
+    input_ids, mask, y = _batch(data, master)
+    logits = mp.compute(input_ids=input_ids, attention_mask=mask).logits
+    assert logits.dtype == torch.bfloat16
+    torch.nn.functional.cross_entropy(logits.float(), y).backward()
+    bf16_grads = [c.grad.float() for c in mp.compute_params]
+    mp.step_grads(None, helper)
+    for m, g in zip(mp.master_params, bf16_grads):
+        assert m.grad.dtype == torch.float32 and torch.equal(m.grad, g)  # bf16 -> fp32 is exact
+    assert all(c.grad is None for c in mp.compute_params)  # the next backward writes fresh gradients
+    opt = torch.optim.AdamW(master.parameters(), lr=1e-2)
+    before = master.classifier.weight.detach().clone()
+    opt.step()
+    mp.refresh()
+    assert not torch.equal(master.classifier.weight, before)
+    assert torch.equal(mp.compute.classifier.weight, master.classifier.weight.to(torch.bfloat16))
+    mp.close()
+    helper.remove()
+
+
+def test_bf16_copy_trains_like_autocast_and_returns_fp32(tiny_bert, data):
+    a = _fit(tiny_bert, data, bf16="on", bf16_weights=True)
+    b = _fit(tiny_bert, data, bf16="on", bf16_weights=False)
+    assert a.levers["bf16_weights"].startswith("bf16 copy") and b.levers["bf16_weights"] == "autocast"
+    assert all(p.dtype == torch.float32 for p in a.model.parameters())
+    assert a.history[-1]["train_loss"] == pytest.approx(b.history[-1]["train_loss"], rel=0.05)
+    assert not any(type(m).__name__ == "FastDropout" for m in a.model.modules())
+
+
+@pytest.mark.parametrize("bf16", ["on", "off"])
+def test_crash_then_resume_equals_uninterrupted(tiny_bert, data, tmp_path, bf16):
+    """Every lever on (bf16 copy + fp32 masters when bf16 is on, sparse embedding gradient): a run stopped after step 5
+    and resumed from its step-4 checkpoint ends with exactly the weights of an uninterrupted run."""
+    whole = _fit(tiny_bert, data, checkpoint_dir=tmp_path / "a", bf16=bf16, checkpoint_every=2, dropout=0.1)
+
+    class Crash(Exception):
+        pass
+
+    steps = []
+
+    def crash(n, row):
+        if n:
+            steps.append(n)
+        if len(steps) == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        _fit(tiny_bert, data, checkpoint_dir=tmp_path / "b", progress=crash, bf16=bf16, checkpoint_every=2, dropout=0.1)
+    resumed = _fit(tiny_bert, data, checkpoint_dir=tmp_path / "b", bf16=bf16, checkpoint_every=2, dropout=0.1)
+    for (k, v), (k2, v2) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+    assert [h["train_loss"] for h in whole.history] == [h["train_loss"] for h in resumed.history]

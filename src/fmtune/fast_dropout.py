@@ -14,6 +14,7 @@ Philox dropout is already cheap.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import numpy as np
@@ -23,13 +24,42 @@ from torch import nn
 ATTENTION_NAME = "fmtune_cpu_dropout"
 
 
+def _draws(n: int) -> np.ndarray:
+    """n uniform 16-bit draws from SFC64, seeded from (and advancing) torch's RNG, which checkpoints save and restore."""
+    seed = int(torch.randint(0, 2**62, (1,)))
+    bits = np.random.Generator(np.random.SFC64(seed)).bit_generator.random_raw((n + 3) // 4)
+    return bits.view(np.uint16)[:n]
+
+
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
     """A bool tensor that is True with probability 1 - p (each element independently, p resolved to 1/65536)."""
     n = int(np.prod(shape))
-    seed = int(torch.randint(0, 2**62, (1,)))  # advances torch's RNG, which checkpoints save and restore
-    bits = np.random.Generator(np.random.SFC64(seed)).bit_generator.random_raw((n + 3) // 4)
-    draws = bits.view(np.uint16)[:n]
-    return torch.from_numpy(draws >= round(p * 65536)).view(shape)
+    return torch.from_numpy(_draws(n) >= round(p * 65536)).view(shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _scale_bits(p: float, dtype: torch.dtype) -> tuple[np.dtype, int | float]:
+    """The numpy dtype that holds `dtype`'s bits and the bits of 1 / (1 - p) in `dtype`, rounded as torch's own dropout
+    rounds it (its noise tensor, in the input's dtype, is divided by 1 - p)."""
+    scale = torch.ones(1, dtype=dtype).div_(1 - p)
+    if dtype == torch.float32:
+        return np.dtype(np.float32), float(scale)
+    if dtype == torch.float64:
+        return np.dtype(np.float64), float(scale)
+    return np.dtype(np.uint16), int(scale.view(torch.int16).item()) & 0xFFFF  # bf16 / fp16: 16-bit patterns
+
+
+def multiplier(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype) -> torch.Tensor:
+    """The dropout noise in `dtype`: 1 / (1 - p) where an element is kept, 0 where it is dropped. One multiply applies
+    it (a bool mask would need a promotion and a second multiply for the scale)."""
+    n = int(np.prod(shape))
+    if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        return keep_mask(shape, p).to(dtype) * (1.0 / (1.0 - p))
+    np_dtype, bits = _scale_bits(p, dtype)
+    keep = _draws(n) >= round(p * 65536)
+    noise = keep.view(np.uint8) * np_dtype.type(bits)  # 0 or the scale's bits (np.where is ~10x slower here)
+    t = torch.from_numpy(noise)
+    return (t.view(dtype) if np_dtype == np.uint16 else t).view(shape)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -37,7 +67,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
         return x
     if p >= 1.0:
         return x * 0.0
-    return x * keep_mask(x.shape, p) * (1.0 / (1.0 - p))
+    return x * multiplier(x.shape, p, x.dtype)
 
 
 class FastDropout(nn.Dropout):
@@ -65,7 +95,8 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     if getattr(module, "is_causal", False) and attention_mask is None and query.shape[2] > 1:
         causal = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool).tril(key.shape[2] - query.shape[2])
         scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
-    weights = globals()["dropout"](nn.functional.softmax(scores, dim=-1), dropout)
+    # softmax in fp32, as autocast runs it: on CPU a bf16 softmax over short rows is ~5x slower than casting, and less exact
+    weights = globals()["dropout"](nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype), dropout)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), None
 
 

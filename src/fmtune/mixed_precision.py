@@ -160,8 +160,8 @@ class Bf16Copy:
 
     def step_grads(self, max_norm: float | None, sparse: SparseEmbeddingGrad | None = None) -> torch.Tensor:
         """Cast the bf16 gradients into the masters' fp32 gradients and clip all gradients (shared ones included) to
-        `max_norm` by their global norm, as torch.nn.utils.clip_grad_norm_ does (norms taken in fp32 from the bf16
-        values, which fp32 holds exactly); returns the norm before clipping. The bf16 gradients are released, so the
+        `max_norm` by their global norm, as torch.nn.utils.clip_grad_norm_ does (the norm of the flat fp32 buffer, which
+        holds the bf16 values exactly); returns the norm before clipping. The bf16 gradients are released, so the
         next backward writes fresh ones instead of adding into old ones."""
         grads = [c.grad for c in self.compute_params]
         with torch.no_grad():
@@ -169,8 +169,8 @@ class Bf16Copy:
             for i, g in enumerate(grads):
                 if g is None:  # a parameter this batch did not reach
                     self._grad_views[i].zero_()
-            norms = list(torch._foreach_norm([grads[i] for i in present], 2, dtype=torch.float32)) if present else []
             torch._foreach_copy_([self._grad_views[i] for i in present], [grads[i] for i in present])
+            norms = [torch.linalg.vector_norm(self.grad32)] if self.master_params else []  # one op over the flat buffer
             for c in self.compute_params:
                 c.grad = None
             rows = sparse.rows() if sparse is not None else None

@@ -45,7 +45,7 @@ CONFIG = {
     "seed": 0,
     "repeats": 3,
     "recipes": ["fmtune", "trainer_peft"],
-    "env": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "env": {},  # extra environment for every recipe's subprocess (fmtune sets its own thread policy, see child())
 }
 
 
@@ -113,7 +113,14 @@ def run_trainer(cfg: dict, split: dict, tokenizer, bf16: bool):
 
 
 def child(recipe: str, cfg: dict) -> dict:
+    """One recipe in this fresh process. fmtune chooses the OpenMP wait policy as its CLI does (fmtune.threads, before
+    torch starts); Trainer + PEFT runs in the environment its users have (OpenMP's defaults)."""
     import resource
+
+    from fmtune import threads
+
+    if recipe.startswith("fmtune"):
+        threads.configure()
 
     import torch
     from transformers.utils import logging as hf_logging
@@ -130,7 +137,8 @@ def child(recipe: str, cfg: dict) -> dict:
     return {
         "recipe": recipe, "bf16": bf16, "threads": torch.get_num_threads(), "train_seconds": round(seconds, 3), "real_tokens": real_tokens,
         "real_tokens_per_s": round(real_tokens / seconds, 1), "examples_per_s": round(cfg["epochs"] * len(split["train"]) / seconds, 2),
-        "test_answer_nll": round(float(nll.mean()), 4), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), **extra,
+        "test_answer_nll": round(float(nll.mean()), 4), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "omp_wait": threads.choice(), **extra,
     }
 
 

@@ -142,3 +142,51 @@ def test_crash_then_resume_equals_uninterrupted(tiny_bert, data, tmp_path, bf16)
     for (k, v), (k2, v2) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
         assert k == k2 and torch.equal(v, v2), k
     assert [h["train_loss"] for h in whole.history] == [h["train_loss"] for h in resumed.history]
+
+
+def _tiny_llama(kv_heads: int = 1):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads,
+                         max_position_embeddings=64, tie_word_embeddings=True, attn_implementation="sdpa")
+    return LlamaForCausalLM(config)
+
+
+def test_bf16_copy_keeps_tied_embeddings_tied():
+    """A causal LM whose output layer is its input embedding: the copy keeps them one tensor, and its gradient (from both
+    uses) reaches the one fp32 master."""
+    master = _tiny_llama()
+    mp = Bf16Copy(master)
+    assert mp.shared == []
+    c = mp.compute
+    assert c.get_input_embeddings().weight is c.get_output_embeddings().weight
+    ids = torch.randint(0, 40, (2, 7))
+    c(input_ids=ids, labels=ids).loss.backward()
+    expected = c.get_input_embeddings().weight.grad.float()
+    mp.step_grads(None)
+    assert torch.equal(master.get_input_embeddings().weight.grad, expected)
+    mp.close()
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_training_attention_matches_sdpa_with_grouped_heads(kv_heads):
+    """fmtune's CPU training attention (eager, for its faster backward) computes what SDPA computes, grouped-query heads
+    included: same loss and gradients, with a padded row in the batch."""
+    from fmtune import fast_dropout
+
+    ids = torch.randint(0, 40, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    out = {}
+    for routed in (False, True):
+        model = _tiny_llama(kv_heads).train()
+        undo = fast_dropout.install(model)[0] if routed else (lambda: None)
+        assert (model.config._attn_implementation == fast_dropout.ATTENTION_NAME) == routed
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        out[routed] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        undo()
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-6)
+    for n, g in out[False][1].items():
+        torch.testing.assert_close(out[True][1][n], g, rtol=1e-4, atol=1e-6, msg=n)

@@ -335,11 +335,18 @@ def fit(
     device = next(model.parameters()).device
     if lora:
         model = _wrap_lora(model, cfg)
+    # bf16: forward and backward on a bf16 copy (frozen base weights cast once, not in every forward), fp32 masters
+    mp = None
+    if bf16 and getattr(cfg, "bf16_weights", True) and device.type in ("cpu", "cuda"):
+        from fmtune.mixed_precision import Bf16Copy
+
+        mp = Bf16Copy(model)
+    runner = mp.compute if mp is not None else model
     undo_fast_dropout, fast_dropout_info = lambda: None, None
     if device.type == "cpu" and getattr(cfg, "fast_dropout", True):  # LoRA's input dropout is the costliest op after the matmuls
         from fmtune import fast_dropout
 
-        undo_fast_dropout, fast_dropout_info = fast_dropout.install(model)
+        undo_fast_dropout, fast_dropout_info = fast_dropout.install(runner)
     params = [p for p in model.parameters() if p.requires_grad]
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     fused = device.type in ("cpu", "cuda")
@@ -358,11 +365,12 @@ def fit(
     start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         model.train()
+        runner.train()
         loss_sum, token_sum = torch.zeros((), device=device), torch.zeros((), device=device)
         for idx in length_batches(lengths, cfg.batch_size, rng, cfg.length_bucketing):
             batch = {k: v.to(device) for k, v in collate([train[i] for i in idx], pad_id).items()}
-            with autocast(device, bf16):
-                sums, counts = token_losses(model, batch)
+            with autocast(device, bf16 and mp is None):
+                sums, counts = token_losses(runner, batch)
             n_tokens = counts.sum().clamp(min=1)
             if weighted:
                 w = weights[torch.as_tensor(idx, device=device)]
@@ -370,10 +378,15 @@ def fit(
             else:
                 loss = sums.sum() / n_tokens
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
+            if mp is not None:
+                mp.step_grads(1.0)
+                optimizer.step()
+                mp.refresh()
+            else:
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             loss_sum += sums.sum().detach()
             token_sum += n_tokens
             step += 1
@@ -382,7 +395,7 @@ def fit(
         train_loss = float(loss_sum / token_sum.clamp(min=1))
         if not math.isfinite(train_loss):
             raise FmtuneError(f"training loss became {train_loss} in epoch {epoch} (step {step}). Fix: lower the learning rate (now {learning_rate:g}) or turn bf16 off with --bf16 off.")
-        val_loss = float(completion_nll(model, validation, pad_id, eval_batch_size, bf16).mean())
+        val_loss = float(completion_nll(runner, validation, pad_id, eval_batch_size, bf16).mean())
         row = {"epoch": epoch, "step": step, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5), "seconds": round(time.perf_counter() - start, 2)}
         history.append(row)
         if progress:
@@ -397,6 +410,11 @@ def fit(
                 break
     seconds = time.perf_counter() - start
     undo_fast_dropout()
+    bf16_weights = ("bf16 copy of the weights, fp32 master weights" if mp is not None else "autocast") if bf16 else None
+    if mp is not None:
+        mp.close()
+    del runner
+    mp = None
     if best_state is not None:
         with torch.no_grad():
             for n, p in named.items():
@@ -408,7 +426,7 @@ def fit(
         adapter = {"config": model.peft_config["default"], "state": {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}}
         model = model.merge_and_unload()
     model.eval()
-    levers = {"bf16": bf16, "length_bucketing": cfg.length_bucketing, "dynamic_padding": True, "fused_optimizer": fused, "torch_compile": False,
+    levers = {"bf16": bf16, "bf16_weights": bf16_weights, "length_bucketing": cfg.length_bucketing, "dynamic_padding": True, "fused_optimizer": fused, "torch_compile": False,
               "lora": lora, "loss_on_completion_only": True, "output_layer_on_scored_positions_only": True, "example_weights": weighted, "fast_dropout": fast_dropout_info}
     return TrainResult(model, history, best_epoch, len(history), step, seconds, stopped, levers, adapter)
 

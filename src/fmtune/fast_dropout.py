@@ -80,11 +80,17 @@ class FastDropout(nn.Dropout):
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
-    """transformers attention function: SDPA when no dropout is due; otherwise the eager formula with the fast mask."""
+    """transformers attention function. Training on CPU: the eager formula (with the fast dropout mask when dropout is
+    due), because SDPA's CPU backward is 4-5x slower at fine-tuning's sequence lengths (measured fwd+bwd per layer:
+    SmolLM2 batch 16 x 40 tokens 10.9 ms SDPA vs 2.4 ms eager; MiniLM batch 32 x 27 tokens 14.8 ms vs 3.5 ms).
+    Everything else (inference, GPUs): torch's SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if dropout == 0.0 or not module.training or query.device.type != "cpu" or getattr(module, "num_key_value_groups", 1) > 1:
+    if not (module.training and torch.is_grad_enabled()) or query.device.type != "cpu":
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: every key/value head serves `groups` query heads
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:

@@ -132,6 +132,8 @@ class Bf16Copy:
     def __init__(self, master: nn.Module, dtype: torch.dtype = torch.bfloat16, share_input_embedding: bool = True) -> None:
         self.master = master
         emb = _input_embedding(master) if share_input_embedding else None
+        if emb is not None and sum(p is emb.weight for _, p in master.named_parameters(remove_duplicate=False)) > 1:
+            emb = None  # tied to the output layer: sharing it with one of its two users would untie them in the copy
         shared_name = _param_name(master, emb.weight) if emb is not None else None
         self.compute = copy.deepcopy(master).to(dtype)
         self.shared: list[nn.Parameter] = []

@@ -8,8 +8,9 @@ Tomatoes snippets scored by fmtune.evaluate.predict_logits (the path `fmtune pre
 use: tokenise once, length-sorted batches of 64, inference_mode, bf16 autocast where fmtune.models.bf16_supported
 says it pays) against transformers.pipeline("text-classification", batch_size=64) in fp32 (its default) and with the
 model cast to bf16. Generation (SmolLM2-135M-Instruct): greedy answers of 48 chatterbot questions, max 24 new tokens,
-by fmtune.causal_lm.generate (left-padded batches of 16, longest prompts first, bf16 autocast) against
-transformers.pipeline("text-generation", batch_size=16) in fp32. Every measurement runs in a fresh subprocess,
+by fmtune.causal_lm.generate (left-padded batches of 16, longest prompts first; with bf16 the model is cast once, as
+`fmtune predict` and `serve` hold it) against transformers.pipeline("text-generation", batch_size=16) in fp32 and with
+the model cast to bf16. Every measurement runs in a fresh subprocess,
 repeats are interleaved in a rotated order, medians are reported, and agreement with the reference's outputs
 (same argmax label / same generated text) is recorded next to the speed. Writes benchmarks/results/inference_speed.json.
 """
@@ -27,8 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 CONFIG = {"texts": 1000, "max_length": 128, "batch_size": 64, "prompts": 48, "gen_batch_size": 16, "max_new_tokens": 24, "seed": 0, "repeats": 3,
-          "recipes": ["fmtune_classify", "pipeline_classify", "pipeline_classify_bf16", "fmtune_generate", "pipeline_generate"],
-          "env": {"OMP_WAIT_POLICY": "PASSIVE"}}
+          "recipes": ["fmtune_classify", "pipeline_classify", "pipeline_classify_bf16", "fmtune_generate", "pipeline_generate", "pipeline_generate_bf16"],
+          "env": {}}  # extra environment for every recipe; fmtune sets its own thread policy (child()), pipelines run with OpenMP's defaults
 
 
 def classifier(run: str | None):
@@ -62,6 +63,10 @@ def questions(cfg: dict) -> list[str]:
 
 
 def child(recipe: str, cfg: dict, run: str | None) -> dict:
+    from fmtune import threads
+
+    if recipe.startswith("fmtune"):
+        threads.configure()  # as `fmtune predict` does, before torch starts its threads
     import torch
     from transformers import pipeline
     from transformers.utils import logging as hf_logging
@@ -96,10 +101,13 @@ def child(recipe: str, cfg: dict, run: str | None) -> dict:
     model = causal_lm.load_model(path).eval()
     conversations = [[{"role": "user", "content": q}] for q in questions(cfg)]
     if recipe == "fmtune_generate":
+        model = causal_lm.for_inference(model, bf16)  # as `fmtune predict` / `fmtune serve` hold it: cast once at load
         causal_lm.generate(model, tokenizer, conversations[:2], cfg["max_new_tokens"], 2, bf16)
         start = time.perf_counter()
         answers = causal_lm.generate(model, tokenizer, conversations, cfg["max_new_tokens"], cfg["gen_batch_size"], bf16)
     else:
+        if recipe.endswith("bf16"):
+            model = model.to(torch.bfloat16)
         tokenizer.padding_side = "left"
         pipe = pipeline("text-generation", model=model, tokenizer=tokenizer, device="cpu")
         stops = causal_lm.stop_token_ids(tokenizer)
@@ -112,7 +120,7 @@ def child(recipe: str, cfg: dict, run: str | None) -> dict:
     seconds = time.perf_counter() - start
     new_tokens = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
     return {"recipe": recipe, "kind": "generation", "seconds": round(seconds, 3), "items": len(conversations), "items_per_s": round(len(conversations) / seconds, 2),
-            "new_tokens_per_s": round(new_tokens / seconds, 1), "bf16": bf16 if recipe == "fmtune_generate" else False, "outputs": answers}
+            "new_tokens_per_s": round(new_tokens / seconds, 1), "bf16": bf16 if recipe == "fmtune_generate" else recipe.endswith("bf16"), "outputs": answers}
 
 
 def spawn(args: list[str], env: dict) -> dict:
@@ -165,7 +173,9 @@ def main() -> None:
                     "agreement_with_fp32_pipeline": agreement(rs[0]["outputs"], reference[rs[0]["kind"]])}
     ratios = {"classify_vs_pipeline_fp32": round(table["fmtune_classify"]["items_per_s"] / table["pipeline_classify"]["items_per_s"], 3),
               "classify_vs_pipeline_bf16": round(table["fmtune_classify"]["items_per_s"] / table["pipeline_classify_bf16"]["items_per_s"], 3),
-              "generate_vs_pipeline_fp32": round(table["fmtune_generate"]["items_per_s"] / table["pipeline_generate"]["items_per_s"], 3)}
+              "generate_vs_pipeline_fp32": round(table["fmtune_generate"]["items_per_s"] / table["pipeline_generate"]["items_per_s"], 3),
+              **({"generate_vs_pipeline_bf16": round(table["fmtune_generate"]["items_per_s"] / table["pipeline_generate_bf16"]["items_per_s"], 3)}
+                 if "pipeline_generate_bf16" in table else {})}
     result = {"benchmark": "inference_speed", "date": started.isoformat(timespec="seconds"),
               "machine": {"description": hardware_description(), "platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()},
               "load_average": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]},

@@ -22,10 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 
 
-def run(task: str) -> dict:
+def run(task: str, keep: Path | None = None) -> dict:
     fmtune = Path(sys.executable).with_name("fmtune")
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "run"
+        out = Path(tmp) / "run" if keep is None else keep / ("quickstart" if task == "classification" else "quickstart-generation")
         args = [str(fmtune), "quickstart", "--out", str(out)] + (["--task", "generation"] if task == "generation" else [])
         load_before = os.getloadavg()[0]
         start = time.perf_counter()
@@ -45,6 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=["classification", "generation", "both"], default="both")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "quickstart_time.json")
+    parser.add_argument("--keep", type=Path, help="write the run folders into KEEP/quickstart and KEEP/quickstart-generation and keep them (e.g. runs)")
     args = parser.parse_args()
     from fmtune.models import hardware_description
 
@@ -53,7 +54,7 @@ def main() -> None:
     results = dict(previous.get("tasks", {}))
     for task in tasks:
         print(f"running the {task} quickstart ...", flush=True)
-        results[task] = {**run(task), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        results[task] = {**run(task, args.keep), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         print(f"  {task}: {results[task]['wall_seconds']} s wall, verdict {results[task]['verdict']!r}", flush=True)
         for line in results[task]["stages"]:
             print(f"    {line}")

@@ -169,10 +169,13 @@ def child(recipe: str, cfg: dict) -> dict:
     }
 
 
-def spawn(args: list[str], env: dict) -> dict:
+def spawn(args: list[str], env: dict, fatal: bool = True) -> dict:
+    """One child process; a failed ablation (fatal=False) is recorded with its error instead of ending the benchmark."""
     proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env={**os.environ, **{k: str(v) for k, v in env.items()}})
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr[-4000:]}")
+        if fatal:
+            raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr[-4000:]}")
+        return {"recipe": args[1], "error": proc.stderr.strip().splitlines()[-1][-500:] if proc.stderr.strip() else f"exit {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -231,12 +234,17 @@ def main() -> None:
     print(f"matmul ceilings (TFLOP/s): {ceilings}", flush=True)
     rows: dict[str, list[dict]] = {r: [] for r in recipes + cfg["ablations"]}
     loads = []
+    failed: dict[str, str] = {}
     for rep in range(repeats):
         order = recipes[rep % len(recipes) :] + recipes[: rep % len(recipes)]
         for recipe in order + (cfg["ablations"] if rep == 0 else []):
-            row = spawn(["--child", recipe, *passed], cfg["env"])
+            row = spawn(["--child", recipe, *passed], cfg["env"], fatal=recipe in recipes)
             row["load_after"] = round(os.getloadavg()[0], 2)
             loads.append(row["load_after"])
+            if "error" in row:
+                failed[recipe] = row["error"]
+                print(f"  repeat {rep + 1}: {recipe:18s} FAILED: {row['error']}", flush=True)
+                continue
             rows[recipe].append(row)
             print(f"  repeat {rep + 1}: {recipe:18s} {row['train_seconds']:7.2f} s  {row['examples_per_s']:7.2f} ex/s  acc {row['test_accuracy']:.4f}  "
                   f"peak RSS {row['peak_rss_mb']:.0f} MB  load {row['load_after']}", flush=True)
@@ -256,7 +264,7 @@ def main() -> None:
         "config": {**cfg, "repeats": repeats, "quick": args.quick}, "matmul_ceiling_tflops": ceilings,
         "mfu": {"fmtune_vs_bf16_ceiling": ours["mfu_vs_bf16_ceiling"], "fmtune_vs_own_precision_ceiling": ours["mfu_vs_own_precision_ceiling"],
                 **{f"{r}_vs_bf16_ceiling": t["mfu_vs_bf16_ceiling"] for r, t in table.items() if r != "fmtune"}},
-        "recipes": table, "runs": rows, "ratios": ratios, "wall_seconds": round(time.perf_counter() - wall, 1),
+        "recipes": table, "runs": rows, "failed": failed, "ratios": ratios, "wall_seconds": round(time.perf_counter() - wall, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -190,6 +190,65 @@ def test_token_losses_match_the_models_own_loss(tiny_llama, tok):
     assert int(counts[0]) == 2 and float(sums[0] / counts[0]) == pytest.approx(float(reference), rel=1e-5)
 
 
+# ---------------------------------------------------------------- sequence packing
+
+
+def test_pack_places_every_example_once_within_capacity():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 40, size=50).tolist()
+    rows = causal_lm.pack(lengths, 40)
+    assert sorted(i for r in rows for i in r) == list(range(50))
+    assert all(sum(lengths[i] for i in r) <= 40 for r in rows)
+    assert len(rows) < 50 and causal_lm.pack([50, 3], 40) == [[0], [1]]  # too long for the capacity: a row of its own
+
+
+def test_packed_rows_restart_positions_and_never_predict_across_examples(tok):
+    rows = [causal_lm.encode(tok, [{"role": "user", "content": q}], a) for q, a in (("what colour is the cat", "red"), ("the dog", "blue green"), ("a yak", "gold"))]
+    batch = causal_lm.collate_packed(rows, [[1, 2], [0]], tok.pad_token_id)
+    n1, n2, n0 = (len(rows[i].input_ids) for i in (1, 2, 0))
+    assert batch["input_ids"].shape == (2, max(n1 + n2, n0))
+    assert batch["position_ids"][0, : n1 + n2].tolist() == list(range(n1)) + list(range(n2))
+    assert batch["example"][0, : n1 + n2].tolist() == [1] * n1 + [2] * n2 and (batch["example"][0, n1 + n2 :] == -1).all()
+    assert batch["labels"][0, n1] == causal_lm.IGNORE  # the second example's first token is not predicted from the first's last
+    assert batch["labels"][0, :n1].tolist() == [causal_lm.IGNORE] + rows[1].labels[1:]
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_packed_losses_equal_unpacked_ones_per_example(tiny_llama, tok, routed):
+    """The attention masking done right: each packed example's loss is its loss alone (block-diagonal causal attention,
+    positions restarting), through transformers' SDPA and through fmtune's training attention."""
+    from fmtune import fast_dropout
+
+    model = causal_lm.load_model(tiny_llama)
+    if routed:
+        fast_dropout.install(model)
+    model.train()  # the training attention path; the tiny Llama has no dropout
+    pairs = colour_pairs(7)
+    rows = [causal_lm.encode(tok, [{"role": "user", "content": p["prompt"]}], p["completion"] + (" red" * (i % 3))) for i, p in enumerate(pairs)]
+    groups = causal_lm.pack([len(r.input_ids) for r in rows], 2 * max(len(r.input_ids) for r in rows))
+    assert any(len(g) > 1 for g in groups)
+    with torch.no_grad():
+        packed_sums, packed_counts = causal_lm.token_losses(model, causal_lm.collate_packed(rows, groups, tok.pad_token_id))
+        sums, counts = causal_lm.token_losses(model, causal_lm.collate(rows, tok.pad_token_id))
+    assert packed_counts.tolist() == counts.tolist()
+    torch.testing.assert_close(packed_sums, sums, rtol=1e-4, atol=1e-5)
+
+
+def test_fit_with_packing_records_less_padding(tiny_llama, tok):
+    from fmtune.config import TrainConfig
+
+    pairs = colour_pairs(40)
+    rows = [causal_lm.encode(tok, [{"role": "user", "content": p["prompt"] + " briefly" * (i % 5)}], p["completion"]) for i, p in enumerate(pairs)]
+    results = {}
+    for packing in (False, True):
+        cfg = TrainConfig(epochs=1, batch_size=8, length_bucketing=False, packing=packing)
+        results[packing] = causal_lm.fit(causal_lm.load_model(tiny_llama), rows[:32], rows[32:], cfg, pad_id=tok.pad_token_id, learning_rate=3e-3, seed=0, bf16=False, lora=True)
+    assert results[True].levers["packing"] is True and results[False].levers["packing"] is False
+    assert results[True].levers["padding_share"] < results[False].levers["padding_share"]
+    assert results[True].real_tokens == results[False].real_tokens == sum(len(r.input_ids) for r in rows[:32])
+    assert results[True].history[0]["train_loss"] == pytest.approx(results[False].history[0]["train_loss"], rel=0.05)
+
+
 # ---------------------------------------------------------------- end to end through the CLI
 
 

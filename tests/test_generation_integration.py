@@ -62,3 +62,41 @@ def test_a_few_lora_steps_lower_the_loss_on_chatterbot_pairs(smollm2, tmp_path, 
     assert result.steps == 4 and result.adapter is not None
     assert after < before - 0.2, (before, after)
     assert np.isfinite(result.history[-1]["val_loss"])
+
+
+def test_word_forms_questions_are_balanced_one_word_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("FMTUNE_CACHE", str(tmp_path))
+    sections = gen_data.word_forms_pairs()
+    assert set(sections) == set(gen_data.WORD_FORMS_QUESTIONS) and all(len(v) >= 20 for v in sections.values())
+    path = gen_data.word_forms_jsonl(0, 140)
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 140 and len({r["prompt"] for r in rows}) == 140
+    assert all(len(r["completion"].split()) == 1 for r in rows)
+    per_section = {name: sum(r["prompt"] in {q for q, _ in pairs} for r in rows) for name, pairs in sections.items()}
+    assert all(n == 10 for name, n in per_section.items() if not name.startswith("capital"))  # round robin: 140 / 14 sections
+    assert per_section["capital-world"] >= 10  # the two capital sections share questions ("What is the capital of Greece?")
+    assert ("What is the plural of 'banana'?", "bananas") in sections["gram8-plural"]
+    assert gen_data.word_forms_jsonl(0, 140) == path and path.stat().st_size > 0
+
+
+def test_generation_quickstart_end_to_end_on_a_subset(tmp_path):
+    """`fmtune quickstart --task generation` on 70 word-form questions: the whole ladder, a valid report, and the
+    fine-tuned model answering in the one-word form that the base model does not use."""
+    import os
+    import subprocess
+    import sys
+
+    import jsonschema
+
+    out = tmp_path / "gen"
+    proc = subprocess.run([sys.executable, "-m", "fmtune.cli", "quickstart", "--task", "generation", "--examples", "70", "--no-curve", "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=1800, env={**os.environ, "FMTUNE_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    schema = json.loads((Path(__file__).parents[1] / "src" / "fmtune" / "schema" / "report.schema.json").read_text())
+    jsonschema.validate(report, schema)
+    rungs = {r["name"]: r for r in report["ladder"]}
+    assert list(rungs) == ["zero_shot", "few_shot", "fine_tuned", "from_scratch"] and report["task"]["primary_metric"] == "exact_match"
+    assert rungs["fine_tuned"]["metrics"]["exact_match"] > rungs["zero_shot"]["metrics"]["exact_match"]
+    assert all(len(r["ci95"]["exact_match"]) == 2 for r in rungs.values())
+    assert report["levers"]["bf16_weights"] in (None, "autocast", "bf16 copy of the weights, fp32 master weights")

@@ -223,6 +223,51 @@ def collate(rows: list[Encoded], pad_id: int, left: bool = False) -> dict:
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+PACK_ROW_TOKENS = 128  # packing: tokens per row (a longer example gets a row of its own length)
+
+
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Positions 0..n-1 of `lengths` packed into rows of at most `capacity` tokens (first fit, longest first; a longer
+    example gets a row of its own). Every position appears exactly once."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+def collate_packed(rows: list[Encoded], groups: list[list[int]], pad_id: int) -> dict:
+    """Several examples per row, each attending only to itself: position ids restart at 0 for every example, which is
+    how transformers detects packed sequences and builds a block-diagonal causal mask (no attention mask is passed).
+    The first token of each example is never a target (it would be predicted from the previous example); `example`
+    holds which example (index into `rows`) each position belongs to, -1 on the padding at a row's end."""
+    import torch
+
+    width = max(sum(len(rows[i].input_ids) for i in g) for g in groups)
+    input_ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(groups), width), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((len(groups), width), dtype=torch.long)
+    example = torch.full((len(groups), width), -1, dtype=torch.long)
+    for r, g in enumerate(groups):
+        at = 0
+        for i in g:
+            n = len(rows[i].input_ids)
+            input_ids[r, at : at + n] = torch.tensor(rows[i].input_ids)
+            labels[r, at + 1 : at + n] = torch.tensor(rows[i].labels[1:])
+            position_ids[r, at : at + n] = torch.arange(n)
+            example[r, at : at + n] = i
+            at += n
+        position_ids[r, at:] = torch.arange(width - at)  # the padding is a sequence of its own, never a target
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "example": example}
+
+
 # ---------------------------------------------------------------- loss
 
 
@@ -250,21 +295,31 @@ def prefix_cache(model, ids: list[int]):
 
 def token_losses(model, batch: dict, past_key_values=None):
     """Per-row summed negative log-likelihood and number of scored tokens (labels shifted by one; IGNORE skipped).
-    With `past_key_values` (a cache of tokens every row starts with), the batch holds only what follows them."""
+    With `past_key_values` (a cache of tokens every row starts with), the batch holds only what follows them. A packed
+    batch (collate_packed: position_ids and example instead of attention_mask) gives one value per example instead."""
     import torch
 
     decoder, head = _parts(model)
-    mask, cached = batch["attention_mask"], {}
-    if past_key_values is not None:
-        mask = torch.cat([mask.new_ones(mask.shape[0], past_key_values.get_seq_length()), mask], 1)
-        cached = {cache_argument(decoder): past_key_values, "use_cache": True}
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask, **cached).last_hidden_state
+    cached = {"use_cache": False}  # no key/value cache to build (and packed rows are only detected without one)
+    if "position_ids" in batch:  # packed rows: transformers builds the block-diagonal causal mask from the positions
+        inputs = {"position_ids": batch["position_ids"], "attention_mask": None}
+    else:
+        mask = batch["attention_mask"]
+        if past_key_values is not None:
+            mask = torch.cat([mask.new_ones(mask.shape[0], past_key_values.get_seq_length()), mask], 1)
+            cached = {cache_argument(decoder): past_key_values, "use_cache": True}
+        inputs = {"attention_mask": mask}
+    hidden = decoder(input_ids=batch["input_ids"], **inputs, **cached).last_hidden_state
     target = batch["labels"][:, 1:]
     rows, cols = torch.nonzero(target != IGNORE, as_tuple=True)
     logits = head(hidden[:, :-1][rows, cols]).float()
     nll = torch.nn.functional.cross_entropy(logits, target[rows, cols], reduction="none")
-    sums = torch.zeros(target.shape[0], device=nll.device).index_add(0, rows, nll)
-    counts = torch.bincount(rows, minlength=target.shape[0])
+    owner, n = rows, target.shape[0]
+    if "example" in batch:
+        owner = batch["example"][:, 1:][rows, cols]
+        n = int(batch["example"].max()) + 1
+    sums = torch.zeros(n, device=nll.device).index_add(0, owner, nll)
+    counts = torch.bincount(owner, minlength=n)
     return sums, counts
 
 
@@ -304,7 +359,11 @@ def _wrap_lora(model, cfg: TrainConfig):
     from peft import LoraConfig, TaskType, get_peft_model
 
     lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules="all-linear")
-    return get_peft_model(model, lora)
+    import warnings
+
+    with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning per run)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora)
 
 
 def fit(
@@ -357,6 +416,8 @@ def fit(
     total_steps = math.ceil(len(train) / cfg.batch_size) * cfg.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     lengths = [len(r.input_ids) for r in train]
+    packing = bool(getattr(cfg, "packing", False))
+    computed_tokens = real_tokens = 0  # positions the model ran on (padding included; packing lowers it), and real tokens
     weights = torch.tensor([r.weight for r in train], dtype=torch.float32, device=device)
     weighted = bool((weights != 1).any())
     history: list[dict] = []
@@ -368,7 +429,14 @@ def fit(
         runner.train()
         loss_sum, token_sum = torch.zeros((), device=device), torch.zeros((), device=device)
         for idx in length_batches(lengths, cfg.batch_size, rng, cfg.length_bucketing):
-            batch = {k: v.to(device) for k, v in collate([train[i] for i in idx], pad_id).items()}
+            rows = [train[i] for i in idx]
+            if packing:  # the batch's examples packed into rows of PACK_ROW_TOKENS (or its longest example) (collate_packed)
+                sizes = [len(r.input_ids) for r in rows]
+                batch = {k: v.to(device) for k, v in collate_packed(rows, pack(sizes, max(max(sizes), PACK_ROW_TOKENS)), pad_id).items()}
+            else:
+                batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+            computed_tokens += int(batch["input_ids"].numel())
+            real_tokens += sum(len(r.input_ids) for r in rows)
             with autocast(device, bf16 and mp is None):
                 sums, counts = token_losses(runner, batch)
             n_tokens = counts.sum().clamp(min=1)
@@ -427,11 +495,26 @@ def fit(
         model = model.merge_and_unload()
     model.eval()
     levers = {"bf16": bf16, "bf16_weights": bf16_weights, "length_bucketing": cfg.length_bucketing, "dynamic_padding": True, "fused_optimizer": fused, "torch_compile": False,
-              "lora": lora, "loss_on_completion_only": True, "output_layer_on_scored_positions_only": True, "example_weights": weighted, "fast_dropout": fast_dropout_info}
-    return TrainResult(model, history, best_epoch, len(history), step, seconds, stopped, levers, adapter)
+              "lora": lora, "packing": packing, "padding_share": round(1 - real_tokens / max(computed_tokens, 1), 4),
+              "loss_on_completion_only": True, "output_layer_on_scored_positions_only": True, "example_weights": weighted, "fast_dropout": fast_dropout_info}
+    return TrainResult(model, history, best_epoch, len(history), step, seconds, stopped, levers, adapter, real_tokens)
 
 
 # ---------------------------------------------------------------- generation
+
+
+def for_inference(model, bf16: bool):
+    """The model to generate with: itself, or with bf16 a bf16 copy. Under autocast every decoding step would cast all
+    the weights to bf16 again (SmolLM2: 135M weights x 24 steps per batch), which made bf16 generation slower than
+    fp32; a copy cast once does not. The fp32 model is left as it is (it may be trained or measured further)."""
+    import copy
+
+    import torch
+
+    if not bf16 or next(model.parameters()).dtype != torch.float32:
+        return model
+    return copy.deepcopy(model).to(torch.bfloat16)
+
 
 
 def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 16, bf16: bool = False,
@@ -440,9 +523,8 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
     import torch
     from transformers import GenerationConfig
 
-    from fmtune.evaluate import autocast
-
     device = next(model.parameters()).device
+    model = for_inference(model, bf16)  # bf16: weights cast once, then no autocast
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stops = stop_token_ids(tokenizer)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=stops or None)
@@ -450,7 +532,7 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
     order = np.argsort([-len(p) for p in prompts], kind="stable")
     out: list[str] = [""] * len(prompts)
     model.eval()
-    with torch.inference_mode(), autocast(device, bf16):
+    with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = collate([Encoded(prompts[i], prompts[i]) for i in idx], pad_id, left=True)
@@ -464,7 +546,9 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
 
 
 def request_seconds(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, bf16: bool) -> dict:
-    """Wall time of one request at batch 1 (prompt in, greedy completion out), per conversation, after a warm-up."""
+    """Wall time of one request at batch 1 (prompt in, greedy completion out), per conversation, after a warm-up; with
+    bf16 on the model as a server holds it (cast once)."""
+    model = for_inference(model, bf16)
     generate(model, tokenizer, conversations[:1], max_new_tokens, 1, bf16)
     times = []
     for conv in conversations:
@@ -507,6 +591,8 @@ class GenerationPredictor:
             raise FmtuneError(f"{run_dir}: this run is a {kind} run; use --text for classification runs.")
         model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
         use_bf16 = bf16_supported(torch.device("cpu")) if bf16 is None else bf16
+        if use_bf16:  # served in bf16: cast once at load, the fp32 weights are not kept
+            model = model.to(torch.bfloat16)
         return cls(run_dir, model, tokenizer, use_bf16, report)
 
     def generate(self, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:

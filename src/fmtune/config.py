@@ -65,6 +65,7 @@ class TrainConfig(_Group):
     sparse_embedding_grad: bool = Field(True, description="One process: compute the input embedding's gradient for the batch's tokens only and add it into one persistent dense buffer (same AdamW update; no per-step allocation and fill of a dense vocabulary-sized gradient).")
     length_bucketing: bool = Field(True, description="Group texts of similar length into batches (dynamic padding, less compute on pad tokens).")
     dynamic_padding: bool = Field(True, description="Pad each batch only to its longest text (off: pad to the longest training text).")
+    packing: bool = Field(False, description="Causal LMs: pack each batch's examples into rows of 128 tokens (or its longest example), position ids restarting per example and attention kept within each example. Off by default: with length bucketing there is little padding left to remove (the report's levers give the padding share).")
     compile: bool = Field(False, description="torch.compile the training forward pass (off by default: on CPU its compile time outweighs the gain at these data sizes).")
     token_cache: bool = Field(True, description="Tokenise each text once and keep the ids in the fmtune cache (FMTUNE_CACHE), keyed by the sha256 of the tokenizer and the texts; a re-run on the same data reads them back.")
     fast_dropout: bool = Field(True, description="On CPU, draw dropout masks from a fast counter-free generator (numpy SFC64 seeded from torch's RNG) instead of torch's serial Bernoulli sampler; same probabilities, ~10x cheaper masks.")

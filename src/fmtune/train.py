@@ -93,7 +93,11 @@ def _wrap_lora(model, cfg: TrainConfig):
     from peft import LoraConfig, TaskType, get_peft_model
 
     lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules="all-linear")
-    return get_peft_model(model, lora)
+    import warnings
+
+    with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning per run)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora)
 
 
 def evaluate_split(model, ids: list[list[int]], y: np.ndarray, pad_id: int, batch_size: int, bf16: bool, class_weight=None) -> tuple[float, np.ndarray]:
@@ -301,7 +305,23 @@ def fit(
     steps_per_epoch = math.ceil(len(train_ids) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     world = world or World()
-    forward = wrap(model, world, getattr(cfg, "distributed", "ddp"))  # before the optimizer: FSDP swaps in sharded parameters
+    # bf16: forward and backward on a bf16 copy of the weights, fp32 master weights in the optimizer (no autocast casts)
+    from fmtune.mixed_precision import Bf16Copy, SparseEmbeddingGrad, clip_grad_norm
+
+    compiled = bool(getattr(cfg, "compile", False))
+    # a sparse gradient cannot flow out of a torch.compile'd graph: compile keeps the dense embedding gradient
+    sparse_emb = SparseEmbeddingGrad.install(model) if getattr(cfg, "sparse_embedding_grad", True) and not world.distributed and not compiled else None
+    mp = None
+    if bf16 and getattr(cfg, "bf16_weights", True) and not world.distributed and device.type in ("cpu", "cuda"):
+        mp = Bf16Copy(model)
+    runner = mp.compute if mp is not None else model  # the module whose forward runs (and whose dropout draws masks)
+    undo_fast_dropout, fast_dropout_info = lambda: None, None
+    if device.type == "cpu" and getattr(cfg, "fast_dropout", True) and not compiled:  # numpy masks would break compiled graphs
+        from fmtune import fast_dropout
+
+        undo_fast_dropout, fast_dropout_info = fast_dropout.install(runner)
+    # before the optimizer: FSDP swaps in sharded parameters
+    forward = mp.compute if mp is not None else wrap(model, world, getattr(cfg, "distributed", "ddp"))
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -313,21 +333,6 @@ def fit(
     )
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     weight = torch.as_tensor(class_weight, dtype=torch.float32, device=device) if class_weight is not None else None
-    # bf16: forward and backward on a bf16 copy of the weights, fp32 master weights in the optimizer (no autocast casts)
-    from fmtune.mixed_precision import Bf16Copy, SparseEmbeddingGrad, clip_grad_norm
-
-    sparse_emb = SparseEmbeddingGrad.install(model) if getattr(cfg, "sparse_embedding_grad", True) and not world.distributed else None
-    mp = None
-    if bf16 and getattr(cfg, "bf16_weights", True) and not world.distributed and device.type in ("cpu", "cuda"):
-        mp = Bf16Copy(model)
-        forward = mp.compute
-    runner = mp.compute if mp is not None else model  # the module whose forward runs (and whose dropout draws masks)
-    undo_fast_dropout, fast_dropout_info = lambda: None, None
-    if device.type == "cpu" and getattr(cfg, "fast_dropout", True):
-        from fmtune import fast_dropout
-
-        undo_fast_dropout, fast_dropout_info = fast_dropout.install(runner)
-    compiled = bool(getattr(cfg, "compile", False))
     forward = torch.compile(forward, dynamic=True) if compiled else forward
     pad_to = None if getattr(cfg, "dynamic_padding", True) else int(lengths.max(initial=1))
     state = checkpoint.TrainState(epoch_rng=rng.bit_generator.state)

@@ -45,6 +45,8 @@ CONFIG = {
     "seed": 0,
     "repeats": 3,
     "recipes": ["fmtune", "trainer_peft"],
+    # fmtune with one lever changed, run once: random batches without length bucketing, the same with sequence packing
+    "ablations": ["fmtune_no_bucketing", "fmtune_packing"],
     "env": {},  # extra environment for every recipe's subprocess (fmtune sets its own thread policy, see child())
 }
 
@@ -70,14 +72,15 @@ def bf16_ok() -> bool:
     return models.bf16_supported(torch.device("cpu"))
 
 
-def run_fmtune(cfg: dict, split: dict, tokenizer, bf16: bool):
+def run_fmtune(cfg: dict, split: dict, tokenizer, bf16: bool, recipe: str = "fmtune"):
     from fmtune import causal_lm
     from fmtune.config import TrainConfig
 
     path, _ = causal_lm.resolve_model(cfg["model"])
     model = causal_lm.load_model(path)
     tc = TrainConfig(epochs=cfg["epochs"], patience=cfg["epochs"], batch_size=cfg["batch_size"], weight_decay=cfg["weight_decay"], warmup_ratio=cfg["warmup_ratio"],
-                     lora_r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"], class_weights="none")
+                     lora_r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"], class_weights="none",
+                     length_bucketing=recipe == "fmtune", packing=recipe == "fmtune_packing")
     result = causal_lm.fit(model, split["train"], split["validation"], tc, pad_id=tokenizer.pad_token_id or 0, learning_rate=cfg["learning_rate"],
                            seed=cfg["seed"], bf16=bf16, lora=True)
     return result.model, result.train_seconds, {"levers": result.levers, "train_loss": result.history[-1]["train_loss"]}
@@ -131,7 +134,10 @@ def child(recipe: str, cfg: dict) -> dict:
     hf_logging.disable_progress_bar()
     split, tokenizer = load_rows(cfg)
     bf16 = bf16_ok()
-    model, seconds, extra = (run_fmtune if recipe == "fmtune" else run_trainer)(cfg, split, tokenizer, bf16)
+    if recipe.startswith("fmtune"):
+        model, seconds, extra = run_fmtune(cfg, split, tokenizer, bf16, recipe)
+    else:
+        model, seconds, extra = run_trainer(cfg, split, tokenizer, bf16)
     nll = causal_lm.completion_nll(model, split["test"], tokenizer.pad_token_id or 0, 16, bf16=False)
     real_tokens = cfg["epochs"] * sum(len(r.input_ids) for r in split["train"])
     return {
@@ -169,10 +175,11 @@ def main() -> None:
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = os.getloadavg()
     wall = time.perf_counter()
-    rows: dict[str, list[dict]] = {r: [] for r in cfg["recipes"]}
+    ablations = cfg.get("ablations", [])
+    rows: dict[str, list[dict]] = {r: [] for r in cfg["recipes"] + ablations}
     for rep in range(repeats):
         order = cfg["recipes"][rep % 2 :] + cfg["recipes"][: rep % 2]
-        for recipe in order:
+        for recipe in order + (ablations if rep == 0 else []):
             row = spawn(["--child", recipe, "--config", json.dumps(cfg)], cfg["env"])
             row["load_after"] = round(os.getloadavg()[0], 2)
             rows[recipe].append(row)

@@ -51,12 +51,14 @@ class SparseEmbeddingGrad:
         self.buffer = torch.zeros_like(self.param, dtype=torch.float32)
         self.param.grad = self.buffer  # autograd adds each step's sparse gradient into it in place
         self._rows: list[torch.Tensor] = []
+        self._unique: torch.Tensor | None = None  # rows() of the current _rows, computed once per step
         self._dense = False  # a dense gradient arrived (sparse was turned off somewhere): fall back to whole-buffer ops
         self._hook = self.param.register_hook(self._note_rows)
 
     def _note_rows(self, grad: torch.Tensor) -> torch.Tensor:
         if grad.is_sparse:
             self._rows.append(grad._indices()[0])
+            self._unique = None
         else:
             self._dense = True
         return grad
@@ -73,9 +75,9 @@ class SparseEmbeddingGrad:
         """The rows with a gradient since the last zero(); None when every row must be treated as touched."""
         if self._dense:
             return None
-        if not self._rows:
-            return self.buffer.new_zeros(0, dtype=torch.long)
-        return torch.unique(torch.cat(self._rows))
+        if self._unique is None:
+            self._unique = torch.unique(torch.cat(self._rows)) if self._rows else self.buffer.new_zeros(0, dtype=torch.long)
+        return self._unique
 
     def norm(self, rows: torch.Tensor | None) -> torch.Tensor:
         if rows is None:
@@ -95,6 +97,7 @@ class SparseEmbeddingGrad:
         else:
             self.buffer.index_fill_(0, rows, 0.0)
         self._rows.clear()
+        self._unique = None
         self._dense = False
         self.param.grad = self.buffer
 
@@ -189,8 +192,6 @@ class Bf16Copy:
                         g.mul_(coef)
                     if sparse is not None:
                         sparse.scale(rows, coef)
-        for m, view in zip(self.master_params, self._grad_views):
-            m.grad = view  # in case anything reset it
         return norm
 
     def refresh(self) -> None:

@@ -16,11 +16,13 @@ def autocast(device, enabled: bool):
     return torch.autocast(device_type=getattr(device, "type", "cpu"), dtype=torch.bfloat16)
 
 
-def _length_sorted_batches(tokenizer, texts: list[str], max_length: int, batch_size: int, device):
-    """Tokenise once, pad once, then yield (rows, input_ids, attention_mask) longest-first, each cut to its longest."""
+def _length_sorted_batches(tokenizer, texts: list[str], max_length: int, batch_size: int, device, ids: list[list[int]] | None = None):
+    """Tokenise once (unless the caller already did: `ids`), pad once, then yield (rows, input_ids, attention_mask)
+    longest-first, each cut to its longest."""
     from fmtune.train import batch_tensors, pad_table
 
-    ids = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+    if ids is None:
+        ids = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     table, lengths = pad_table(ids, pad_id)
     order = np.argsort(-lengths, kind="stable")
@@ -29,7 +31,8 @@ def _length_sorted_batches(tokenizer, texts: list[str], max_length: int, batch_s
         yield (idx, *batch_tensors(table, lengths, idx, device))
 
 
-def _in_input_order(model, forward: Callable, tokenizer, texts: list[str], max_length: int, batch_size: int, bf16: bool, progress: Callable | None) -> np.ndarray:
+def _in_input_order(model, forward: Callable, tokenizer, texts: list[str], max_length: int, batch_size: int, bf16: bool, progress: Callable | None,
+                    ids: list[list[int]] | None = None) -> np.ndarray:
     """Run `forward(input_ids, mask) -> (batch, dim)` over length-sorted batches; rows come back in input order."""
     import torch
 
@@ -39,7 +42,7 @@ def _in_input_order(model, forward: Callable, tokenizer, texts: list[str], max_l
     out = None
     model.eval()
     with torch.inference_mode(), autocast(device, bf16):
-        for idx, input_ids, mask in _length_sorted_batches(tokenizer, texts, max_length, batch_size, device):
+        for idx, input_ids, mask in _length_sorted_batches(tokenizer, texts, max_length, batch_size, device, ids):
             rows = forward(input_ids, mask)
             if out is None:
                 out = torch.zeros((len(texts), rows.shape[1]), dtype=torch.float32, device=device)
@@ -58,8 +61,10 @@ def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_si
     return _in_input_order(model, forward, tokenizer, texts, max_length, batch_size, bf16, progress)
 
 
-def embed(encoder, tokenizer, texts: list[str], max_length: int, batch_size: int = 64, bf16: bool = False, progress: Callable | None = None) -> np.ndarray:
-    """Mean-pooled, L2-normalised sentence embeddings (the sentence-transformers recipe), in input order."""
+def embed(encoder, tokenizer, texts: list[str], max_length: int, batch_size: int = 64, bf16: bool = False, progress: Callable | None = None,
+          ids: list[list[int]] | None = None) -> np.ndarray:
+    """Mean-pooled, L2-normalised sentence embeddings (the sentence-transformers recipe), in input order. `ids`: the
+    texts' token ids (truncated to max_length) when the caller has them already."""
     import torch
 
     base = getattr(encoder, "base_model", encoder)
@@ -70,7 +75,7 @@ def embed(encoder, tokenizer, texts: list[str], max_length: int, batch_size: int
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return torch.nn.functional.normalize(pooled, dim=-1)
 
-    return _in_input_order(encoder, forward, tokenizer, texts, max_length, batch_size, bf16, progress)
+    return _in_input_order(encoder, forward, tokenizer, texts, max_length, batch_size, bf16, progress, ids)
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:

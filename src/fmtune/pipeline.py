@@ -251,12 +251,14 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
         ladder: list[dict] = []
         boots: dict[str, np.ndarray] = {}
 
+        ids = {s: tokens.truncate(tokenizer, t, tokenised[s].ids, max_length) for s, t in texts.items()}  # what every model sees
+
         # ---- no-training rungs on frozen embeddings
         with stage("embed texts with the base model", log), _progress() as prog:
             total = sum(len(t) for t in texts.values())
             task = prog.add_task("embedding", total=total, info="")
             t0 = time.perf_counter()
-            emb = {s: embed(encoder, tokenizer, t, max_length, cfg.eval.eval_batch_size, bf16, lambda n: prog.advance(task, n)) for s, t in texts.items()}
+            emb = {s: embed(encoder, tokenizer, t, max_length, cfg.eval.eval_batch_size, bf16, lambda n: prog.advance(task, n), ids[s]) for s, t in texts.items()}
             per_text = (time.perf_counter() - t0) / max(total, 1)
             label_texts = [cfg.data.label_descriptions.get(lab, lab.replace("_", " ")) for lab in labels]
             label_emb = embed(encoder, tokenizer, label_texts, max_length, cfg.eval.eval_batch_size, bf16)
@@ -271,7 +273,6 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
                 boots[rung_name] = b
 
         # ---- trained rungs
-        ids = {s: tokens.truncate(tokenizer, t, tokenised[s].ids, max_length) for s, t in texts.items()}
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         lora = cfg.train.method == "lora"  # auto = full fine-tuning for an encoder
         ft_lr = (cfg.train.lora_learning_rate or cfg.train.learning_rate * 10) if lora else cfg.train.learning_rate
@@ -367,8 +368,9 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
         with stage("retention and domain shift", log):
             docs, source = retention.general_documents(cfg.evidence.general_text)
             sents, owners = retention.sentences_by_document(docs)
-            gen_base = embed(encoder, tokenizer, sents, max_length, cfg.eval.eval_batch_size, bf16)
-            gen_tuned = embed(tuned, tokenizer, sents, max_length, cfg.eval.eval_batch_size, bf16)
+            sent_ids = tokenizer(sents, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]  # once for both models
+            gen_base = embed(encoder, tokenizer, sents, max_length, cfg.eval.eval_batch_size, bf16, ids=sent_ids)
+            gen_tuned = embed(tuned, tokenizer, sents, max_length, cfg.eval.eval_batch_size, bf16, ids=sent_ids)
             retention_ = retention.retention(gen_base, gen_tuned, owners, source, cfg.evidence.max_forgetting)
             shift = domain_shift.domain_shift(emb["train"], gen_base, seed)
             shift["details"]["general_source"] = source

@@ -55,6 +55,22 @@ def test_only_complete_checkpoints_are_used_and_old_ones_pruned(tmp_path):
     assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.bin"))
 
 
+def test_a_prune_cut_short_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """Old checkpoints leave the step-* names atomically before their files go; a kill in the middle of deleting
+    (simulated by an rmtree that does nothing) leaves only an .old-* folder, which the next save clears."""
+    model, opt = _model_and_optimizer()
+    _step(model, opt)
+    checkpoint.save(tmp_path, model, opt, checkpoint.TrainState(step=1), None)
+    real_rmtree = checkpoint.shutil.rmtree
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda *a, **k: None)
+    checkpoint.save(tmp_path, model, opt, checkpoint.TrainState(step=2), None)
+    assert [p.name for p in tmp_path.glob("step-*")] == ["step-0000002"]
+    assert [p.name for p in tmp_path.glob(".old-*")] == [".old-step-0000001"]
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+    checkpoint.save(tmp_path, model, opt, checkpoint.TrainState(step=3), None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-0000003"]
+
+
 def test_done_marker_roundtrip(tmp_path):
     model, _ = _model_and_optimizer()
     checkpoint.mark_done(tmp_path, model, {"best_epoch": 2})

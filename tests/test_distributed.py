@@ -153,7 +153,9 @@ def test_fsdp_lora_killed_then_resumed_matches_one_process(tmp_path, tiny_bert):
     partial = resumed.parent / ".resumed.partial"
     _kill_mid_training(fsdp, tmp_path, partial)
     assert partial.is_dir() and not resumed.exists()
-    saved = load_file(str(next((partial / "checkpoints" / "fine_tuned").glob("step-*")) / "trainable.safetensors"))
+    steps = partial / "checkpoints" / "fine_tuned"
+    assert all((step / "state.json").is_file() for step in steps.glob("step-*")), "no half-deleted checkpoint keeps a step-* name"
+    saved = load_file(str(steps / json.loads((steps / "latest").read_text())["checkpoint"] / "trainable.safetensors"))
     assert saved and all("lora_" in k or "classifier" in k for k in saved), "a LoRA checkpoint holds the adapter and the head, gathered whole"
     again = _run(fsdp, tmp_path)
     assert "Resuming" in again.stdout + again.stderr

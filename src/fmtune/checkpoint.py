@@ -208,8 +208,21 @@ def _save(folder: Path, model, optimizer, state: TrainState, best: dict | None, 
     _fsync_dir(folder)
     _write_json(folder / "latest", {"checkpoint": name})
     for old in sorted(p for p in folder.glob("step-*") if p.name != name)[: max(0, len(list(folder.glob("step-*"))) - keep)]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
+    for leftover in folder.glob(".old-*"):  # a prune cut short by a kill
+        shutil.rmtree(leftover, ignore_errors=True)
     return final
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint folder so that no kill can leave it half-deleted under its own name: rename it out of the
+    `step-*` namespace first (atomic), then remove it."""
+    gone = path.with_name(".old-" + path.name)
+    try:
+        os.replace(path, gone)
+    except OSError:
+        return
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def latest(folder: Path) -> Path | None:
@@ -249,7 +262,7 @@ def mark_done(folder: Path, model, result: dict) -> None:
     os.replace(folder / "final.safetensors.tmp", folder / "final.safetensors")
     _write_json(folder / "done.json", result)
     for old in folder.glob("step-*"):
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
 
 
 def load_done(folder: Path) -> tuple[dict, dict] | None:

@@ -110,6 +110,31 @@ def test_bf16_copy_feeds_fp32_masters(tiny_bert, data):
     helper.remove()
 
 
+def test_clipping_through_the_fused_optimizers_grad_scale_equals_scaling_the_gradients(tiny_bert, data):
+    """The clip coefficient handed to fused AdamW as grad_scale steps the weights as multiplying every gradient
+    (flat buffer, shared sparse embedding) by it first does; the norm returned is torch's clip norm."""
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        master = models.load_classifier(tiny_bert, ["neg", "pos"], dropout=0.0)
+        helper = SparseEmbeddingGrad.install(master)
+        mp = Bf16Copy(master)
+        input_ids, mask, y = _batch(data, master)
+        (torch.nn.functional.cross_entropy(mp.compute(input_ids=input_ids, attention_mask=mask).logits.float(), y) * 50).backward()
+        opt = torch.optim.AdamW(master.parameters(), lr=1e-2, fused=fused)
+        norm = mp.step_grads(0.5, helper, opt)
+        expected = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.to_dense() if p.grad.is_sparse else p.grad) for p in master.parameters() if p.grad is not None]))
+        # fused: the gradients stay as they are (the optimizer divides them); otherwise they were scaled to norm 0.5
+        assert float(expected) == pytest.approx(float(norm) if fused else 0.5, rel=1e-5) and float(norm) > 0.5
+        assert (getattr(opt, "grad_scale", None) is not None) == fused
+        opt.step()
+        results.append({k: v.detach().clone() for k, v in master.state_dict().items()})
+        mp.close()
+        helper.remove()
+    for k in results[0]:
+        torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_bf16_copy_trains_like_autocast_and_returns_fp32(tiny_bert, data):
     a = _fit(tiny_bert, data, bf16="on", bf16_weights=True)
     b = _fit(tiny_bert, data, bf16="on", bf16_weights=False)

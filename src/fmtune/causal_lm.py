@@ -447,7 +447,7 @@ def fit(
                 loss = sums.sum() / n_tokens
             loss.backward()
             if mp is not None:
-                mp.step_grads(1.0)
+                mp.step_grads(1.0, None, optimizer)
                 optimizer.step()
                 mp.refresh()
             else:

@@ -163,10 +163,12 @@ class Bf16Copy:
             self._grad_views.append(view)
             offset += n
 
-    def step_grads(self, max_norm: float | None, sparse: SparseEmbeddingGrad | None = None) -> torch.Tensor:
+    def step_grads(self, max_norm: float | None, sparse: SparseEmbeddingGrad | None = None, optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
         """Cast the bf16 gradients into the masters' fp32 gradients and clip all gradients (shared ones included) to
         `max_norm` by their global norm, as torch.nn.utils.clip_grad_norm_ does (the norm of the flat fp32 buffer, which
-        holds the bf16 values exactly); returns the norm before clipping. The bf16 gradients are released, so the
+        holds the bf16 values exactly); returns the norm before clipping. With a fused torch optimizer the clipping
+        costs no pass of its own: its coefficient goes to the optimizer as `grad_scale`, which the fused kernel divides
+        every gradient by as it reads it (the hook torch's GradScaler uses). The bf16 gradients are released, so the
         next backward writes fresh ones instead of adding into old ones."""
         grads = [c.grad for c in self.compute_params]
         with torch.no_grad():
@@ -175,23 +177,30 @@ class Bf16Copy:
                 if g is None:  # a parameter this batch did not reach
                     self._grad_views[i].zero_()
             torch._foreach_copy_([self._grad_views[i] for i in present], [grads[i] for i in present])
-            norms = [torch.linalg.vector_norm(self.grad32)] if self.master_params else []  # one op over the flat buffer
+            # the sum of squares of the flat buffer as one BLAS dot: twice as fast as vector_norm's reduction here
+            squares = [self.grad32.dot(self.grad32)] if self.master_params else []
             for c in self.compute_params:
                 c.grad = None
             rows = sparse.rows() if sparse is not None else None
             dense_shared = [p.grad for p in self.shared if p.grad is not None and (sparse is None or p is not sparse.param)]
-            norms += [torch.linalg.vector_norm(g) for g in dense_shared]
+            squares += [g.dot(g) if g.is_contiguous() else g.square().sum() for g in (g.reshape(-1) for g in dense_shared)]
             if sparse is not None:
-                norms.append(sparse.norm(rows))
-            norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+                squares.append(sparse.norm(rows).square())
+            norm = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+            fused = optimizer is not None and bool(optimizer.defaults.get("fused"))
+            if fused:
+                optimizer.grad_scale = None
             if max_norm is not None:
                 coef = max_norm / (norm + 1e-6)
                 if coef < 1:
-                    self.grad32.mul_(coef)
-                    for g in dense_shared:
-                        g.mul_(coef)
-                    if sparse is not None:
-                        sparse.scale(rows, coef)
+                    if fused:
+                        optimizer.grad_scale = (1.0 / coef).to(torch.float32)
+                    else:
+                        self.grad32.mul_(coef)
+                        for g in dense_shared:
+                            g.mul_(coef)
+                        if sparse is not None:
+                            sparse.scale(rows, coef)
         return norm
 
     def refresh(self) -> None:

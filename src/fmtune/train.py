@@ -395,7 +395,7 @@ def fit(
                     raise out_of_memory(step, len(local), int(lengths[local].max(initial=0)), cfg) from None
                 raise
             if mp is not None:
-                mp.step_grads(1.0, sparse_emb)
+                mp.step_grads(1.0, sparse_emb, optimizer)
                 optimizer.step()
                 mp.refresh()
                 if sparse_emb is None:

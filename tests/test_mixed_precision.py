@@ -135,6 +135,47 @@ def test_clipping_through_the_fused_optimizers_grad_scale_equals_scaling_the_gra
         torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_training_only_the_used_embedding_rows_gives_adamws_update(tiny_bert, data, monkeypatch, epochs):
+    """Only the rows of tokens in the data are trained; every other row gets AdamW's weight decay in one multiply at the
+    end. The returned model (best epoch's weights included, whose decay stops at the best epoch's step) matches
+    training the whole table, in fp32."""
+    from fmtune.mixed_precision import EmbeddingRows
+
+    monkeypatch.setattr(EmbeddingRows, "MAX_SHARE", 1.0)  # the tiny vocabulary is mostly in use
+    on = _fit(tiny_bert, data, epochs=epochs, weight_decay=0.5)
+    off = _fit(tiny_bert, data, epochs=epochs, weight_decay=0.5, embedding_rows=False)
+    info = on.levers["embedding_rows"]
+    assert off.levers["embedding_rows"] is None and 0 < info["trained_rows"] < info["vocabulary"]
+    a, b = on.model.state_dict(), off.model.state_dict()
+    assert sorted(a) == sorted(b) and on.best_epoch == off.best_epoch
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    emb = on.model.get_input_embeddings()
+    assert type(emb) is torch.nn.Embedding and emb.num_embeddings == info["vocabulary"]
+    torch.manual_seed(0)
+    initial = models.load_classifier(tiny_bert, ["neg", "pos"]).get_input_embeddings().weight
+    untouched = torch.ones(info["vocabulary"], dtype=torch.bool)
+    tok, ids, _ = data
+    untouched[torch.tensor(sorted({i for row in ids for i in row} | {tok.pad_token_id}))] = False
+    assert not torch.equal(emb.weight[untouched], initial[untouched])  # decayed, not left as they were
+
+
+def test_embedding_rows_stay_off_where_most_rows_are_used_or_the_embedding_is_frozen(tiny_bert, data):
+    from fmtune.mixed_precision import EmbeddingRows
+
+    model = models.load_classifier(tiny_bert, ["neg", "pos"])
+    assert EmbeddingRows.install(model, [[list(range(model.get_input_embeddings().num_embeddings))]], [0]) is None
+    model.get_input_embeddings().weight.requires_grad_(False)
+    assert EmbeddingRows.install(model, [[[1, 2]]], [0]) is None
+    model.get_input_embeddings().weight.requires_grad_(True)
+    rows = EmbeddingRows.install(model, [[[5, 7], [7, 9]]], [0])
+    assert rows.rows.tolist() == [0, 5, 7, 9] and rows.renumber([[9, 5]]) == [[3, 1]]
+    assert model.get_input_embeddings().num_embeddings == 4
+    rows.uninstall(1.0)
+    assert model.get_input_embeddings() is rows.original
+
+
 def test_bf16_copy_trains_like_autocast_and_returns_fp32(tiny_bert, data):
     a = _fit(tiny_bert, data, bf16="on", bf16_weights=True)
     b = _fit(tiny_bert, data, bf16="on", bf16_weights=False)

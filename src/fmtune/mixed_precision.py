@@ -15,6 +15,13 @@ zero-filled (page faults included: the buffer is fresh every step), scattered in
 a ~200 ms step on a 2-core CPU. With the embedding's gradient computed sparse (`nn.Embedding.sparse`), autograd adds
 the touched rows into one persistent dense fp32 buffer that the optimizer reads as the gradient; after the step it is
 zeroed in place. AdamW sees the same dense gradient, so the update is the same as with a dense embedding gradient.
+
+Trained embedding rows (`EmbeddingRows`). AdamW still steps every row of that embedding every step, yet a row whose
+token never occurs in the training data has a zero gradient at every step, so its moments stay zero and its update is
+weight decay alone: w <- w * (1 - lr_t * wd). Its value after n steps is known in closed form, w0 * prod(1 - lr_t * wd).
+The training data is tokenised before training, so the rows that can ever get a gradient are known up front (MiniLM
+on 2,000 review snippets: 7.8k of 30.5k). Training runs on an embedding of those rows only (token ids renumbered), and
+the other rows get their decay once when the full table is put back: AdamW's update exactly, on a quarter of the rows.
 """
 
 from __future__ import annotations
@@ -105,6 +112,75 @@ class SparseEmbeddingGrad:
         self._hook.remove()
         self.module.sparse = False
         self.param.grad = None
+
+
+class EmbeddingRows:
+    """Train only the input-embedding rows that the training (and validation) tokens use; see the module docstring.
+
+    `install` swaps the model's input embedding for one holding those rows (`rows`, sorted token ids) and returns the
+    helper, or None where the lever does not apply (frozen or tied embedding, or most rows in use anyway). Renumber
+    token ids with `renumber` before they reach the model. `uninstall(decay)` writes the trained rows back into the
+    full table, multiplies every other row by `decay` (the product of 1 - lr_t * weight_decay over the steps taken),
+    and puts the full embedding back."""
+
+    MAX_SHARE = 0.5  # with more of the vocabulary in use the saving is too small to be worth renumbering
+
+    def __init__(self, parent: nn.Module, leaf: str, original: nn.Embedding, rows: torch.Tensor) -> None:
+        self.parent, self.leaf, self.original, self.rows = parent, leaf, original, rows
+        self.lookup = torch.full((original.num_embeddings,), -1, dtype=torch.long)
+        self.lookup[rows] = torch.arange(len(rows))
+        padding = int(self.lookup[original.padding_idx]) if original.padding_idx is not None else None
+        with torch.no_grad():  # given its weight, the module draws no random init (the torch RNG stream stays as it was)
+            weight = original.weight.index_select(0, rows.to(original.weight.device))
+        self.module = nn.Embedding(len(rows), original.embedding_dim, padding_idx=padding, _weight=weight)
+        self.module.train(original.training)
+        setattr(parent, leaf, self.module)
+
+    @classmethod
+    def install(cls, model: nn.Module, token_ids: list, always: list[int | None]) -> "EmbeddingRows | None":
+        import numpy as np
+
+        emb = _input_embedding(model)
+        if emb is None or not emb.weight.requires_grad or emb.weight.dtype != torch.float32 or emb.max_norm is not None or type(emb) is not nn.Embedding:
+            return None
+        if sum(p is emb.weight for _, p in model.named_parameters(remove_duplicate=False)) > 1:
+            return None  # tied to the output layer, which scores every row
+        used = np.zeros(emb.num_embeddings, dtype=bool)
+        for ids in token_ids:
+            for row in ids:
+                used[np.asarray(row, dtype=np.int64)] = True
+        for i in always + [emb.padding_idx]:
+            if i is not None and 0 <= i < emb.num_embeddings:
+                used[i] = True
+        if used.mean() > cls.MAX_SHARE:
+            return None
+        name = _param_name(model, emb.weight)
+        module_path = name.rpartition(".")[0].rpartition(".")[0] if name else ""
+        leaf = name.rpartition(".")[0].rpartition(".")[2] if name else ""
+        parent = model.get_submodule(module_path) if module_path else model
+        if getattr(parent, leaf, None) is not emb:
+            return None
+        return cls(parent, leaf, emb, torch.from_numpy(np.flatnonzero(used)))
+
+    def renumber(self, ids):
+        """Token ids (a numpy array or a list of lists) as rows of the trained embedding."""
+        import numpy as np
+
+        lookup = self.lookup.numpy()
+        if isinstance(ids, np.ndarray):
+            return lookup[ids]
+        return [lookup[np.asarray(row, dtype=np.int64)].tolist() for row in ids]
+
+    def info(self) -> dict:
+        return {"trained_rows": len(self.rows), "vocabulary": self.original.num_embeddings}
+
+    def uninstall(self, decay: float) -> None:
+        with torch.no_grad():
+            full = self.original.weight
+            full.mul_(decay)
+            full.index_copy_(0, self.rows.to(full.device), self.module.weight.to(full.dtype))
+        self.original.train(self.module.training)
+        setattr(self.parent, self.leaf, self.original)
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float, sparse: SparseEmbeddingGrad | None = None) -> torch.Tensor:

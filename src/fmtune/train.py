@@ -259,6 +259,15 @@ def _dropout(model) -> float | None:
     return None
 
 
+def weight_decay_product(learning_rate: float, lr_lambda: Callable[[int], float], weight_decay: float, steps: int) -> float:
+    """prod over steps t < `steps` of (1 - lr_t * weight_decay): what AdamW's decoupled weight decay alone does to a
+    weight whose gradient stayed zero (lr_t = learning_rate * lr_lambda(t), the schedule's rate at step t)."""
+    product = 1.0
+    for t in range(steps):
+        product *= 1.0 - learning_rate * lr_lambda(t) * weight_decay
+    return product
+
+
 def fit(
     model,
     tokenizer,
@@ -301,13 +310,17 @@ def fit(
     val_ids, val_y = validation
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     table, lengths = pad_table(train_ids, pad_id)
+    world = world or World()
+    from fmtune.mixed_precision import Bf16Copy, EmbeddingRows, SparseEmbeddingGrad, clip_grad_norm
+
+    # only the embedding rows the data's tokens use are trained; the rest get AdamW's weight decay once, at the end
+    rows = EmbeddingRows.install(model, [train_ids, val_ids], [pad_id]) if getattr(cfg, "embedding_rows", True) and not world.distributed and not lora else None
+    if rows is not None:
+        table, val_ids, pad_id = rows.renumber(table), rows.renumber(val_ids), int(rows.lookup[pad_id])
     targets = torch.as_tensor(np.asarray(train_y), dtype=torch.long, device=device)
     steps_per_epoch = math.ceil(len(train_ids) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    world = world or World()
     # bf16: forward and backward on a bf16 copy of the weights, fp32 master weights in the optimizer (no autocast casts)
-    from fmtune.mixed_precision import Bf16Copy, SparseEmbeddingGrad, clip_grad_norm
-
     compiled = bool(getattr(cfg, "compile", False))
     # a sparse gradient cannot flow out of a torch.compile'd graph: compile keeps the dense embedding gradient
     sparse_emb = SparseEmbeddingGrad.install(model) if getattr(cfg, "sparse_embedding_grad", True) and not world.distributed and not compiled else None
@@ -458,10 +471,13 @@ def fit(
     seconds = time.perf_counter() - start
     best_weights = best_state.get()
     best_state.close()
+    returned_step = next((h["step"] for h in history if h["epoch"] == best_epoch), step) if best_weights is not None else step
     if best_weights is not None:
         optimizer.state.clear()  # the AdamW moments are not needed any more: free them before the best weights are loaded
         model.load_state_dict(best_weights)
         del best_weights
+    if rows is not None:  # the untrained rows decayed as AdamW would have decayed them up to the returned weights' step
+        rows.uninstall(weight_decay_product(learning_rate, scheduler.lr_lambdas[0], cfg.weight_decay, returned_step))
     model = unwrap(model)  # FSDP: gathered into a plain copy on every rank; otherwise the model itself
     if lora:
         from peft import get_peft_model_state_dict
@@ -473,6 +489,7 @@ def fit(
         "bf16": bf16,
         "bf16_weights": ("bf16 copy of the weights, fp32 master weights" if mp_used else "autocast") if bf16 else None,
         "sparse_embedding_grad": sparse_emb is not None,
+        "embedding_rows": rows.info() if rows is not None else None,
         "malloc_trim_every": TRIM_EVERY if _malloc_trim() is not None else None,
         "length_bucketing": cfg.length_bucketing,
         "dynamic_padding": pad_to is None,

@@ -186,9 +186,12 @@ def test_bf16_copy_trains_like_autocast_and_returns_fp32(tiny_bert, data):
 
 
 @pytest.mark.parametrize("bf16", ["on", "off"])
-def test_crash_then_resume_equals_uninterrupted(tiny_bert, data, tmp_path, bf16):
-    """Every lever on (bf16 copy + fp32 masters when bf16 is on, sparse embedding gradient): a run stopped after step 5
-    and resumed from its step-4 checkpoint ends with exactly the weights of an uninterrupted run."""
+def test_crash_then_resume_equals_uninterrupted(tiny_bert, data, tmp_path, bf16, monkeypatch):
+    """Every lever on (bf16 copy + fp32 masters when bf16 is on, sparse embedding gradient, trained embedding rows): a
+    run stopped after step 5 and resumed from its step-4 checkpoint ends with exactly the weights of an uninterrupted run."""
+    from fmtune.mixed_precision import EmbeddingRows
+
+    monkeypatch.setattr(EmbeddingRows, "MAX_SHARE", 1.0)  # the tiny vocabulary is mostly in use
     whole = _fit(tiny_bert, data, checkpoint_dir=tmp_path / "a", bf16=bf16, checkpoint_every=2, dropout=0.1)
 
     class Crash(Exception):
@@ -208,6 +211,7 @@ def test_crash_then_resume_equals_uninterrupted(tiny_bert, data, tmp_path, bf16)
     for (k, v), (k2, v2) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
         assert k == k2 and torch.equal(v, v2), k
     assert [h["train_loss"] for h in whole.history] == [h["train_loss"] for h in resumed.history]
+    assert whole.levers["embedding_rows"] is not None and resumed.levers["embedding_rows"] == whole.levers["embedding_rows"]
 
 
 def _tiny_llama(kv_heads: int = 1):

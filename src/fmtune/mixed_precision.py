@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,6 +41,11 @@ def _input_embedding(model: nn.Module) -> nn.Embedding | None:
     except (NotImplementedError, AttributeError):
         return None
     return emb if isinstance(emb, nn.Embedding) else None
+
+
+def _tied(model: nn.Module, param: nn.Parameter) -> bool:
+    """Whether `param` is used by more than one module of `model` (an input embedding tied to the output layer)."""
+    return sum(p is param for _, p in model.named_parameters(remove_duplicate=False)) > 1
 
 
 def _param_name(model: nn.Module, param: nn.Parameter) -> str | None:
@@ -127,8 +133,8 @@ class EmbeddingRows:
 
     def __init__(self, parent: nn.Module, leaf: str, original: nn.Embedding, rows: torch.Tensor) -> None:
         self.parent, self.leaf, self.original, self.rows = parent, leaf, original, rows
-        self.lookup = torch.full((original.num_embeddings,), -1, dtype=torch.long)
-        self.lookup[rows] = torch.arange(len(rows))
+        self.lookup = np.full(original.num_embeddings, -1, dtype=np.int64)  # token id -> row of the trained embedding
+        self.lookup[rows.numpy()] = np.arange(len(rows))
         padding = int(self.lookup[original.padding_idx]) if original.padding_idx is not None else None
         with torch.no_grad():  # given its weight, the module draws no random init (the torch RNG stream stays as it was)
             weight = original.weight.index_select(0, rows.to(original.weight.device))
@@ -138,12 +144,10 @@ class EmbeddingRows:
 
     @classmethod
     def install(cls, model: nn.Module, token_ids: list, always: list[int | None]) -> "EmbeddingRows | None":
-        import numpy as np
-
         emb = _input_embedding(model)
         if emb is None or not emb.weight.requires_grad or emb.weight.dtype != torch.float32 or emb.max_norm is not None or type(emb) is not nn.Embedding:
             return None
-        if sum(p is emb.weight for _, p in model.named_parameters(remove_duplicate=False)) > 1:
+        if _tied(model, emb.weight):
             return None  # tied to the output layer, which scores every row
         used = np.zeros(emb.num_embeddings, dtype=bool)
         for ids in token_ids:
@@ -154,22 +158,18 @@ class EmbeddingRows:
                 used[i] = True
         if used.mean() > cls.MAX_SHARE:
             return None
-        name = _param_name(model, emb.weight)
-        module_path = name.rpartition(".")[0].rpartition(".")[0] if name else ""
-        leaf = name.rpartition(".")[0].rpartition(".")[2] if name else ""
-        parent = model.get_submodule(module_path) if module_path else model
-        if getattr(parent, leaf, None) is not emb:
+        name = next((n for n, m in model.named_modules() if m is emb), "")
+        parent_path, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        if not leaf or getattr(parent, leaf, None) is not emb:
             return None
         return cls(parent, leaf, emb, torch.from_numpy(np.flatnonzero(used)))
 
     def renumber(self, ids):
         """Token ids (a numpy array or a list of lists) as rows of the trained embedding."""
-        import numpy as np
-
-        lookup = self.lookup.numpy()
         if isinstance(ids, np.ndarray):
-            return lookup[ids]
-        return [lookup[np.asarray(row, dtype=np.int64)].tolist() for row in ids]
+            return self.lookup[ids]
+        return [self.lookup[np.asarray(row, dtype=np.int64)].tolist() for row in ids]
 
     def info(self) -> dict:
         return {"trained_rows": len(self.rows), "vocabulary": self.original.num_embeddings}
@@ -211,7 +211,7 @@ class Bf16Copy:
     def __init__(self, master: nn.Module, dtype: torch.dtype = torch.bfloat16, share_input_embedding: bool = True) -> None:
         self.master = master
         emb = _input_embedding(master) if share_input_embedding else None
-        if emb is not None and sum(p is emb.weight for _, p in master.named_parameters(remove_duplicate=False)) > 1:
+        if emb is not None and _tied(master, emb.weight):
             emb = None  # tied to the output layer: sharing it with one of its two users would untie them in the copy
         shared_name = _param_name(master, emb.weight) if emb is not None else None
         self.compute = copy.deepcopy(master).to(dtype)

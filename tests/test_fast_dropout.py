@@ -1,5 +1,6 @@
 """The fast CPU dropout: right probabilities and scaling, reproducible from torch's seed, and a model put back exactly."""
 
+import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
@@ -87,3 +88,30 @@ def test_training_attention_matches_sdpa_without_dropout():
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=mask).logits
     assert torch.allclose(reference, got, atol=1e-5)
+
+
+def test_one_generator_per_training_forward_reproducible_from_torch_seed():
+    """Inside an installed model's training forward, the dropout calls share one generator seeded from torch's RNG at
+    the start of the pass: the same torch seed gives the same outputs, the pass advances torch's RNG once, and after
+    the pass (or an exception inside it) calls seed their own generator again."""
+    model = tiny_bert()
+    ids, mask = batch()
+    undo, _ = fast_dropout.install(model)
+    model.train()
+    torch.manual_seed(3)
+    a = model(input_ids=ids, attention_mask=mask).logits
+    after_pass = torch.get_rng_state()
+    torch.manual_seed(3)
+    b = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(a, b) and torch.equal(after_pass, torch.get_rng_state())
+    torch.manual_seed(3)
+    torch.randint(0, 2**62, (1,))
+    assert torch.equal(after_pass, torch.get_rng_state())  # one seed drawn for the whole pass
+    c = model(input_ids=ids, attention_mask=mask).logits
+    assert not torch.equal(a, c)
+    assert fast_dropout._STREAM.generator is None
+    with pytest.raises(IndexError):  # a token id past the vocabulary fails inside the pass
+        model(input_ids=torch.full_like(ids, 999), attention_mask=mask)
+    assert fast_dropout._STREAM.generator is None
+    undo()
+    assert not model._forward_pre_hooks and not model._forward_hooks

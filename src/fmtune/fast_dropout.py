@@ -3,8 +3,11 @@
 On a 2-core CPU, torch's dropout spends ~3-5 ns per element drawing Bernoulli numbers from a serial Mersenne Twister;
 in a bf16 fine-tune of a small encoder that is the largest single op after the matmuls (~12% of a step), and attention
 dropout also forces SDPA off its fused kernel onto the math path. Here the keep-mask comes from numpy's SFC64 generator
-(64 random bits give four 16-bit draws, so p is honoured to 1/65536), seeded for every call from torch's generator, so
-runs stay reproducible and resumable from the torch RNG state a checkpoint already holds. Masks are ~10x cheaper to make.
+(64 random bits give four 16-bit draws, so p is honoured to 1/65536), seeded from torch's generator, so runs stay
+reproducible and resumable from the torch RNG state a checkpoint already holds. Masks are ~10x cheaper to make. Inside a
+training forward pass of an installed model every dropout call draws from one generator seeded once at the start of
+that pass (building a generator costs ~60 us in a training loop, and a MiniLM step has ~20 dropout calls); elsewhere
+each call seeds its own.
 
 `install(model)` swaps every `nn.Dropout` for `FastDropout` (same p) and, where the model uses transformers'
 AttentionInterface, routes attention through `attention` below (the eager formula with the fast mask while training,
@@ -15,6 +18,7 @@ Philox dropout is already cheap.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Callable
 
 import numpy as np
@@ -24,11 +28,35 @@ from torch import nn
 ATTENTION_NAME = "fmtune_cpu_dropout"
 
 
+class _Stream(threading.local):
+    """The generator of the training forward pass in progress (None outside one)."""
+
+    generator: np.random.SFC64 | None = None
+
+
+_STREAM = _Stream()
+
+
+def _seeded() -> np.random.SFC64:
+    """A generator seeded from (and advancing) torch's RNG, which checkpoints save and restore."""
+    return np.random.SFC64(int(torch.randint(0, 2**62, (1,))))
+
+
 def _draws(n: int) -> np.ndarray:
-    """n uniform 16-bit draws from SFC64, seeded from (and advancing) torch's RNG, which checkpoints save and restore."""
-    seed = int(torch.randint(0, 2**62, (1,)))
-    bits = np.random.Generator(np.random.SFC64(seed)).bit_generator.random_raw((n + 3) // 4)
+    """n uniform 16-bit draws: from the current forward pass's generator, or from one seeded for this call."""
+    bits = (_STREAM.generator or _seeded()).random_raw((n + 3) // 4)
     return bits.view(np.uint16)[:n]
+
+
+def _begin_pass(module: nn.Module, args) -> None:
+    # gradient checkpointing re-runs parts of the forward in backward and replays torch's RNG state to get the same
+    # masks: that only works with one seed per call, so such models keep per-call seeding
+    if module.training and torch.is_grad_enabled() and not getattr(module, "is_gradient_checkpointing", False):
+        _STREAM.generator = _seeded()
+
+
+def _end_pass(module: nn.Module, args, output) -> None:
+    _STREAM.generator = None
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
@@ -127,6 +155,7 @@ def install(model: nn.Module) -> tuple[Callable[[], None], dict]:
                 fast.train(child.training)
                 setattr(parent, name, fast)
                 swapped.append((parent, name, child))
+    hooks = [model.register_forward_pre_hook(_begin_pass), model.register_forward_hook(_end_pass, always_call=True)]
     config = getattr(model, "config", None)
     previous = getattr(config, "_attn_implementation", None)
     routed = False
@@ -138,6 +167,9 @@ def install(model: nn.Module) -> tuple[Callable[[], None], dict]:
             routed = False
 
     def undo() -> None:
+        for hook in hooks:
+            hook.remove()
+        _STREAM.generator = None
         for parent, name, original in swapped:
             original.train(getattr(parent, name).training)
             setattr(parent, name, original)

@@ -49,9 +49,7 @@ def _draws(n: int) -> np.ndarray:
 
 
 def _begin_pass(module: nn.Module, args) -> None:
-    # gradient checkpointing re-runs parts of the forward in backward and replays torch's RNG state to get the same
-    # masks: that only works with one seed per call, so such models keep per-call seeding
-    if module.training and torch.is_grad_enabled() and not getattr(module, "is_gradient_checkpointing", False):
+    if module.training and torch.is_grad_enabled():
         _STREAM.generator = _seeded()
 
 
@@ -155,7 +153,10 @@ def install(model: nn.Module) -> tuple[Callable[[], None], dict]:
                 fast.train(child.training)
                 setattr(parent, name, fast)
                 swapped.append((parent, name, child))
-    hooks = [model.register_forward_pre_hook(_begin_pass), model.register_forward_hook(_end_pass, always_call=True)]
+    # gradient checkpointing re-runs parts of the forward in backward and replays torch's RNG state to get the same
+    # masks: that only works with one seed per call, so such models keep per-call seeding
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    hooks = [] if checkpointing else [model.register_forward_pre_hook(_begin_pass), model.register_forward_hook(_end_pass, always_call=True)]
     config = getattr(model, "config", None)
     previous = getattr(config, "_attn_implementation", None)
     routed = False

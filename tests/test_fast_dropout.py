@@ -114,7 +114,7 @@ def test_one_generator_per_training_forward_reproducible_from_torch_seed():
         model(input_ids=torch.full_like(ids, 999), attention_mask=mask)
     assert fast_dropout._STREAM.generator is None
     undo()
-    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 
 
 def test_gradient_checkpointing_keeps_per_call_seeding():
@@ -127,8 +127,9 @@ def test_gradient_checkpointing_keeps_per_call_seeding():
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         fast_dropout.install(model)
         assert bool(model._forward_pre_hooks) != checkpointing
-        model._forward_pre_hooks.clear()  # the plain run seeded per call too
-        model._forward_hooks.clear()
+        for module in model.modules():  # the plain run seeded per call too
+            module._forward_pre_hooks.clear()
+            module._forward_hooks.clear()
         model.train()
         ids, mask = batch()
         torch.manual_seed(5)
@@ -136,4 +137,4 @@ def test_gradient_checkpointing_keeps_per_call_seeding():
         return model.bert.encoder.layer[0].attention.self.query.weight.grad
 
     plain, checkpointed = grads(False), grads(True)
-    assert checkpointed.abs().sum() > 0 and torch.allclose(plain, checkpointed, atol=1e-6)
+    assert checkpointed.abs().sum() > 0 and torch.allclose(plain, checkpointed, rtol=1e-5, atol=1e-12)

@@ -234,6 +234,35 @@ def test_packed_losses_equal_unpacked_ones_per_example(tiny_llama, tok, routed):
     torch.testing.assert_close(packed_sums, sums, rtol=1e-4, atol=1e-5)
 
 
+def test_lora_dropout_draws_one_generator_per_decoder_pass(tiny_llama, tok):
+    """Causal-LM training calls the decoder, not the whole model: the fast dropout hooks it too, so LoRA's ~7 dropout
+    calls per layer share one generator per pass, seeded from torch's RNG (reproducible, one draw from torch's RNG)."""
+    from peft import LoraConfig, get_peft_model
+
+    from fmtune import fast_dropout
+
+    model = get_peft_model(causal_lm.load_model(tiny_llama), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj", "v_proj"],
+                                                                              init_lora_weights=False))  # B non-zero: the masks show in the loss
+    undo, info = fast_dropout.install(model)
+    assert info["dropout_modules"] == 4
+    model.train()
+    rows = [causal_lm.encode(tok, [{"role": "user", "content": p["prompt"]}], p["completion"]) for p in colour_pairs(4)]
+    batch = causal_lm.collate(rows, tok.pad_token_id)
+
+    def losses(seed: int):
+        torch.manual_seed(seed)
+        sums, _ = causal_lm.token_losses(model, batch)
+        return sums.detach(), torch.get_rng_state()
+
+    (a, after), (b, again), (c, _) = losses(1), losses(1), losses(2)
+    assert torch.equal(a, b) and torch.equal(after, again) and not torch.equal(a, c)
+    torch.manual_seed(1)
+    torch.randint(0, 2**62, (1,))
+    assert torch.equal(after, torch.get_rng_state())  # one seed for the whole decoder pass
+    assert fast_dropout._STREAM.generator is None and fast_dropout._STREAM.depth == 0
+    undo()
+
+
 def test_fit_with_packing_records_less_padding(tiny_llama, tok):
     from fmtune.config import TrainConfig
 

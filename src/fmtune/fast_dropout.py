@@ -29,9 +29,11 @@ ATTENTION_NAME = "fmtune_cpu_dropout"
 
 
 class _Stream(threading.local):
-    """The generator of the training forward pass in progress (None outside one)."""
+    """The generator of the training forward pass in progress (None outside one), and how many hooked modules' forwards
+    are open (a causal LM's training loss calls its decoder, which is hooked as well as the whole model)."""
 
     generator: np.random.SFC64 | None = None
+    depth: int = 0
 
 
 _STREAM = _Stream()
@@ -49,12 +51,26 @@ def _draws(n: int) -> np.ndarray:
 
 
 def _begin_pass(module: nn.Module, args) -> None:
-    if module.training and torch.is_grad_enabled():
+    _STREAM.depth += 1
+    if _STREAM.depth == 1 and module.training and torch.is_grad_enabled():
         _STREAM.generator = _seeded()
 
 
 def _end_pass(module: nn.Module, args, output) -> None:
-    _STREAM.generator = None
+    _STREAM.depth = max(_STREAM.depth - 1, 0)
+    if _STREAM.depth == 0:
+        _STREAM.generator = None
+
+
+def _entry_points(model: nn.Module) -> list[nn.Module]:
+    """The model, and its decoder where it has one (causal-LM training runs the decoder and scores only the positions
+    it needs, so the whole model's forward is never called there)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    except (AttributeError, NotImplementedError, ValueError):
+        decoder = None
+    return [model] + ([decoder] if isinstance(decoder, nn.Module) and decoder is not model else [])
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
@@ -156,7 +172,7 @@ def install(model: nn.Module) -> tuple[Callable[[], None], dict]:
     # gradient checkpointing re-runs parts of the forward in backward and replays torch's RNG state to get the same
     # masks: that only works with one seed per call, so such models keep per-call seeding
     checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
-    hooks = [] if checkpointing else [model.register_forward_pre_hook(_begin_pass), model.register_forward_hook(_end_pass, always_call=True)]
+    hooks = [] if checkpointing else [h for m in _entry_points(model) for h in (m.register_forward_pre_hook(_begin_pass), m.register_forward_hook(_end_pass, always_call=True))]
     config = getattr(model, "config", None)
     previous = getattr(config, "_attn_implementation", None)
     routed = False
@@ -170,7 +186,7 @@ def install(model: nn.Module) -> tuple[Callable[[], None], dict]:
     def undo() -> None:
         for hook in hooks:
             hook.remove()
-        _STREAM.generator = None
+        _STREAM.generator, _STREAM.depth = None, 0
         for parent, name, original in swapped:
             original.train(getattr(parent, name).training)
             setattr(parent, name, original)

@@ -124,7 +124,10 @@ def test_gradient_checkpointing_keeps_per_call_seeding():
     def grads(checkpointing: bool):
         model = tiny_bert()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; gradient_checkpointing_enable is its deprecated alias
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         fast_dropout.install(model)
         assert bool(model._forward_pre_hooks) != checkpointing
         for module in model.modules():  # the plain run seeded per call too

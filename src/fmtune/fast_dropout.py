@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fmtune.models import without_adapter
+
 ATTENTION_NAME = "fmtune_cpu_dropout"
 
 
@@ -65,7 +67,7 @@ def _end_pass(module: nn.Module, args, output) -> None:
 def _entry_points(model: nn.Module) -> list[nn.Module]:
     """The model, and its decoder where it has one (causal-LM training runs the decoder and scores only the positions
     it needs, so the whole model's forward is never called there)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = without_adapter(model)
     try:
         decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     except (AttributeError, NotImplementedError, ValueError):

@@ -32,9 +32,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from fmtune.models import without_adapter
+
 
 def _input_embedding(model: nn.Module) -> nn.Embedding | None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = without_adapter(model)
     get = getattr(base, "get_input_embeddings", None)
     try:
         emb = get() if get is not None else None

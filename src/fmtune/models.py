@@ -112,6 +112,11 @@ def load_classifier(path: Path, labels: list[str], from_scratch: bool = False, d
         hf_logging.set_verbosity(verbosity)
 
 
+def without_adapter(model):
+    """The transformers model inside a peft wrapper (LoRA); any other model as it is."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 

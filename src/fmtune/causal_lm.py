@@ -400,7 +400,8 @@ def fit(
     if bf16 and getattr(cfg, "bf16_weights", True) and device.type in ("cpu", "cuda"):
         from fmtune.mixed_precision import Bf16Copy
 
-        mp = Bf16Copy(model)
+        mp = Bf16Copy(model, fused_step=getattr(cfg, "fused_step", True))
+    fused_step = mp.step_lever if mp is not None else None
     runner = mp.compute if mp is not None else model
     undo_fast_dropout, fast_dropout_info = lambda: None, None
     if device.type == "cpu" and getattr(cfg, "fast_dropout", True):  # LoRA's input dropout is the costliest op after the matmuls
@@ -448,9 +449,7 @@ def fit(
                 loss = sums.sum() / n_tokens
             loss.backward()
             if mp is not None:
-                mp.step_grads(1.0, None, optimizer)
-                optimizer.step()
-                mp.refresh()
+                mp.step(optimizer, 1.0)
             else:
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
@@ -495,7 +494,7 @@ def fit(
         adapter = {"config": model.peft_config["default"], "state": {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}}
         model = model.merge_and_unload()
     model.eval()
-    levers = {"bf16": bf16, "bf16_weights": bf16_weights, "length_bucketing": cfg.length_bucketing, "dynamic_padding": True, "fused_optimizer": fused, "torch_compile": False,
+    levers = {"bf16": bf16, "bf16_weights": bf16_weights, "length_bucketing": cfg.length_bucketing, "dynamic_padding": True, "fused_optimizer": fused, "fused_step": fused_step, "torch_compile": False,
               "lora": lora, "packing": packing, "padding_share": round(1 - real_tokens / max(computed_tokens, 1), 4),
               "loss_on_completion_only": True, "output_layer_on_scored_positions_only": True, "example_weights": weighted, "fast_dropout": fast_dropout_info}
     return TrainResult(model, history, best_epoch, len(history), step, seconds, stopped, levers, adapter, real_tokens)

@@ -27,6 +27,7 @@ the other rows get their decay once when the full table is put back: AdamW's upd
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import torch
@@ -204,13 +205,17 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, sparse: SparseEm
 
 
 class Bf16Copy:
-    """A bf16 compute copy of `master` whose trainable parameters' gradients feed the master's fp32 `.grad`.
+    """A bf16 compute copy of `master` whose trainable parameters' gradients feed the master's fp32 weights.
 
-    Use: forward/backward on `.compute`, then `step_grads(max_norm)` (grads to fp32, clipped), `optimizer.step()`,
-    `refresh()` (bf16 weights from the new fp32 ones). `shared` parameters (the input embedding) are the master's own
-    fp32 tensors inside the copy; their gradients arrive on the master directly."""
+    Use: forward/backward on `.compute`, then `step(optimizer, max_norm)`: gradients clipped by their global norm, the
+    optimizer's step on the fp32 weights, the bf16 copy refreshed from them. On CPU with a torch AdamW, that is one
+    fused pass (fmtune.cpu_kernels) straight from the bf16 gradients; elsewhere (or with `fused_step=False`, or without
+    a C compiler) the bf16 gradients are cast into the masters' flat fp32 `.grad` buffer, clipped, the optimizer steps
+    and the copy is refreshed (`step_grads`, `optimizer.step()`, `refresh()`). `shared` parameters (the input
+    embedding) are the master's own fp32 tensors inside the copy; their gradients arrive on the master directly and
+    torch's optimizer steps them in both cases."""
 
-    def __init__(self, master: nn.Module, dtype: torch.dtype = torch.bfloat16, share_input_embedding: bool = True) -> None:
+    def __init__(self, master: nn.Module, dtype: torch.dtype = torch.bfloat16, share_input_embedding: bool = True, fused_step: bool = True) -> None:
         self.master = master
         emb = _input_embedding(master) if share_input_embedding else None
         if emb is not None and _tied(master, emb.weight):
@@ -229,10 +234,27 @@ class Bf16Copy:
         names = [n for n, p in m_params.items() if p.requires_grad and c_params.get(n) is not None and c_params[n] is not p]
         self.master_params = [m_params[n] for n in names]
         self.compute_params = [c_params[n] for n in names]
-        device = self.master_params[0].device if names else torch.device("cpu")
-        total = sum(p.numel() for p in self.master_params)
-        self.grad32 = torch.zeros(total, dtype=torch.float32, device=device)
-        self._grad_views = []
+        on_cpu = all(p.device.type == "cpu" for p in self.master_params)
+        self.kernel_status = "off (fused_step=False)" if not fused_step else ("only for bf16 copies on CPU" if dtype != torch.bfloat16 or not on_cpu else None)
+        if self.kernel_status is None:
+            from fmtune import cpu_kernels
+
+            self.kernel_status = cpu_kernels.status() if cpu_kernels.library() is None else None
+        self.kernel = self.kernel_status is None and bool(self.master_params)
+        self.grad32: torch.Tensor | None = None
+        self._grad_views: list[torch.Tensor] = []
+        if not self.kernel:
+            self._flat_grads()
+
+    @property
+    def step_lever(self) -> str:
+        """What the report says of this copy's optimizer step."""
+        return "one compiled pass: bf16 gradients -> AdamW on fp32 weights -> bf16 copy" if self.kernel else f"torch's passes: {self.kernel_status}"
+
+    def _flat_grads(self) -> None:
+        """The masters' `.grad` as views of one flat fp32 buffer (what the unfused step casts the bf16 gradients into)."""
+        device = self.master_params[0].device if self.master_params else torch.device("cpu")
+        self.grad32 = torch.zeros(sum(p.numel() for p in self.master_params), dtype=torch.float32, device=device)
         offset = 0
         for m in self.master_params:
             n = m.numel()
@@ -241,13 +263,45 @@ class Bf16Copy:
             self._grad_views.append(view)
             offset += n
 
+    def _shared_grads(self, sparse: SparseEmbeddingGrad | None) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
+        """The shared parameters' gradients: (the sparse embedding's touched rows, the dense ones, their squared norms)."""
+        rows = sparse.rows() if sparse is not None else None
+        dense = [p.grad for p in self.shared if p.grad is not None and (sparse is None or p is not sparse.param)]
+        squares = [g.dot(g) if g.is_contiguous() else g.square().sum() for g in (g.reshape(-1) for g in dense)]
+        if sparse is not None:
+            squares.append(sparse.norm(rows).square())
+        return rows, dense, squares
+
+    @staticmethod
+    def _clip(norm: torch.Tensor, max_norm: float | None, optimizer, scale_here: list[torch.Tensor], sparse: SparseEmbeddingGrad | None, rows) -> float:
+        """Clip to `max_norm` as torch.nn.utils.clip_grad_norm_ does. With a fused torch optimizer the coefficient goes
+        to it as `grad_scale`, which its kernel divides every gradient by as it reads it (the hook torch's GradScaler
+        uses); otherwise the gradients in `scale_here` and the sparse rows are scaled in place. Returns the coefficient
+        (1.0 when nothing is clipped)."""
+        fused = optimizer is not None and bool(optimizer.defaults.get("fused"))
+        if fused:
+            optimizer.grad_scale = None
+        if max_norm is None:
+            return 1.0
+        coef = max_norm / (norm + 1e-6)
+        if coef >= 1:
+            return 1.0
+        if fused:
+            optimizer.grad_scale = (1.0 / coef).to(torch.float32)
+        else:
+            for g in scale_here:
+                g.mul_(coef)
+            if sparse is not None:
+                sparse.scale(rows, coef)
+        return float(coef)
+
     def step_grads(self, max_norm: float | None, sparse: SparseEmbeddingGrad | None = None, optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
         """Cast the bf16 gradients into the masters' fp32 gradients and clip all gradients (shared ones included) to
-        `max_norm` by their global norm, as torch.nn.utils.clip_grad_norm_ does (the norm of the flat fp32 buffer, which
-        holds the bf16 values exactly); returns the norm before clipping. With a fused torch optimizer the clipping
-        costs no pass of its own: its coefficient goes to the optimizer as `grad_scale`, which the fused kernel divides
-        every gradient by as it reads it (the hook torch's GradScaler uses). The bf16 gradients are released, so the
-        next backward writes fresh ones instead of adding into old ones."""
+        `max_norm` by their global norm (the norm of the flat fp32 buffer, which holds the bf16 values exactly); returns
+        the norm before clipping. The bf16 gradients are released, so the next backward writes fresh ones instead of
+        adding into old ones."""
+        if self.grad32 is None:
+            self._flat_grads()
         grads = [c.grad for c in self.compute_params]
         with torch.no_grad():
             present = [i for i, g in enumerate(grads) if g is not None]
@@ -259,26 +313,50 @@ class Bf16Copy:
             squares = [self.grad32.dot(self.grad32)] if self.master_params else []
             for c in self.compute_params:
                 c.grad = None
-            rows = sparse.rows() if sparse is not None else None
-            dense_shared = [p.grad for p in self.shared if p.grad is not None and (sparse is None or p is not sparse.param)]
-            squares += [g.dot(g) if g.is_contiguous() else g.square().sum() for g in (g.reshape(-1) for g in dense_shared)]
-            if sparse is not None:
-                squares.append(sparse.norm(rows).square())
+            rows, dense, shared_squares = self._shared_grads(sparse)
+            squares += shared_squares
             norm = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
-            fused = optimizer is not None and bool(optimizer.defaults.get("fused"))
-            if fused:
-                optimizer.grad_scale = None
-            if max_norm is not None:
-                coef = max_norm / (norm + 1e-6)
-                if coef < 1:
-                    if fused:
-                        optimizer.grad_scale = (1.0 / coef).to(torch.float32)
-                    else:
-                        self.grad32.mul_(coef)
-                        for g in dense_shared:
-                            g.mul_(coef)
-                        if sparse is not None:
-                            sparse.scale(rows, coef)
+            self._clip(norm, max_norm, optimizer, [self.grad32, *dense], sparse, rows)
+        return norm
+
+    def step(self, optimizer: torch.optim.Optimizer, max_norm: float | None, sparse: SparseEmbeddingGrad | None = None) -> torch.Tensor:
+        """One optimizer step from the gradients of the last backward (clipped to `max_norm`); returns the norm before
+        clipping. The bf16 copy holds the new weights afterwards."""
+        groups = _kernel_groups(optimizer) if self.kernel else None
+        if groups is None:
+            norm = self.step_grads(max_norm, sparse, optimizer)
+            optimizer.step()
+            self.refresh()
+            return norm
+        from fmtune import cpu_kernels
+
+        with torch.no_grad():
+            present = [i for i, c in enumerate(self.compute_params) if c.grad is not None]  # torch skips unreached ones too
+            grads = [self.compute_params[i].grad.contiguous() for i in present]
+            rows, dense, squares = self._shared_grads(sparse)
+            total = cpu_kernels.sum_of_squares(grads) if grads else 0.0
+            norm = (torch.stack(squares).sum() + total).sqrt() if squares else torch.tensor(total, dtype=torch.float32).sqrt()
+            coef = self._clip(norm, max_norm, optimizer, dense, sparse, rows)
+            masters = [self.master_params[i] for i in present]
+            states = [_adamw_state(optimizer.state[p], p) for p in masters]
+            if states:
+                torch._foreach_add_([s["step"] for s in states], 1.0)
+                steps = torch.stack([s["step"] for s in states]).tolist()
+                lr_wd, step_size, root = [], [], []
+                for p, t in zip(masters, steps):
+                    group = groups[id(p)]
+                    beta1, beta2 = group["betas"]
+                    lr = float(group["lr"])
+                    lr_wd.append(lr * group["weight_decay"])
+                    step_size.append(lr / (1 - beta1**t))
+                    root.append(math.sqrt(1 - beta2**t))
+                beta1, beta2 = groups[id(masters[0])]["betas"]
+                eps = groups[id(masters[0])]["eps"]
+                cpu_kernels.adamw_bf16(masters, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                                       [self.compute_params[i] for i in present], lr_wd, step_size, root, beta1, beta2, eps, coef)
+            for c in self.compute_params:
+                c.grad = None
+        optimizer.step()  # the shared parameters (the masters above have no .grad, so torch's step passes them by)
         return norm
 
     def refresh(self) -> None:
@@ -300,3 +378,26 @@ class Bf16Copy:
             h.remove()
         for m in self.master_params:
             m.grad = None
+
+
+def _kernel_groups(optimizer) -> dict | None:
+    """param id -> param group when `optimizer` is a plain torch AdamW with one beta/eps setting that the fused kernel
+    reproduces (no amsgrad, maximize, capturable or differentiable); None otherwise."""
+    if type(optimizer) is not torch.optim.AdamW:
+        return None
+    groups, settings = {}, set()
+    for group in optimizer.param_groups:
+        if group.get("amsgrad") or group.get("maximize") or group.get("capturable") or group.get("differentiable") or torch.is_tensor(group["lr"]):
+            return None
+        settings.add((tuple(group["betas"]), group["eps"]))
+        groups.update({id(p): group for p in group["params"]})
+    return groups if len(settings) == 1 else None
+
+
+def _adamw_state(state: dict, param: torch.Tensor) -> dict:
+    """torch AdamW's per-parameter state, created as torch creates it on a parameter's first step."""
+    if not state:
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    return state

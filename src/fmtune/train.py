@@ -326,7 +326,8 @@ def fit(
     sparse_emb = SparseEmbeddingGrad.install(model) if getattr(cfg, "sparse_embedding_grad", True) and not world.distributed and not compiled else None
     mp = None
     if bf16 and getattr(cfg, "bf16_weights", True) and not world.distributed and device.type in ("cpu", "cuda"):
-        mp = Bf16Copy(model)
+        mp = Bf16Copy(model, fused_step=getattr(cfg, "fused_step", True))
+    fused_step = mp.step_lever if mp is not None else None
     runner = mp.compute if mp is not None else model  # the module whose forward runs (and whose dropout draws masks)
     undo_fast_dropout, fast_dropout_info = lambda: None, None
     if device.type == "cpu" and getattr(cfg, "fast_dropout", True) and not compiled:  # numpy masks would break compiled graphs
@@ -408,9 +409,7 @@ def fit(
                     raise out_of_memory(step, len(local), int(lengths[local].max(initial=0)), cfg) from None
                 raise
             if mp is not None:
-                mp.step_grads(1.0, sparse_emb, optimizer)
-                optimizer.step()
-                mp.refresh()
+                mp.step(optimizer, 1.0, sparse_emb)
                 if sparse_emb is None:
                     for p in mp.shared:
                         p.grad = None
@@ -494,6 +493,7 @@ def fit(
         "length_bucketing": cfg.length_bucketing,
         "dynamic_padding": pad_to is None,
         "fused_optimizer": fused,
+        "fused_step": fused_step,
         "torch_compile": compiled,
         "dropout": _dropout(model),
         "fast_dropout": fast_dropout_info,

@@ -81,7 +81,7 @@ def run_fmtune(recipe: str, cfg: dict, split: dict, model_path: Path, tokenizer)
     model = models.load_classifier(model_path, ["rotten", "fresh"], dropout=dropout)
     tc = TrainConfig(epochs=cfg["epochs"], patience=cfg["epochs"], batch_size=cfg["batch_size"], weight_decay=cfg["weight_decay"], warmup_ratio=cfg["warmup_ratio"], class_weights="none",
                      fast_dropout=recipe != "fmtune_torch_dropout", bf16_weights=recipe != "fmtune_autocast", sparse_embedding_grad=recipe != "fmtune_dense_embedding_grad",
-                     embedding_rows=recipe != "fmtune_all_embedding_rows",
+                     embedding_rows=recipe != "fmtune_all_embedding_rows", fused_step=recipe != "fmtune_torch_step",
                      compile=recipe == "fmtune_compile")
     start = time.perf_counter()
     ids = {s: train.token_ids(tokenizer, split[s][0], cfg["max_length"]) for s in ("train", "validation")}

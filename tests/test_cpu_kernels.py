@@ -6,20 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from fmtune import cpu_kernels, models, train
+from fmtune import cpu_kernels, models
 from fmtune.mixed_precision import Bf16Copy
-from conftest import make_reviews
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None, reason=f"no fused kernel here: {cpu_kernels.status()}")
-
-
-@pytest.fixture(scope="module")
-def data(tiny_bert):
-    tok = models.load_tokenizer(tiny_bert)
-    rows = make_reviews(64, seed=2)
-    ids = train.token_ids(tok, [t for t, _ in rows], 32)
-    y = np.array([0 if lab == "neg" else 1 for _, lab in rows], dtype=np.int64)
-    return tok, ids, y
 
 
 def _train(tiny_bert, fused_step: bool, steps: int, scale: float, max_norm: float | None = 1.0):
@@ -69,17 +59,14 @@ def test_fused_step_matches_torchs_passes(tiny_bert, scale, max_norm):
 
 
 @needs_kernel
-def test_a_parameter_without_a_gradient_is_left_alone_as_torch_leaves_it(tiny_bert, data):
-    tok, ids, y = data
+def test_a_parameter_without_a_gradient_is_left_alone_as_torch_leaves_it(tiny_bert):
     torch.manual_seed(0)
     master = models.load_classifier(tiny_bert, ["neg", "pos"], dropout=0.0)
     mp = Bf16Copy(master)
     opt = torch.optim.AdamW(master.parameters(), lr=1e-2, fused=True)
-    table, lengths = train.pad_table(ids, tok.pad_token_id)
-    input_ids, mask = train.batch_tensors(table, lengths, np.arange(8), "cpu")
-    mp.compute(input_ids=input_ids, attention_mask=mask).logits.float().sum().backward()
+    for c in mp.compute_params[:-1]:
+        c.grad = torch.randn(c.shape).to(torch.bfloat16)
     untouched = mp.master_params[-1]
-    mp.compute_params[-1].grad = None
     before = untouched.detach().clone()
     mp.step(opt, 1.0)
     assert torch.equal(untouched, before) and untouched not in opt.state

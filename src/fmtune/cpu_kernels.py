@@ -194,28 +194,32 @@ def _pointers(values) -> ctypes.Array:
     return (ctypes.c_void_p * len(values))(*values)
 
 
+def _in_two_threads(sizes: list[int], run) -> list:
+    """`run(part)` on each half of `_halves(sizes)`, the second in the kernel's worker thread; their results."""
+    parts = _halves(sizes)
+    other = library().pool.submit(run, parts[1])
+    return [run(parts[0]), other.result()]
+
+
 def sum_of_squares(grads: list) -> float:
     """Sum of squares of bf16 CPU tensors (contiguous), in two threads."""
-    lib = library()
-    parts = _halves([g.numel() for g in grads])
+    lib = library().lib
 
     def run(part):
         if not part:
             return 0.0
         ptrs = _pointers([grads[i].data_ptr() + 2 * a for i, a, _ in part])
         lens = (ctypes.c_int64 * len(part))(*[b - a for _, a, b in part])
-        return lib.lib.sumsq_bf16(len(part), ptrs, lens)
+        return lib.sumsq_bf16(len(part), ptrs, lens)
 
-    other = lib.pool.submit(run, parts[1])
-    return run(parts[0]) + other.result()
+    return sum(_in_two_threads([g.numel() for g in grads], run))
 
 
 def adamw_bf16(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, copies: list, lr_wd: list[float], step_size: list[float],
                bc2_sqrt: list[float], beta1: float, beta2: float, eps: float, coef: float) -> None:
     """The AdamW step on fp32 `params` (and their moments) from bf16 `grads` scaled by `coef`, writing the new values
     to the bf16 `copies`; the per-tensor lists give lr * weight_decay, lr / bias_correction1 and sqrt(bias_correction2)."""
-    lib = library()
-    parts = _halves([p.numel() for p in params])
+    lib = library().lib
 
     def run(part):
         if not part:
@@ -224,9 +228,7 @@ def adamw_bf16(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, cop
         seg = lambda ts, size: _pointers([ts[i].data_ptr() + size * a for i, a, _ in part])  # noqa: E731
         floats = lambda xs: (ctypes.c_float * k)(*[xs[i] for i, _, _ in part])  # noqa: E731
         lens = (ctypes.c_int64 * k)(*[b - a for _, a, b in part])
-        lib.lib.adamw_bf16(k, seg(params, 4), seg(grads, 2), seg(exp_avgs, 4), seg(exp_avg_sqs, 4), seg(copies, 2), lens,
-                           floats(lr_wd), floats(step_size), floats(bc2_sqrt), beta1, beta2, eps, coef)
+        lib.adamw_bf16(k, seg(params, 4), seg(grads, 2), seg(exp_avgs, 4), seg(exp_avg_sqs, 4), seg(copies, 2), lens,
+                       floats(lr_wd), floats(step_size), floats(bc2_sqrt), beta1, beta2, eps, coef)
 
-    other = lib.pool.submit(run, parts[1])
-    run(parts[0])
-    other.result()
+    _in_two_threads([p.numel() for p in params], run)

@@ -322,8 +322,8 @@ class Bf16Copy:
     def step(self, optimizer: torch.optim.Optimizer, max_norm: float | None, sparse: SparseEmbeddingGrad | None = None) -> torch.Tensor:
         """One optimizer step from the gradients of the last backward (clipped to `max_norm`); returns the norm before
         clipping. The bf16 copy holds the new weights afterwards."""
-        groups = _kernel_groups(optimizer) if self.kernel else None
-        if groups is None:
+        setting = _kernel_setting(optimizer) if self.kernel else None
+        if setting is None:
             norm = self.step_grads(max_norm, sparse, optimizer)
             optimizer.step()
             self.refresh()
@@ -342,16 +342,13 @@ class Bf16Copy:
             if states:
                 torch._foreach_add_([s["step"] for s in states], 1.0)
                 steps = torch.stack([s["step"] for s in states]).tolist()
+                groups, (beta1, beta2), eps = setting
                 lr_wd, step_size, root = [], [], []
                 for p, t in zip(masters, steps):
-                    group = groups[id(p)]
-                    beta1, beta2 = group["betas"]
-                    lr = float(group["lr"])
-                    lr_wd.append(lr * group["weight_decay"])
+                    lr = float(groups[id(p)]["lr"])
+                    lr_wd.append(lr * groups[id(p)]["weight_decay"])
                     step_size.append(lr / (1 - beta1**t))
                     root.append(math.sqrt(1 - beta2**t))
-                beta1, beta2 = groups[id(masters[0])]["betas"]
-                eps = groups[id(masters[0])]["eps"]
                 cpu_kernels.adamw_bf16(masters, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                                        [self.compute_params[i] for i in present], lr_wd, step_size, root, beta1, beta2, eps, coef)
             for c in self.compute_params:
@@ -380,9 +377,9 @@ class Bf16Copy:
             m.grad = None
 
 
-def _kernel_groups(optimizer) -> dict | None:
-    """param id -> param group when `optimizer` is a plain torch AdamW with one beta/eps setting that the fused kernel
-    reproduces (no amsgrad, maximize, capturable or differentiable); None otherwise."""
+def _kernel_setting(optimizer) -> tuple[dict, tuple[float, float], float] | None:
+    """(param id -> param group, betas, eps) when `optimizer` is a plain torch AdamW with one beta/eps setting that the
+    fused kernel reproduces (no amsgrad, maximize, capturable or differentiable); None otherwise."""
     if type(optimizer) is not torch.optim.AdamW:
         return None
     groups, settings = {}, set()
@@ -391,7 +388,10 @@ def _kernel_groups(optimizer) -> dict | None:
             return None
         settings.add((tuple(group["betas"]), group["eps"]))
         groups.update({id(p): group for p in group["params"]})
-    return groups if len(settings) == 1 else None
+    if len(settings) != 1:
+        return None
+    betas, eps = settings.pop()
+    return groups, betas, eps
 
 
 def _adamw_state(state: dict, param: torch.Tensor) -> dict:

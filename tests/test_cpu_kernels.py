@@ -59,6 +59,22 @@ def test_fused_step_matches_torchs_passes(tiny_bert, scale, max_norm):
 
 
 @needs_kernel
+def test_an_optimizer_the_kernel_does_not_reproduce_steps_through_torch_and_the_lever_says_so(tiny_bert):
+    torch.manual_seed(0)
+    master = models.load_classifier(tiny_bert, ["neg", "pos"], dropout=0.0)
+    mp = Bf16Copy(master)
+    opt = torch.optim.AdamW(master.parameters(), lr=1e-2, amsgrad=True)
+    before = [m.detach().clone() for m in mp.master_params]
+    for c in mp.compute_params:
+        c.grad = torch.randn(c.shape).to(torch.bfloat16)
+    mp.step(opt, 1.0)
+    assert not mp.kernel and mp.step_lever.startswith("torch's passes: AdamW with these settings")
+    assert all("max_exp_avg_sq" in opt.state[m] for m in mp.master_params)  # torch's amsgrad step ran
+    assert all(not torch.equal(m, b) for m, b in zip(mp.master_params, before))
+    assert all(torch.equal(c, m.detach().to(torch.bfloat16)) for m, c in zip(mp.master_params, mp.compute_params))
+
+
+@needs_kernel
 def test_a_parameter_without_a_gradient_is_left_alone_as_torch_leaves_it(tiny_bert):
     torch.manual_seed(0)
     master = models.load_classifier(tiny_bert, ["neg", "pos"], dropout=0.0)

@@ -480,6 +480,7 @@ def fit(
     undo_fast_dropout()
     bf16_weights = ("bf16 copy of the weights, fp32 master weights" if mp is not None else "autocast") if bf16 else None
     if mp is not None:
+        fused_step = mp.step_lever  # as it ran
         mp.close()
     del runner
     mp = None

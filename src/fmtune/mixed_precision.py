@@ -323,6 +323,8 @@ class Bf16Copy:
         """One optimizer step from the gradients of the last backward (clipped to `max_norm`); returns the norm before
         clipping. The bf16 copy holds the new weights afterwards."""
         setting = _kernel_setting(optimizer) if self.kernel else None
+        if setting is None and self.kernel:  # the lever reports the path that ran
+            self.kernel, self.kernel_status = False, f"{type(optimizer).__name__} with these settings is not the plain AdamW the kernel reproduces"
         if setting is None:
             norm = self.step_grads(max_norm, sparse, optimizer)
             optimizer.step()

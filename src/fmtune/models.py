@@ -117,6 +117,18 @@ def without_adapter(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def with_lora(model, r: int, alpha: int, dropout: float, task_type: str):
+    """`model` wrapped by peft with LoRA adapters on every linear layer (task_type: "SEQ_CLS" or "CAUSAL_LM")."""
+    import warnings
+
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = LoraConfig(task_type=TaskType[task_type], r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear")
+    with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning per run)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora)
+
+
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -23,6 +23,7 @@ import numpy as np
 from fmtune import checkpoint, threads
 from fmtune.config import TrainConfig
 from fmtune.distributed import World, all_sum, shard, sharded, unwrap, wrap, zero_loss
+from fmtune.models import with_lora
 
 
 @dataclass
@@ -87,17 +88,6 @@ def batch_tensors(table: np.ndarray, lengths: np.ndarray, idx: np.ndarray, devic
     rows = table[idx, :width]
     mask = np.arange(width)[None, :] < lengths[idx, None]
     return torch.from_numpy(rows).to(device, non_blocking=True), torch.from_numpy(mask.astype(np.int64)).to(device, non_blocking=True)
-
-
-def _wrap_lora(model, cfg: TrainConfig):
-    from peft import LoraConfig, TaskType, get_peft_model
-
-    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules="all-linear")
-    import warnings
-
-    with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning per run)
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, lora)
 
 
 def evaluate_split(model, ids: list[list[int]], y: np.ndarray, pad_id: int, batch_size: int, bf16: bool, class_weight=None) -> tuple[float, np.ndarray]:
@@ -305,7 +295,7 @@ def fit(
     device = next(model.parameters()).device
     adapter = None
     if lora:
-        model = _wrap_lora(model, cfg)
+        model = with_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, "SEQ_CLS")
     train_ids, train_y = train
     val_ids, val_y = validation
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -141,3 +141,69 @@ def test_gradient_checkpointing_keeps_per_call_seeding():
 
     plain, checkpointed = grads(False), grads(True)
     assert checkpointed.abs().sum() > 0 and torch.allclose(plain, checkpointed, rtol=1e-5, atol=1e-12)
+
+
+def _eager_reference(q, k, v, mask, causal, scaling, noises):
+    """The unchunked eager formula with autograd, applying the given dropout noise per chunk of batch rows."""
+    scores = torch.matmul(q * scaling, k.transpose(2, 3))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    if causal:
+        scores = scores.masked_fill(~fast_dropout._causal_mask(q.shape[2], k.shape[2]), torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if noises:
+        weights = weights * torch.cat(noises)
+    return torch.matmul(weights, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p, causal", [(0.0, False), (0.2, False), (0.2, True)])
+def test_chunked_attention_matches_the_eager_formula_in_values_and_gradients(monkeypatch, dtype, p, causal):
+    """Chunks of 2 batch rows (5 rows, so the last chunk is short), padding in some rows, dropout noise redrawn in
+    backward from each chunk's seed: the same outputs and q/k/v gradients as the eager formula with that noise."""
+    batch, heads, length, dim = 5, 3, 7, 4
+    monkeypatch.setattr(fast_dropout, "CHUNK_SCORES", 2 * heads * length * length)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(batch, heads, length, dim, generator=gen).to(dtype).requires_grad_() for _ in range(3))
+    lengths = torch.tensor([7, 4, 7, 2, 6])
+    mask = None if causal else (torch.arange(length)[None, :] < lengths[:, None])[:, None, None, :].expand(batch, 1, length, length)
+    grad_out = torch.randn(batch, heads, length, dim, generator=gen).to(dtype)
+    scaling = dim**-0.5
+
+    torch.manual_seed(3)
+    out = fast_dropout.ChunkedAttention.apply(q, k, v, mask, causal, p, scaling)
+    out.backward(grad_out)
+    chunked = [out.detach(), q.grad, k.grad, v.grad]
+    torch.manual_seed(3)  # the same seeds, drawn as forward draws them
+    seeds = [int(s) for s in torch.randint(0, 2**62, (3,))] if p > 0 else []
+    import numpy as np
+
+    noises = [fast_dropout.multiplier((min(2, batch - 2 * i), heads, length, length), p, dtype, np.random.SFC64(s)) for i, s in enumerate(seeds)]
+    for t in (q, k, v):
+        t.grad = None
+    ref = _eager_reference(q, k, v, mask, causal, scaling, noises)
+    ref.backward(grad_out)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), chunked, [ref.detach(), q.grad, k.grad, v.grad]):
+        torch.testing.assert_close(a, b, **tol, msg=name)
+    if p > 0:
+        assert (torch.cat(noises) == 0).any() and (torch.cat(noises) != 0).any()
+
+
+def test_long_sequences_route_through_the_chunked_attention(monkeypatch):
+    """Above the size limit the training attention takes the chunked path; below it, the eager formula; both agree."""
+    model = tiny_bert(dropout=0.0)
+    undo, info = fast_dropout.install(model)
+    assert info["attention"] == fast_dropout.ATTENTION_NAME
+    model.train()
+    ids, mask = batch()
+    calls = []
+    original = fast_dropout.ChunkedAttention.apply
+    monkeypatch.setattr(fast_dropout.ChunkedAttention, "apply", lambda *a: calls.append(1) or original(*a))
+    small = model(input_ids=ids, attention_mask=mask).logits
+    assert not calls
+    monkeypatch.setattr(fast_dropout, "CHUNK_SCORES", 1)
+    chunked = model(input_ids=ids, attention_mask=mask).logits
+    assert len(calls) == 2  # one per layer
+    torch.testing.assert_close(small, chunked, rtol=1e-5, atol=1e-6)
+    undo()

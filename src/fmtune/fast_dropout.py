@@ -46,9 +46,9 @@ def _seeded() -> np.random.SFC64:
     return np.random.SFC64(int(torch.randint(0, 2**62, (1,))))
 
 
-def _draws(n: int) -> np.ndarray:
-    """n uniform 16-bit draws: from the current forward pass's generator, or from one seeded for this call."""
-    bits = (_STREAM.generator or _seeded()).random_raw((n + 3) // 4)
+def _draws(n: int, generator: np.random.SFC64 | None = None) -> np.ndarray:
+    """n uniform 16-bit draws: from `generator`, else the current forward pass's generator, else one seeded for this call."""
+    bits = (generator or _STREAM.generator or _seeded()).random_raw((n + 3) // 4)
     return bits.view(np.uint16)[:n]
 
 
@@ -93,14 +93,14 @@ def _scale_bits(p: float, dtype: torch.dtype) -> tuple[np.dtype, int | float]:
     return np.dtype(np.uint16), int(scale.view(torch.int16).item()) & 0xFFFF  # bf16 / fp16: 16-bit patterns
 
 
-def multiplier(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype) -> torch.Tensor:
+def multiplier(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype, generator: np.random.SFC64 | None = None) -> torch.Tensor:
     """The dropout noise in `dtype`: 1 / (1 - p) where an element is kept, 0 where it is dropped. One multiply applies
     it (a bool mask would need a promotion and a second multiply for the scale)."""
     n = int(np.prod(shape))
     if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        return keep_mask(shape, p).to(dtype) * (1.0 / (1.0 - p))
+        return torch.from_numpy(_draws(n, generator) >= round(p * 65536)).view(shape).to(dtype) * (1.0 / (1.0 - p))
     np_dtype, bits = _scale_bits(p, dtype)
-    keep = _draws(n) >= round(p * 65536)
+    keep = _draws(n, generator) >= round(p * 65536)
     noise = keep.view(np.uint8) * np_dtype.type(bits)  # 0 or the scale's bits (np.where is ~10x slower here)
     t = torch.from_numpy(noise)
     return (t.view(dtype) if np_dtype == np.uint16 else t).view(shape)
@@ -136,18 +136,99 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     if groups > 1:  # grouped-query attention: every key/value head serves `groups` query heads
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
+    causal = bool(getattr(module, "is_causal", False) and attention_mask is None and query.shape[2] > 1)
+    if query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2] > 2 * CHUNK_SCORES:
+        out = ChunkedAttention.apply(query, key, value, attention_mask, causal, dropout, scaling)
+        return out.transpose(1, 2).contiguous(), None
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + attention_mask
-    if getattr(module, "is_causal", False) and attention_mask is None and query.shape[2] > 1:
-        causal = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool).tril(key.shape[2] - query.shape[2])
-        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+    if causal:
+        scores = scores.masked_fill(~_causal_mask(query.shape[2], key.shape[2]), torch.finfo(scores.dtype).min)
     # softmax in fp32, as autocast runs it: on CPU a bf16 softmax over short rows is ~5x slower than casting, and less exact
     weights = globals()["dropout"](nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype), dropout)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), None
+
+
+CHUNK_SCORES = 4 * 1024 * 1024  # attention scores per chunk of ChunkedAttention (16 MB in fp32)
+
+
+def _causal_mask(queries: int, keys: int) -> torch.Tensor:
+    return torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)
+
+
+class ChunkedAttention(torch.autograd.Function):
+    """The eager training attention (scores in the inputs' dtype, masked, softmax in fp32, dropout, weights times values)
+    for long sequences, a few batch rows at a time, keeping nothing of size T x T for backward: the backward pass
+    recomputes each chunk's scores and draws the same dropout noise again from the chunk's saved seed.
+
+    At 32 texts of 512 tokens the eager formula holds an fp32 softmax, a bf16 copy, the dropout noise and the dropped
+    weights of 100M elements per layer (~800 MB, ~5 GB for MiniLM's 6 layers), every one a fresh allocation whose pages
+    the kernel must fault in on every step: measured on a 2-core VM, 20 s a step, most of it system time. In chunks of
+    CHUNK_SCORES scores the same memory is reused from the heap, at the price of computing the scores twice."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, attention_mask, causal: bool, p: float, scaling: float):
+        batch, heads, queries, keys = query.shape[0], query.shape[1], query.shape[2], key.shape[2]
+        step = max(1, CHUNK_SCORES // (heads * queries * keys))
+        seeds = [int(s) for s in torch.randint(0, 2**62, (-(-batch // step),))] if p > 0 else []
+        out = torch.empty(batch, heads, queries, value.shape[-1], dtype=value.dtype)
+        with torch.no_grad():
+            for i, start in enumerate(range(0, batch, step)):
+                rows = slice(start, start + step)
+                weights, _, _ = ChunkedAttention._weights(query[rows], key[rows], attention_mask, rows, causal, p, scaling, seeds[i] if p > 0 else None)
+                torch.matmul(weights, value[rows], out=out[rows])
+        ctx.save_for_backward(query, key, value, attention_mask if torch.is_tensor(attention_mask) else None)
+        ctx.settings = (causal, p, scaling, step, seeds)
+        return out
+
+    @staticmethod
+    def _weights(query, key, attention_mask, rows: slice, causal: bool, p: float, scaling: float, seed: int | None):
+        """(dropped attention weights in the values' dtype, fp32 softmax, dropout noise or None) for one chunk."""
+        scores = torch.matmul(query * scaling, key.transpose(2, 3))  # the scale on the small side
+        if torch.is_tensor(attention_mask):
+            mask = attention_mask[rows] if attention_mask.shape[0] > 1 else attention_mask
+            if mask.dtype != torch.bool:
+                scores.add_(mask)
+            elif not bool(mask.all()):  # batch rows without padding need no mask
+                scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+        if causal:
+            scores.masked_fill_(~_causal_mask(query.shape[2], key.shape[2]), torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        del scores
+        weights = probs.to(query.dtype, copy=query.dtype == torch.float32)  # fp32 inputs: not the softmax itself, which backward needs
+        noise = multiplier(weights.shape, p, weights.dtype, np.random.SFC64(seed)) if seed is not None else None
+        if noise is not None:
+            weights.mul_(noise)
+        return weights, probs, noise
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, attention_mask = ctx.saved_tensors
+        causal, p, scaling, step, seeds = ctx.settings
+        grad_q, grad_k, grad_v = (torch.empty(t.shape, dtype=t.dtype) for t in (query, key, value))
+        for i, start in enumerate(range(0, query.shape[0], step)):
+            rows = slice(start, start + step)
+            q, k, v, g = query[rows], key[rows], value[rows], grad_out[rows]
+            weights, probs, noise = ChunkedAttention._weights(q, k, attention_mask, rows, causal, p, scaling, seeds[i] if p > 0 else None)
+            torch.matmul(weights.transpose(2, 3), g, out=grad_v[rows])
+            del weights
+            grad_w = torch.matmul(g, v.transpose(2, 3))
+            if noise is not None:
+                grad_w.mul_(noise)
+            del noise
+            grad_p = grad_w.float()
+            del grad_w
+            # softmax backward in fp32, then the masked positions (probability 0) get 0, as masked_fill's backward gives them
+            grad_p.sub_((grad_p * probs).sum(-1, keepdim=True)).mul_(probs)
+            grad_scores = grad_p.to(q.dtype)
+            del grad_p, probs
+            torch.matmul(grad_scores, k, out=grad_q[rows]).mul_(scaling)
+            torch.matmul(grad_scores.transpose(2, 3), q * scaling, out=grad_k[rows])
+        return grad_q, grad_k, grad_v, None, None, None, None
 
 
 def _register_attention() -> bool:

@@ -11,7 +11,8 @@ each call seeds its own.
 
 `install(model)` swaps every `nn.Dropout` for `FastDropout` (same p) and, where the model uses transformers'
 AttentionInterface, routes attention through `attention` below (the eager formula with the fast mask while training,
-torch's SDPA otherwise); it returns a function that puts the model back exactly as it was. CPU only: on GPUs torch's
+torch's SDPA otherwise; long sequences through `ChunkedAttention`, which never holds a whole T x T layer of scores); it
+returns a function that puts the model back exactly as it was. CPU only: on GPUs torch's
 Philox dropout is already cheap.
 """
 
@@ -276,4 +277,5 @@ def install(model: nn.Module) -> tuple[Callable[[], None], dict]:
         if routed:
             model.set_attn_implementation(previous)
 
-    return undo, {"dropout_modules": len(swapped), "attention": ATTENTION_NAME if routed else previous}
+    return undo, {"dropout_modules": len(swapped), "attention": ATTENTION_NAME if routed else previous,
+                  "chunked_attention_above_scores": 2 * CHUNK_SCORES if routed else None}

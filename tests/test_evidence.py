@@ -89,6 +89,9 @@ def test_metrics_and_bootstrap_are_exact():
     assert m["confusion_matrix"] == [[1, 1, 0], [1, 2, 0], [0, 0, 1]]
     lo, hi = m["ci95"]["macro_f1"]
     assert 0 <= lo <= m["metrics"]["macro_f1"] <= hi <= 1
+    assert m["per_class_f1"] == pytest.approx({"a": 0.5, "b": 2 / 3, "c": 1.0})
+    absent = classification_metrics(y, p, ["a", "b", "c", "d"], boot)["per_class_f1"]
+    assert absent["d"] is None and absent["a"] == pytest.approx(0.5)  # no test example of 'd': no F1, not 0.0
 
 
 def _ladder(values: dict[str, float]) -> list[dict]:

@@ -561,7 +561,17 @@ def _split(examples: list[Example], fraction: float, seed: int, source: str) -> 
     except ValueError as exc:
         counts = ", ".join(f"{label!r}: {count}" for label, count in sorted(_counts(examples).items()))
         raise DataError(f"{source}: cannot split stratified ({exc}). Class counts: {counts}. Add examples to the small classes, merge them, or provide explicit split files.") from None
-    return list(kept), list(held)
+    kept, held = list(kept), list(held)
+    # sklearn rounds per class, so a class of 2-4 rows can land wholly on one side; every class with 2+ rows gets one
+    # row on each side (the held-out part grows by a row where that moves one over)
+    rng = random.Random(seed)
+    for label in sorted(_counts(examples)):
+        for source_side, target_side in ((kept, held), (held, kept)):
+            if not any(ex.label == label for ex in target_side):
+                rows = [i for i, ex in enumerate(source_side) if ex.label == label]
+                if len(rows) >= 2:
+                    target_side.append(source_side.pop(rng.choice(rows)))
+    return kept, held
 
 
 def _sample(examples: list[Example], limit: int | None, seed: int, dropped: dict[str, int]) -> list[Example]:

@@ -115,7 +115,8 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[
             "macro_f1": [float(np.percentile(boot_f1, 2.5)), float(np.percentile(boot_f1, 97.5))],
             "accuracy": [float(np.percentile(boot_acc, 2.5)), float(np.percentile(boot_acc, 97.5))],
         },
-        "per_class_f1": {lab: float(f) for lab, f in zip(labels, per_class)},
+        # a class with no test example has no F1 (sklearn's 0.0 would read as "never right")
+        "per_class_f1": {lab: (float(f) if (y_true == i).any() else None) for i, (lab, f) in enumerate(zip(labels, per_class))},
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=list(range(k))).tolist(),
         "_boot_primary": boot_f1,
     }

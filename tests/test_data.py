@@ -327,6 +327,15 @@ def test_undecodable_bytes_name_line_and_offset(tmp_path, bom):
     assert "re-save the file as UTF-8" in message
 
 
+def test_many_undecodable_lines_are_counted_once(tmp_path):
+    path = tmp_path / "latin.csv"
+    path.write_bytes(("text,label\n" + "".join(f"caf\u00e9 {i},neg\n" for i in range(113))).encode("latin-1"))
+    message = error_of(DataConfig(data=path))
+    assert message.count("is not valid UTF-8 (the file") == 19
+    assert "... and 94 more line(s) that are not valid UTF-8 (113 in all)." in message
+    assert "more problem(s)" not in message
+
+
 def test_utf16_is_named(tmp_path):
     path = tmp_path / "u16.csv"
     path.write_bytes("text,label\nhello,pos\n".encode("utf-16"))

@@ -131,3 +131,13 @@ def test_max_length_from_token_lengths():
     assert m == 512 and "capped" in why and "10 of 10" in why
     m, why = choose_max_length(lengths, 512, 32)
     assert m == 32 and "--max-length" in why
+
+
+def test_learning_rate_choice_says_whether_it_is_the_default_or_a_flag():
+    from fmtune.config import TrainConfig
+    from fmtune.pipeline import _learning_rate_why
+
+    assert _learning_rate_why(TrainConfig(), lora=False).startswith("default (5e-05")
+    assert _learning_rate_why(TrainConfig(learning_rate=1e-4), lora=False) == "--learning-rate"
+    assert _learning_rate_why(TrainConfig(), lora=True).startswith("LoRA: 10x the fine-tuning rate, default")
+    assert _learning_rate_why(TrainConfig(lora_learning_rate=1e-3), lora=True) == "--lora-learning-rate"

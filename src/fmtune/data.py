@@ -221,15 +221,15 @@ def _decode(source: str, content: bytes, problems: list[str]) -> str | None:
                 line.decode("utf-8")
             except UnicodeDecodeError as exc:
                 found += 1
-                if found <= MAX_LISTED:
+                if found < MAX_LISTED:  # the last listed place is the count of the rest, so _raise_if cuts nothing
                     bad = line[exc.start]
                     problems.append(
                         f"{source} line {number}: byte 0x{bad:02x} at byte offset {offset + exc.start} is not valid UTF-8 "
                         f"(the file may be Latin-1/Windows-1252 or another encoding); re-save the file as UTF-8."
                     )
             offset += len(line) + 1
-        if found > MAX_LISTED:
-            problems.append(f"{source}: ... and {found - MAX_LISTED} more line(s) that are not valid UTF-8.")
+        if found >= MAX_LISTED:
+            problems.append(f"{source}: ... and {found - MAX_LISTED + 1} more line(s) that are not valid UTF-8 ({found} in all).")
         return None
     if "\x00" in text:
         nul_lines = [n for n, line in enumerate(text.split("\n"), start=1) if "\x00" in line]

@@ -142,6 +142,16 @@ def open_run_dir(cfg: RunConfig, name: str) -> tuple[Path, Path, bool]:
     return out, partial, resuming
 
 
+def _learning_rate_why(train, lora: bool) -> str:
+    from fmtune.config import TrainConfig
+
+    default = TrainConfig.model_fields["learning_rate"].default
+    given = "--learning-rate" if train.learning_rate != default else f"default ({default:g}, the usual peak rate for fine-tuning a pre-trained encoder; set --learning-rate)"
+    if lora and train.lora_learning_rate:
+        return "--lora-learning-rate"
+    return f"LoRA: 10x the fine-tuning rate, {given}" if lora else given
+
+
 def _rung(name: str, description: str, y_true, y_pred, labels, boot, train_examples: int, train_seconds: float, **extra) -> tuple[dict, np.ndarray]:
     from fmtune.evaluate import classification_metrics
 
@@ -332,7 +342,7 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
             if world.main:
                 (tmp / "logs" / "history_fine_tuned.jsonl").write_text("".join(json.dumps(h) + "\n" for h in ft.history))
         choices.append({"setting": "epochs", "value": ft.best_epoch, "why": f"{ft.stopped}; best validation macro-F1 at epoch {ft.best_epoch} (max {cfg.train.epochs}, patience {cfg.train.patience})"})
-        choices.append({"setting": "learning_rate", "value": ft_lr, "why": "LoRA default: 10x --learning-rate" if lora and not cfg.train.lora_learning_rate else "--learning-rate"})
+        choices.append({"setting": "learning_rate", "value": ft_lr, "why": _learning_rate_why(cfg.train, lora)})
         if "from_scratch" in cfg.eval.rungs:
             with stage("rung from_scratch", log):
                 sc, sc_pred, sc_eval_s, n = train_rung("from scratch", "from_scratch", None, True, cfg.train.scratch_learning_rate, False)

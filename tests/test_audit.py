@@ -406,3 +406,12 @@ def test_audit_100k_texts_in_a_few_seconds():
     report = audit(splits)
     assert time.perf_counter() - start < 10
     assert report["n_examples"] == {"train": 80_000, "validation": 10_000, "test": 10_000}
+
+
+def test_labels_that_differ_only_in_case_or_spacing_are_named():
+    train = balanced_train(20, labels=("food", "Food", "FOOD!", "sports"))
+    report = audit(make_splits(train, test=[ex("a meal", "food", 2, "data/test.csv")]))
+    [warning] = [w for w in report["warnings"] if "differ only in case" in w]
+    assert "'FOOD!' (20), 'Food' (20), 'food' (21)" in warning
+    assert "sports" not in warning
+    assert not [w for w in audit(make_splits(balanced_train(20)))["warnings"] if "differ only in case" in w]

@@ -375,6 +375,15 @@ def audit(
             f"Only {n_train} labeled training examples: fine-tuning usually needs hundreds to thousands of labeled "
             "examples; expect a noisy result and compare with few_shot/head_only."
         )
+    variants: dict[str, list[str]] = {}
+    for label in splits.labels:  # 'Food' and 'food ' are two classes to the model
+        variants.setdefault(normalise(str(label)), []).append(str(label))
+    for group in [g for g in variants.values() if len(g) > 1][:5]:
+        listed = ", ".join(f"'{label}' ({class_counts['all'].get(label, 0)})" for label in group)
+        warnings.append(
+            f"Labels {listed} differ only in case, spacing or punctuation and are trained as separate classes; "
+            "if they mean the same class, make them the same label in the data and run again."
+        )
     small = [(label, n) for label, n in train_counts.items() if n < 10]
     if small:
         listed = ", ".join(f"'{label}' ({n})" for label, n in small[:10])

@@ -141,3 +141,15 @@ def test_learning_rate_choice_says_whether_it_is_the_default_or_a_flag():
     assert _learning_rate_why(TrainConfig(learning_rate=1e-4), lora=False) == "--learning-rate"
     assert _learning_rate_why(TrainConfig(), lora=True).startswith("LoRA: 10x the fine-tuning rate, default")
     assert _learning_rate_why(TrainConfig(lora_learning_rate=1e-3), lora=True) == "--lora-learning-rate"
+
+
+def test_epochs_choice_warns_when_validation_was_still_improving_at_the_last_epoch():
+    from types import SimpleNamespace
+
+    from fmtune.config import TrainConfig
+    from fmtune.pipeline import _still_improving
+
+    cfg = TrainConfig(epochs=8)
+    assert "probably undertrained: raise --epochs (now 8)" in _still_improving(SimpleNamespace(epochs_run=8, best_epoch=8), cfg)
+    assert _still_improving(SimpleNamespace(epochs_run=8, best_epoch=6), cfg) == ""
+    assert _still_improving(SimpleNamespace(epochs_run=4, best_epoch=4), cfg) == ""  # stopped early on its own

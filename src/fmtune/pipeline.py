@@ -142,6 +142,14 @@ def open_run_dir(cfg: RunConfig, name: str) -> tuple[Path, Path, bool]:
     return out, partial, resuming
 
 
+def _still_improving(result, train) -> str:
+    """A caveat for the epochs choice when training ran out of epochs while validation was still getting better."""
+    if result.epochs_run < train.epochs or result.best_epoch != result.epochs_run:
+        return ""
+    return (f"; validation was still improving at the last epoch, so the model is probably undertrained: "
+            f"raise --epochs (now {train.epochs}) or --learning-rate (now {train.learning_rate:g})")
+
+
 def _learning_rate_why(train, lora: bool) -> str:
     from fmtune.config import TrainConfig
 
@@ -341,7 +349,7 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
             boots["fine_tuned"] = b
             if world.main:
                 (tmp / "logs" / "history_fine_tuned.jsonl").write_text("".join(json.dumps(h) + "\n" for h in ft.history))
-        choices.append({"setting": "epochs", "value": ft.best_epoch, "why": f"{ft.stopped}; best validation macro-F1 at epoch {ft.best_epoch} (max {cfg.train.epochs}, patience {cfg.train.patience})"})
+        choices.append({"setting": "epochs", "value": ft.best_epoch, "why": f"{ft.stopped}; best validation macro-F1 at epoch {ft.best_epoch} (max {cfg.train.epochs}, patience {cfg.train.patience})" + _still_improving(ft, cfg.train)})
         choices.append({"setting": "learning_rate", "value": ft_lr, "why": _learning_rate_why(cfg.train, lora)})
         if "from_scratch" in cfg.eval.rungs:
             with stage("rung from_scratch", log):

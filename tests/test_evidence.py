@@ -118,6 +118,20 @@ def test_verdict_prefers_head_only_when_it_is_as_good():
     assert cost_["price_per_hour"] == 0.5 and cost_["train_cost"] == pytest.approx(1.0 / 3600 * 0.5, rel=1e-3)
 
 
+def test_verdict_says_when_fine_tuning_fell_below_head_only_and_was_still_improving():
+    rng = np.random.default_rng(2)
+    base = rng.normal(0.35, 0.01, 1000)
+    ladder = _ladder({"zero_shot": 0.30, "few_shot": 0.32, "head_only": 0.47, "fine_tuned": 0.34})
+    ladder[-1].update(history=[{"epoch": e} for e in range(1, 9)], best_epoch=8, stopped="reached the maximum of 8 epochs")
+    cost_ = verdict.cost(ladder, "CPU: x", 2, None, 0.0, "classification")
+    boots = {"zero_shot": base - 0.05, "few_shot": base - 0.03, "head_only": base + 0.12, "fine_tuned": base + rng.normal(0, 0.02, 1000)}
+    reasons = verdict.verdict(ladder, boots, "macro_f1", None, {}, None, cost_)["reasons"]
+    assert any("below a linear head on the frozen FM (0.470;" in r for r in reasons)
+    assert any("still improving on validation at its last epoch (8)" in r for r in reasons)
+    ladder[-1].update(best_epoch=6)
+    assert not any("still improving" in r for r in verdict.verdict(ladder, boots, "macro_f1", None, {}, None, cost_)["reasons"])
+
+
 def test_default_price_is_stated():
     price, source = verdict.default_price("CPU: x", 2)
     assert price == pytest.approx(0.096) and "stated, not measured" in source

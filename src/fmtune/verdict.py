@@ -69,6 +69,17 @@ def verdict(ladder: list[dict], boots: dict, primary: str, retention: dict | Non
         else:
             recommend = False
             reasons.append(f"a linear head on the frozen FM ({h:.3f}) is within the noise of full fine-tuning ({ft - h:+.3f}, 95% CI {hci[0]:+.3f} to {hci[1]:+.3f}): the cheaper head_only model is enough; fine-tuning the FM is not worth it here")
+    if "head_only" in rungs and not beyond_noise:
+        h = rungs["head_only"]["metrics"][primary]
+        hci = paired_gain_ci(boots["fine_tuned"], boots["head_only"])
+        if hci[1] < 0:
+            reasons.append(f"fine_tuned ({ft:.3f}) is below a linear head on the frozen FM ({h:.3f}; 95% CI of the difference {hci[0]:+.3f} to {hci[1]:+.3f}): "
+                           "the fine-tune fell short of what the FM's features already give; see the epochs and learning-rate choices")
+    tuned = rungs["fine_tuned"]
+    history = tuned.get("history") or []
+    if history and tuned.get("best_epoch") == len(history) and str(tuned.get("stopped", "")).startswith("reached the maximum"):
+        reasons.append(f"fine-tuning was still improving on validation at its last epoch ({len(history)}): it is probably undertrained, "
+                       "and more epochs or a higher learning rate may change this verdict")
     if "from_scratch" in rungs:
         s = rungs["from_scratch"]["metrics"][primary]
         reasons.append(f"pre-training matters: the same architecture trained from scratch on the same data and budget reaches {s:.3f} ({ft - s:+.3f} for fine-tuning)")

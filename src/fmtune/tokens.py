@@ -113,6 +113,11 @@ def tokenise(tokenizer, texts: list[str], cache: Path | None = None, use_cache: 
         ids = _read(path, len(texts))
         if ids is not None:
             return Tokenised(ids, key, "cache", time.perf_counter() - start)
+    # untruncated on purpose (the lengths choose max_length; `truncate` cuts), so transformers' "longer than the maximum
+    # sequence length ... indexing errors" warning would be a false alarm
+    warned = getattr(tokenizer, "deprecation_warnings", None)
+    if isinstance(warned, dict):
+        warned["sequence-length-is-longer-than-the-specified-maximum"] = True
     ids = tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"] if texts else []
     written = path is not None and _write(path, ids)
     return Tokenised(ids, key, "tokenised" if written else "tokenised, not cached", time.perf_counter() - start)

@@ -37,8 +37,19 @@ def load_split(cfg: dict) -> dict:
     from fmtune.quickstart import rotten_tomatoes_csv
 
     n_train, n_val, n_test = cfg["train_examples"], cfg["validation_examples"], cfg["test_examples"]
-    df = pd.read_csv(rotten_tomatoes_csv(n_train + n_val + n_test, cfg["seed"]), dtype=str, keep_default_na=False)
+    per_text = cfg.get("snippets_per_text", 1)  # > 1: long documents, each that many consecutive snippets of one label
+    total = n_train + n_val + n_test
+    df = pd.read_csv(rotten_tomatoes_csv(total * per_text + 4 * per_text, cfg["seed"]), dtype=str, keep_default_na=False)
     texts, y = df["text"].tolist(), [int(lab == "fresh") for lab in df["label"]]
+    if per_text > 1:
+        open_docs: dict[int, list[str]] = {0: [], 1: []}
+        docs: list[tuple[str, int]] = []
+        for text, label in zip(texts, y):
+            open_docs[label].append(text)
+            if len(open_docs[label]) == per_text:
+                docs.append((" ".join(open_docs[label]), label))
+                open_docs[label] = []
+        texts, y = [d for d, _ in docs[:total]], [lab for _, lab in docs[:total]]
     cut = [0, n_train, n_train + n_val, n_train + n_val + n_test]
     return {name: (texts[a:b], y[a:b]) for name, a, b in zip(("train", "validation", "test"), cut, cut[1:])}
 
@@ -77,6 +88,10 @@ def run_fmtune(recipe: str, cfg: dict, split: dict, model_path: Path, tokenizer)
     bf16 = recipe != "fmtune_fp32" and models.bf16_supported(torch.device("cpu"))
     bf16_decision_seconds = time.perf_counter() - bf16_measure_start
     dropout = 0.0 if recipe == "fmtune_no_dropout" else None
+    if recipe == "fmtune_unchunked_attention":
+        from fmtune import fast_dropout
+
+        fast_dropout.CHUNK_SCORES = 2**62
     torch.manual_seed(cfg["seed"])
     model = models.load_classifier(model_path, ["rotten", "fresh"], dropout=dropout)
     tc = TrainConfig(epochs=cfg["epochs"], patience=cfg["epochs"], batch_size=cfg["batch_size"], weight_decay=cfg["weight_decay"], warmup_ratio=cfg["warmup_ratio"], class_weights="none",

@@ -58,16 +58,23 @@ def test_fused_step_matches_torchs_passes(tiny_bert, scale, max_norm):
     assert all(opt_f.state_dict()["state"][i].keys() == opt_p.state_dict()["state"][i].keys() for i in opt_p.state_dict()["state"])
 
 
-@needs_kernel
-def test_an_optimizer_the_kernel_does_not_reproduce_steps_through_torch_and_the_lever_says_so(tiny_bert):
+def _one_step(tiny_bert, with_grad: slice, **adamw):
+    """A bf16 copy and its AdamW (`adamw` settings) after one step from random gradients on `with_grad` of the copy's
+    parameters; the master weights before the step."""
     torch.manual_seed(0)
     master = models.load_classifier(tiny_bert, ["neg", "pos"], dropout=0.0)
     mp = Bf16Copy(master)
-    opt = torch.optim.AdamW(master.parameters(), lr=1e-2, amsgrad=True)
+    opt = torch.optim.AdamW(master.parameters(), lr=1e-2, **adamw)
     before = [m.detach().clone() for m in mp.master_params]
-    for c in mp.compute_params:
+    for c in mp.compute_params[with_grad]:
         c.grad = torch.randn(c.shape).to(torch.bfloat16)
     mp.step(opt, 1.0)
+    return mp, opt, before
+
+
+@needs_kernel
+def test_an_optimizer_the_kernel_does_not_reproduce_steps_through_torch_and_the_lever_says_so(tiny_bert):
+    mp, opt, before = _one_step(tiny_bert, slice(None), amsgrad=True)
     assert not mp.kernel and mp.step_lever.startswith("torch's passes: AdamW with these settings")
     assert all("max_exp_avg_sq" in opt.state[m] for m in mp.master_params)  # torch's amsgrad step ran
     assert all(not torch.equal(m, b) for m, b in zip(mp.master_params, before))
@@ -76,16 +83,9 @@ def test_an_optimizer_the_kernel_does_not_reproduce_steps_through_torch_and_the_
 
 @needs_kernel
 def test_a_parameter_without_a_gradient_is_left_alone_as_torch_leaves_it(tiny_bert):
-    torch.manual_seed(0)
-    master = models.load_classifier(tiny_bert, ["neg", "pos"], dropout=0.0)
-    mp = Bf16Copy(master)
-    opt = torch.optim.AdamW(master.parameters(), lr=1e-2, fused=True)
-    for c in mp.compute_params[:-1]:
-        c.grad = torch.randn(c.shape).to(torch.bfloat16)
+    mp, opt, before = _one_step(tiny_bert, slice(None, -1), fused=True)
     untouched = mp.master_params[-1]
-    before = untouched.detach().clone()
-    mp.step(opt, 1.0)
-    assert torch.equal(untouched, before) and untouched not in opt.state
+    assert mp.kernel and torch.equal(untouched, before[-1]) and untouched not in opt.state
     assert all(p in opt.state for p in mp.master_params[:-1])
 
 

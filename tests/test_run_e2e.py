@@ -120,3 +120,28 @@ def test_pickle_only_model_is_refused(tmp_path, reviews_csv):
     proc = fmtune("run", "--data", reviews_csv, "--model", folder, cwd=tmp_path)
     assert proc.returncode == 2
     assert "pytorch_model.bin" in proc.stderr and "safetensors" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_from_scratch_rung_warms_up_longer_than_the_fine_tune(tmp_path, tiny_bert, monkeypatch):
+    """A random encoder can sit at the majority class under the fine-tune's short warm-up: from_scratch trains with
+    at least SCRATCH_WARMUP of its steps warming up, and more patience; the fine-tune keeps the configured settings."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_reviews, write_csv
+
+    from fmtune import pipeline, train
+    from fmtune.config import build_config
+
+    seen = []
+    real_fit = train.fit
+    monkeypatch.setattr(train, "fit", lambda model, tok, tr, va, cfg, **kw: seen.append(cfg) or real_fit(model, tok, tr, va, cfg, **kw))
+    data = write_csv(tmp_path / "reviews.csv", make_reviews(120))
+    cfg = build_config({}, {"data": str(data), "model": str(tiny_bert), "out": str(tmp_path / "run"), "rungs": ["zero_shot", "fine_tuned", "from_scratch"],
+                            "curve": False, "epochs": 1, "batch_size": 16, "bootstrap": 100, "latency_repeats": 3})
+    pipeline.run(cfg)
+    tuned, scratch = seen
+    assert tuned.warmup_ratio == cfg.train.warmup_ratio == 0.06 and scratch.warmup_ratio == pipeline.SCRATCH_WARMUP == 0.2
+    assert scratch.patience == tuned.patience + pipeline.SCRATCH_EXTRA_PATIENCE
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert "warmed up over 20% of the steps" in next(r["description"] for r in report["ladder"] if r["name"] == "from_scratch")

@@ -167,3 +167,15 @@ def test_epochs_choice_warns_when_validation_was_still_improving_at_the_last_epo
     assert "probably undertrained: raise --epochs (now 8)" in _still_improving(SimpleNamespace(epochs_run=8, best_epoch=8), cfg)
     assert _still_improving(SimpleNamespace(epochs_run=8, best_epoch=6), cfg) == ""
     assert _still_improving(SimpleNamespace(epochs_run=4, best_epoch=4), cfg) == ""  # stopped early on its own
+
+
+def test_max_epochs_is_raised_for_small_training_sets_only_when_epochs_was_left_at_its_default():
+    from fmtune.config import TrainConfig
+    from fmtune.pipeline import MAX_DERIVED_EPOCHS, MIN_TRAIN_STEPS, max_epochs
+
+    assert MIN_TRAIN_STEPS == 300
+    epochs, why = max_epochs(489, TrainConfig())  # 16 steps an epoch
+    assert epochs == 19 and why.startswith("raised from the default 8: 489 training texts make 16 steps an epoch")
+    assert max_epochs(2240, TrainConfig()) == (8, "default (8 epochs of 70 steps; early stopping may end sooner)")
+    assert max_epochs(489, TrainConfig(epochs=5))[0] == 5  # the user's --epochs wins
+    assert max_epochs(40, TrainConfig())[0] == MAX_DERIVED_EPOCHS == 30  # 2 steps an epoch: capped

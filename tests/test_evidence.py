@@ -179,3 +179,12 @@ def test_max_epochs_is_raised_for_small_training_sets_only_when_epochs_was_left_
     assert max_epochs(2240, TrainConfig()) == (8, "default (8 epochs of 70 steps; early stopping may end sooner)")
     assert max_epochs(489, TrainConfig(epochs=5))[0] == 5  # the user's --epochs wins
     assert max_epochs(40, TrainConfig())[0] == MAX_DERIVED_EPOCHS == 30  # 2 steps an epoch: capped
+
+
+def test_bare_number_labels_without_descriptions_get_a_zero_shot_warning():
+    from fmtune.pipeline import _meaningless_label_names
+
+    [warning] = _meaningless_label_names(["0", "1", "2"], {"2": "sports news"})
+    assert warning.startswith("Labels '0', '1' are bare numbers") and "--label-descriptions '0=<what 0 means>;1=<what 1 means>'" in warning
+    assert _meaningless_label_names(["neg", "pos"], {}) == []
+    assert _meaningless_label_names(["0", "1"], {"0": "bad", "1": "good"}) == []

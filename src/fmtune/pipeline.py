@@ -172,6 +172,17 @@ def _still_improving(result, train) -> str:
             f"raise --epochs (now {train.epochs}) or --learning-rate (now {train.learning_rate:g})")
 
 
+def _meaningless_label_names(labels: list[str], descriptions: dict[str, str]) -> list[str]:
+    """zero_shot compares texts with the label names: a warning when they are bare numbers with no description."""
+    bare = [label for label in labels if label.lstrip("-").isdigit() and label not in descriptions]
+    if not bare:
+        return []
+    example = ";".join(f"{label}=<what {label} means>" for label in bare[:2])
+    return [f"Labels {', '.join(repr(label) for label in bare[:5])}{' ...' if len(bare) > 5 else ''} are bare numbers: the zero_shot rung compares each "
+            f"text with the label name itself, which carries no meaning, so its score is close to chance; pass --label-descriptions "
+            f"'{example}' to give zero_shot words to compare with."]
+
+
 def _learning_rate_why(train, lora: bool) -> str:
     from fmtune.config import TrainConfig
 
@@ -284,6 +295,8 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
             limit = model_token_limit(encoder.config, tokenizer)
             max_length, max_length_why = choose_max_length(lengths["train"], limit, cfg.model.max_length)
             audit = audit_mod.audit(splits, token_lengths=lengths, max_length=max_length, redacted=redacted)
+            if "zero_shot" in cfg.eval.rungs:
+                audit["warnings"] += _meaningless_label_names(labels, cfg.data.label_descriptions)
         choices = [{"setting": "max_length", "value": max_length, "why": max_length_why}]
         class_weight, cw_why = train.class_weight_vector(y["train"], len(labels), cfg.train.class_weights)
         choices.append({"setting": "class_weights", "value": None if class_weight is None else [round(float(w), 4) for w in class_weight], "why": cw_why})

@@ -122,13 +122,13 @@ def test_verdict_says_when_fine_tuning_fell_below_head_only_and_was_still_improv
     rng = np.random.default_rng(2)
     base = rng.normal(0.35, 0.01, 1000)
     ladder = _ladder({"zero_shot": 0.30, "few_shot": 0.32, "head_only": 0.47, "fine_tuned": 0.34})
-    ladder[-1].update(history=[{"epoch": e} for e in range(1, 9)], best_epoch=8, stopped="reached the maximum of 8 epochs")
+    ladder[-1].update(history=[{"epoch": e} for e in range(1, 9)], best_epoch=8, stopped="reached the maximum of 8 epochs", still_improving=True)
     cost_ = verdict.cost(ladder, "CPU: x", 2, None, 0.0, "classification")
     boots = {"zero_shot": base - 0.05, "few_shot": base - 0.03, "head_only": base + 0.12, "fine_tuned": base + rng.normal(0, 0.02, 1000)}
     reasons = verdict.verdict(ladder, boots, "macro_f1", None, {}, None, cost_)["reasons"]
     assert any("below a linear head on the frozen FM (0.470;" in r for r in reasons)
     assert any("still improving on validation at its last epoch (8)" in r for r in reasons)
-    ladder[-1].update(best_epoch=6)
+    ladder[-1].update(best_epoch=6, still_improving=False)
     assert not any("still improving" in r for r in verdict.verdict(ladder, boots, "macro_f1", None, {}, None, cost_)["reasons"])
 
 
@@ -161,12 +161,13 @@ def test_epochs_choice_warns_when_validation_was_still_improving_at_the_last_epo
     from types import SimpleNamespace
 
     from fmtune.config import TrainConfig
-    from fmtune.pipeline import _still_improving
+    from fmtune.pipeline import _still_improving, _undertrained_caveat
 
     cfg = TrainConfig(epochs=8)
-    assert "probably undertrained: raise --epochs (now 8)" in _still_improving(SimpleNamespace(epochs_run=8, best_epoch=8), cfg)
-    assert _still_improving(SimpleNamespace(epochs_run=8, best_epoch=6), cfg) == ""
-    assert _still_improving(SimpleNamespace(epochs_run=4, best_epoch=4), cfg) == ""  # stopped early on its own
+    assert _still_improving(SimpleNamespace(epochs_run=8, best_epoch=8), cfg) is True
+    assert "probably undertrained: raise --epochs (now 8)" in _undertrained_caveat(cfg)
+    assert _still_improving(SimpleNamespace(epochs_run=8, best_epoch=6), cfg) is False
+    assert _still_improving(SimpleNamespace(epochs_run=4, best_epoch=4), cfg) is False  # stopped early on its own
 
 
 def test_max_epochs_is_raised_for_small_training_sets_only_when_epochs_was_left_at_its_default():

@@ -565,12 +565,14 @@ def _split(examples: list[Example], fraction: float, seed: int, source: str) -> 
     # sklearn rounds per class, so a class of 2-4 rows can land wholly on one side; every class with 2+ rows gets one
     # row on each side (the held-out part grows by a row where that moves one over)
     rng = random.Random(seed)
+    sides = [(kept, _counts(kept)), (held, _counts(held))]
     for label in sorted(_counts(examples)):
-        for source_side, target_side in ((kept, held), (held, kept)):
-            if not any(ex.label == label for ex in target_side):
+        for (source_side, source_counts), (target_side, target_counts) in (sides, sides[::-1]):
+            if not target_counts.get(label) and source_counts.get(label, 0) >= 2:
                 rows = [i for i, ex in enumerate(source_side) if ex.label == label]
-                if len(rows) >= 2:
-                    target_side.append(source_side.pop(rng.choice(rows)))
+                target_side.append(source_side.pop(rng.choice(rows)))
+                source_counts[label] -= 1
+                target_counts[label] = 1
     return kept, held
 
 

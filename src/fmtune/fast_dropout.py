@@ -76,10 +76,10 @@ def _entry_points(model: nn.Module) -> list[nn.Module]:
     return [model] + ([decoder] if isinstance(decoder, nn.Module) and decoder is not model else [])
 
 
-def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float, generator: np.random.SFC64 | None = None) -> torch.Tensor:
     """A bool tensor that is True with probability 1 - p (each element independently, p resolved to 1/65536)."""
     n = int(np.prod(shape))
-    return torch.from_numpy(_draws(n) >= round(p * 65536)).view(shape)
+    return torch.from_numpy(_draws(n, generator) >= round(p * 65536)).view(shape)
 
 
 @functools.lru_cache(maxsize=64)
@@ -99,7 +99,7 @@ def multiplier(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype
     it (a bool mask would need a promotion and a second multiply for the scale)."""
     n = int(np.prod(shape))
     if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        return torch.from_numpy(_draws(n, generator) >= round(p * 65536)).view(shape).to(dtype) * (1.0 / (1.0 - p))
+        return keep_mask(shape, p, generator).to(dtype) * (1.0 / (1.0 - p))
     np_dtype, bits = _scale_bits(p, dtype)
     keep = _draws(n, generator) >= round(p * 65536)
     noise = keep.view(np.uint8) * np_dtype.type(bits)  # 0 or the scale's bits (np.where is ~10x slower here)
@@ -175,12 +175,13 @@ class ChunkedAttention(torch.autograd.Function):
     def forward(ctx, query, key, value, attention_mask, causal: bool, p: float, scaling: float):
         batch, heads, queries, keys = query.shape[0], query.shape[1], query.shape[2], key.shape[2]
         step = max(1, CHUNK_SCORES // (heads * queries * keys))
-        seeds = [int(s) for s in torch.randint(0, 2**62, (-(-batch // step),))] if p > 0 else []
+        chunks = -(-batch // step)
+        seeds = [int(s) for s in torch.randint(0, 2**62, (chunks,))] if p > 0 else [None] * chunks  # None: no dropout
         out = torch.empty(batch, heads, queries, value.shape[-1], dtype=value.dtype)
         with torch.no_grad():
             for i, start in enumerate(range(0, batch, step)):
                 rows = slice(start, start + step)
-                weights, _, _ = ChunkedAttention._weights(query[rows], key[rows], attention_mask, rows, causal, p, scaling, seeds[i] if p > 0 else None)
+                weights, _, _ = ChunkedAttention._weights(query[rows], key[rows], attention_mask, rows, causal, p, scaling, seeds[i])
                 torch.matmul(weights, value[rows], out=out[rows])
         ctx.save_for_backward(query, key, value, attention_mask if torch.is_tensor(attention_mask) else None)
         ctx.settings = (causal, p, scaling, step, seeds)
@@ -214,7 +215,7 @@ class ChunkedAttention(torch.autograd.Function):
         for i, start in enumerate(range(0, query.shape[0], step)):
             rows = slice(start, start + step)
             q, k, v, g = query[rows], key[rows], value[rows], grad_out[rows]
-            weights, probs, noise = ChunkedAttention._weights(q, k, attention_mask, rows, causal, p, scaling, seeds[i] if p > 0 else None)
+            weights, probs, noise = ChunkedAttention._weights(q, k, attention_mask, rows, causal, p, scaling, seeds[i])
             torch.matmul(weights.transpose(2, 3), g, out=grad_v[rows])
             del weights
             grad_w = torch.matmul(g, v.transpose(2, 3))

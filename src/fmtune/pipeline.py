@@ -164,10 +164,12 @@ def max_epochs(n_train: int, train) -> tuple[int, str]:
                     f"let a new classifier head settle at the default learning rate; early stopping may end sooner (set --epochs to override)")
 
 
-def _still_improving(result, train) -> str:
-    """A caveat for the epochs choice when training ran out of epochs while validation was still getting better."""
-    if result.epochs_run < train.epochs or result.best_epoch != result.epochs_run:
-        return ""
+def _still_improving(result, train) -> bool:
+    """Whether training ran out of epochs while validation was still getting better (best epoch = the last allowed)."""
+    return result.epochs_run >= train.epochs and result.best_epoch == result.epochs_run
+
+
+def _undertrained_caveat(train) -> str:
     return (f"; validation was still improving at the last epoch, so the model is probably undertrained: "
             f"raise --epochs (now {train.epochs}) or --learning-rate (now {train.learning_rate:g})")
 
@@ -386,12 +388,13 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
         with stage(f"rung fine_tuned ({method})", log):
             ft, ft_pred, ft_eval_s, n = train_rung("fine-tuning", "fine_tuned", None, False, ft_lr, lora)
             desc = f"{'LoRA (r=' + str(cfg.train.lora_r) + ', merged)' if lora else 'full'} fine-tuning of the base FM on all training data, best validation epoch ({ft.best_epoch} of {ft.epochs_run})"
-            row, b = _rung("fine_tuned", desc, y["test"], ft_pred, labels, boot, n, ft.train_seconds, eval_seconds=round(ft_eval_s, 3), history=ft.history, best_epoch=ft.best_epoch, stopped=ft.stopped, learning_rate=ft_lr, method=method)
+            row, b = _rung("fine_tuned", desc, y["test"], ft_pred, labels, boot, n, ft.train_seconds, eval_seconds=round(ft_eval_s, 3), history=ft.history, best_epoch=ft.best_epoch, stopped=ft.stopped, learning_rate=ft_lr, method=method,
+                          still_improving=_still_improving(ft, cfg.train))
             ladder.append(row)
             boots["fine_tuned"] = b
             if world.main:
                 (tmp / "logs" / "history_fine_tuned.jsonl").write_text("".join(json.dumps(h) + "\n" for h in ft.history))
-        choices.append({"setting": "epochs", "value": ft.best_epoch, "why": f"{ft.stopped}; best validation macro-F1 at epoch {ft.best_epoch} (max {cfg.train.epochs}, patience {cfg.train.patience})" + _still_improving(ft, cfg.train)})
+        choices.append({"setting": "epochs", "value": ft.best_epoch, "why": f"{ft.stopped}; best validation macro-F1 at epoch {ft.best_epoch} (max {cfg.train.epochs}, patience {cfg.train.patience})" + (_undertrained_caveat(cfg.train) if row["still_improving"] else "")})
         choices.append({"setting": "learning_rate", "value": ft_lr, "why": _learning_rate_why(cfg.train, lora)})
         if "from_scratch" in cfg.eval.rungs:
             with stage("rung from_scratch", log):

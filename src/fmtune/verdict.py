@@ -61,24 +61,19 @@ def verdict(ladder: list[dict], boots: dict, primary: str, retention: dict | Non
     else:
         reasons.append(f"fine_tuned {primary} {ft:.3f} vs {baseline} {base_value:.3f}: {gain:+.3f}, but the paired 95% CI {ci[0]:+.3f} to {ci[1]:+.3f} includes 0, so the gain is inside the noise; no recommendation to fine-tune")
     recommend = beyond_noise
-    if "head_only" in rungs and recommend:
+    if "head_only" in rungs:
         h = rungs["head_only"]["metrics"][primary]
         hci = paired_gain_ci(boots["fine_tuned"], boots["head_only"])
-        if hci[0] > 0:
+        if recommend and hci[0] > 0:
             reasons.append(f"fine-tuning the whole FM beats a linear head on the frozen FM ({h:.3f}) by {ft - h:+.3f} (95% CI {hci[0]:+.3f} to {hci[1]:+.3f}): updating the FM's weights is what bought the gain")
-        else:
+        elif recommend:
             recommend = False
             reasons.append(f"a linear head on the frozen FM ({h:.3f}) is within the noise of full fine-tuning ({ft - h:+.3f}, 95% CI {hci[0]:+.3f} to {hci[1]:+.3f}): the cheaper head_only model is enough; fine-tuning the FM is not worth it here")
-    if "head_only" in rungs and not beyond_noise:
-        h = rungs["head_only"]["metrics"][primary]
-        hci = paired_gain_ci(boots["fine_tuned"], boots["head_only"])
-        if hci[1] < 0:
+        elif hci[1] < 0:
             reasons.append(f"fine_tuned ({ft:.3f}) is below a linear head on the frozen FM ({h:.3f}; 95% CI of the difference {hci[0]:+.3f} to {hci[1]:+.3f}): "
                            "the fine-tune fell short of what the FM's features already give; see the epochs and learning-rate choices")
-    tuned = rungs["fine_tuned"]
-    history = tuned.get("history") or []
-    if history and tuned.get("best_epoch") == len(history) and str(tuned.get("stopped", "")).startswith("reached the maximum"):
-        reasons.append(f"fine-tuning was still improving on validation at its last epoch ({len(history)}): it is probably undertrained, "
+    if rungs["fine_tuned"].get("still_improving"):
+        reasons.append(f"fine-tuning was still improving on validation at its last epoch ({rungs['fine_tuned']['best_epoch']}): it is probably undertrained, "
                        "and more epochs or a higher learning rate may change this verdict")
     if "from_scratch" in rungs:
         s = rungs["from_scratch"]["metrics"][primary]

@@ -415,3 +415,39 @@ def test_labels_that_differ_only_in_case_or_spacing_are_named():
     assert "'FOOD!' (20), 'Food' (20), 'food' (21)" in warning
     assert "sports" not in warning
     assert not [w for w in audit(make_splits(balanced_train(20)))["warnings"] if "differ only in case" in w]
+
+
+def test_labels_changed_while_loading_are_counted_and_named(tmp_path):
+    from fmtune.config import DataConfig
+    from fmtune.data import load_splits
+
+    path = tmp_path / "d.csv"
+    rows = [f"text {i},{' food ' if i % 5 == 0 else 'food'}" for i in range(20)] + [f"other {i},{'2.0' if i % 4 == 0 else '2'}" for i in range(20)]
+    path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    splits = load_splits(DataConfig(data=path), 0)
+    assert splits.labels == ["2", "food"]
+    report = audit(splits)
+    assert report["labels_normalised"]["count"] == 4 + 5
+    first = report["labels_normalised"]["examples"][0]
+    assert first["at"].startswith(f"{path}:") and (first["as_written"], first["used"]) in {(" food ", "food"), ("2.0", "2")}
+    [warning] = warnings_with(report, "were normalised while loading")
+    assert "9 label value(s)" in warning and "' food ' -> 'food' (4)" in warning and "'2.0' -> '2' (5)" in warning
+    clean = tmp_path / "clean.csv"
+    clean.write_text("text,label\n" + "\n".join(f"t {i},{i % 2}" for i in range(20)) + "\n")
+    assert audit(load_splits(DataConfig(data=clean), 0))["labels_normalised"] == {"count": 0, "examples": []}
+
+
+def test_vocabulary_coverage_warns_when_the_model_cannot_read_the_texts():
+    from fmtune.audit import vocabulary_coverage
+
+    cls, sep, unk = 101, 102, 100
+    texts = ["the food was good", "สวัสดีครับ ผมชอบอาหารไทย", "Мне нравится русская еда", "Я люблю русскую еду"]
+    ids = [[cls, 5, 6, 7, 8, sep], [cls, unk, unk, sep], [cls] + list(range(200, 220)) + [sep], [cls] + list(range(300, 320)) + [sep]]
+    block, warnings = vocabulary_coverage(texts, ids, unk, {cls, sep})
+    assert block["unk_share"] == round(2 / 46, 4) and block["texts_mostly_unk"] == 1 and block["examples_mostly_unk"] == [texts[1]]
+    assert block["tokens_per_word"] == 5.0  # median of 4/4, 20/4 and 20/4 (the Thai text has fewer than 3 words)
+    assert len(warnings) == 2 and "4.3% of their tokens are [UNK]" in warnings[0] and "1 of 4 texts" in warnings[0]
+    assert "5.0 tokens per word" in warnings[1] and "--model" in warnings[1]
+    english = ["the food was good"] * 10
+    block, warnings = vocabulary_coverage(english, [[cls, 5, 6, 7, 8, sep]] * 10, unk, {cls, sep})
+    assert warnings == [] and block["unk_share"] == 0.0 and block["tokens_per_word"] == 1.0

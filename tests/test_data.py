@@ -339,7 +339,30 @@ def test_many_undecodable_lines_are_counted_once(tmp_path):
 def test_utf16_is_named(tmp_path):
     path = tmp_path / "u16.csv"
     path.write_bytes("text,label\nhello,pos\n".encode("utf-16"))
-    assert "UTF-16" in error_of(DataConfig(data=path)) and "re-save it as UTF-8" in error_of(DataConfig(data=path))
+    assert "UTF-16" in error_of(DataConfig(data=path)) and "--encoding utf-16" in error_of(DataConfig(data=path))
+
+
+@pytest.mark.parametrize("encoding", ["cp1252", "latin-1", "utf-16", "shift_jis"])
+def test_encoding_option_reads_non_utf8_files(tmp_path, encoding):
+    text = "\u30ab\u30d5\u30a7 \u6771\u4eac" if encoding == "shift_jis" else "caf\u00e9 cr\u00e8me"
+    path = tmp_path / "enc.csv"
+    path.write_bytes(("text,label\n" + "".join(f"{text} {i},{'pos' if i % 2 else 'neg'}\n" for i in range(30))).encode(encoding))
+    with pytest.raises(DataError):
+        load_splits(DataConfig(data=path), 0)  # the default, utf-8, refuses it
+    splits = load_splits(DataConfig(data=path, encoding=encoding), 0)
+    assert sorted(ex.text for ex in splits.train + splits.validation + splits.test) == sorted(f"{text} {i}" for i in range(30))
+
+
+def test_wrong_encoding_names_line_and_flag(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_bytes("text,label\ngood,pos\nbad \x81 byte,neg\n".encode("latin-1"))
+    message = error_of(DataConfig(data=path, encoding="cp1252"))
+    assert f"{path} line 3: byte 0x81 at byte offset" in message and "not valid cp1252" in message and "--encoding" in message
+
+
+def test_unknown_encoding_is_a_config_error():
+    with pytest.raises(ValueError, match="unknown text encoding 'klingon'"):
+        DataConfig(encoding="klingon")
 
 
 def test_ragged_row_names_line_and_field_counts(tmp_path):

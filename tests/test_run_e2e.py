@@ -88,6 +88,18 @@ def test_predict_cli(finished_run):
     assert abs(sum(rows[0]["probabilities"].values()) - 1) < 1e-5
 
 
+def test_predict_cli_empty_text_and_blank_file_lines(finished_run):
+    run = finished_run[0]
+    proc = fmtune("predict", run, "--text", "great superb fun", "--text", "  ", cwd=run.parent)
+    assert proc.returncode != 0 and "--text number 2 is empty" in proc.stderr
+    texts = run.parent / "texts.txt"
+    texts.write_text("great superb fun\n\nawful dull mess\n   \n")
+    proc = fmtune("predict", run, "--file", texts, "--json", cwd=run.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["text"] for line in proc.stdout.splitlines()] == ["great superb fun", "awful dull mess"]
+    assert "skipped 2 blank line(s) (line 2, 4)" in proc.stderr
+
+
 def test_verify_and_registry(finished_run):
     run = finished_run[0]
     proc = fmtune("verify", run, cwd=run.parent)

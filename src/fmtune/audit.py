@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
+import statistics
 import unicodedata
 from collections import Counter
 from collections.abc import Iterator
@@ -384,6 +385,15 @@ def audit(
             f"Labels {listed} differ only in case, spacing or punctuation and are trained as separate classes; "
             "if they mean the same class, make them the same label in the data and run again."
         )
+    rewritten = [ex for name in SPLIT_NAMES for ex in by_split[name] if ex.raw_label is not None]
+    labels_normalised = {"count": len(rewritten), "examples": [{"at": _where(ex), "as_written": ex.raw_label, "used": ex.label} for ex in rewritten[:MAX_EXAMPLES]]}
+    if rewritten:
+        forms = Counter((ex.raw_label, ex.label) for ex in rewritten)
+        shown = ", ".join(f"{raw!r} -> {used!r} ({n})" for (raw, used), n in forms.most_common(5)) + (f" and {len(forms) - 5} more forms" if len(forms) > 5 else "")
+        warnings.append(
+            f"{len(rewritten)} label value(s) were normalised while loading (spaces around a label removed, numbers like '1.0' written as '1') "
+            f"and so count as the same class as the clean form: {shown}. If a spaced form meant a different class, rename it in the data."
+        )
     small = [(label, n) for label, n in train_counts.items() if n < 10]
     if small:
         listed = ", ".join(f"'{label}' ({n})" for label, n in small[:10])
@@ -458,5 +468,46 @@ def audit(
         "pii_note": pii_note,
         "length": length,
         "dropped": dict(splits.dropped),
+        "labels_normalised": labels_normalised,
         "warnings": warnings,
     }
+
+
+# --- Vocabulary coverage --------------------------------------------------------------------------------------------
+
+UNK_WARN_SHARE = 0.02  # more [UNK] tokens than this: the vocabulary misses part of the text
+MOSTLY_UNK = 0.5  # a text with at least this share of [UNK] tokens is mostly invisible to the model
+TOKENS_PER_WORD_WARN = 3.0  # English WordPiece/BPE gives ~1.3 tokens per word; character-level splitting gives 4-7
+
+
+def vocabulary_coverage(texts: list[str], ids: list[list[int]], unk_id: int | None, special_ids: set[int]) -> tuple[dict, list[str]]:
+    """How much of the texts the tokenizer's vocabulary can represent: the share of [UNK] tokens, the texts that are
+    mostly [UNK], and tokens per space-separated word (high when the vocabulary splits a script into characters).
+    Returns (the report block, warnings). A model that reads '[UNK] [UNK]' for every Thai sentence cannot learn from it,
+    and no fine-tuning setting fixes that: the fix is a base model whose vocabulary covers the language."""
+    content = [[t for t in row if t not in special_ids] for row in ids]
+    n_tokens = sum(len(row) for row in content)
+    n_unk = sum(row.count(unk_id) for row in content) if unk_id is not None else 0
+    mostly = [i for i, row in enumerate(content) if row and unk_id is not None and row.count(unk_id) >= MOSTLY_UNK * len(row)]
+    per_word = [len(row) / len(text.split()) for row, text in zip(content, texts) if len(text.split()) >= 3]  # texts written with spaces
+    tokens_per_word = statistics.median(per_word) if per_word else None
+    block = {
+        "unk_share": round(n_unk / n_tokens, 4) if n_tokens else 0.0,
+        "texts_mostly_unk": len(mostly),
+        "examples_mostly_unk": [_preview(texts[i]) for i in mostly[:MAX_EXAMPLES]],
+        "tokens_per_word": None if tokens_per_word is None else round(tokens_per_word, 2),
+    }
+    warnings: list[str] = []
+    fix = "pass --model with a local Hugging Face folder of an encoder whose vocabulary covers the language (a multilingual one)"
+    if n_tokens and (n_unk / n_tokens > UNK_WARN_SHARE or mostly):
+        warnings.append(
+            f"The base model's vocabulary does not cover these texts: {n_unk / n_tokens:.1%} of their tokens are [UNK] and "
+            f"{len(mostly)} of {len(content)} texts are at least {MOSTLY_UNK:.0%} [UNK] (e.g. {block['examples_mostly_unk'][0] if mostly else '-'!r}); "
+            f"the model cannot tell apart what it cannot read, so every rung is capped by this; {fix}."
+        )
+    if tokens_per_word is not None and tokens_per_word > TOKENS_PER_WORD_WARN:
+        warnings.append(
+            f"The tokenizer splits these texts into {tokens_per_word:.1f} tokens per word (median; English is ~1.3): its vocabulary "
+            f"barely covers the language, so words reach the model as characters and long texts are cut sooner; {fix}."
+        )
+    return block, warnings

@@ -172,6 +172,25 @@ def quickstart(
     run(cfg, command=" ".join(["fmtune"] + sys.argv[1:]))
 
 
+def _inputs(given: list[str], file: Path | None, flag: str) -> list[str]:
+    """The texts to predict: the command line's, then the file's lines. An empty text given on the command line is an
+    error (as in `fmtune serve`); the file's blank lines are skipped and counted on stderr, with their line numbers."""
+    empty = [i for i, t in enumerate(given, start=1) if not t.strip()]
+    if empty:
+        raise FmtuneError(f"{flag} number {empty[0]} is empty; every text needs at least one non-space character (the model would answer from no input at all).")
+    if file is None:
+        return given
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FmtuneError(f"--file {file}: cannot read it as UTF-8 text ({exc}); re-save it as UTF-8 with one text per line.") from None
+    blank = [n for n, line in enumerate(lines, start=1) if not line.strip()]
+    if blank:
+        shown = ", ".join(map(str, blank[:10])) + (f" and {len(blank) - 10} more" if len(blank) > 10 else "")
+        print(f"note: --file {file}: skipped {len(blank)} blank line(s) (line {shown}); the output has one row per non-blank line.", file=sys.stderr)
+    return given + [line for line in lines if line.strip()]
+
+
 @app.command()
 def predict(
     run_dir: Path = typer.Argument(..., help="A finished run folder."),
@@ -194,21 +213,14 @@ def predict(
     if prompt or task == "generation":
         from fmtune.causal_lm import GenerationPredictor
 
-        prompts = list(prompt or []) + list(text or [])
-        if file is not None:
-            prompts += [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = _inputs(list(prompt or []) + list(text or []), file, "--prompt")
         if not prompts:
             raise FmtuneError("nothing to generate: pass --prompt \"...\" (repeatable) or --file FILE with one prompt per line.")
         answers = GenerationPredictor.from_run(run_dir).generate(prompts, max_new_tokens=max_new_tokens)
         for p_, a in zip(prompts, answers):
             print(json.dumps({"prompt": p_, "completion": a}) if as_json else f"> {p_}\n{a}\n")
         return
-    texts = list(text or [])
-    if file is not None:
-        try:
-            texts += [line.rstrip("\n") for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as exc:
-            raise FmtuneError(f"--file {file}: cannot read it as UTF-8 text ({exc}).") from None
+    texts = _inputs(list(text or []), file, "--text")
     if not texts:
         raise FmtuneError("nothing to predict: pass --text \"...\" (repeatable) or --file FILE with one text per line.")
     predictor = Predictor.from_run(run_dir)

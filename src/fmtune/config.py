@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fmtune.errors import ConfigError
 
@@ -38,6 +38,17 @@ class DataConfig(_Group):
     drop_unlabeled: bool = Field(False, description="Drop rows with an empty text or label instead of stopping (the count is reported).")
     redact_pii: bool = Field(False, description="Mask personal data (emails, phones, card numbers, IPs, ...) before training and before anything is written.")
     label_descriptions: dict[str, str] = Field(default_factory=dict, description="Natural-language description per label for the zero-shot rung, e.g. {fresh: 'a positive review'}. On the command line: --label-descriptions 'fresh=a positive review;rotten=a negative review'.")
+    encoding: str = Field("utf-8", description="Text encoding of CSV/TSV/JSON data files, e.g. utf-8 (a BOM is allowed), cp1252 (Windows/Excel in Western Europe), latin-1, shift_jis, gb18030.")
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        import codecs
+
+        try:
+            return codecs.lookup(value).name
+        except LookupError:
+            raise ValueError(f"unknown text encoding {value!r}; use a Python codec name such as utf-8, cp1252, latin-1, utf-16, shift_jis or gb18030") from None
 
 
 class ModelConfig(_Group):

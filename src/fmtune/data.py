@@ -28,6 +28,7 @@ class Example:
     label: str
     source: str  # file path as given
     row: int  # CSV/JSONL: 1-based line number in the file; Parquet: 0-based row index
+    raw_label: str | None = None  # the label as written in the file, when normalising changed it (' food ' -> 'food', '1.0' -> '1')
 
 
 @dataclass
@@ -111,7 +112,7 @@ def data_hash(splits: Splits) -> str:
 
 def _load_file(path: Path, cfg: DataConfig, problems: list[str], dropped: dict[str, int], files: dict[str, str]) -> list[Example]:
     """Read one file into cleaned Examples; append every problem found to `problems`."""
-    found = read_columns(path, {cfg.text_column: "--text-column", cfg.label_column: "--label-column"}, problems, dropped, files)
+    found = read_columns(path, {cfg.text_column: "--text-column", cfg.label_column: "--label-column"}, problems, dropped, files, cfg.encoding)
     if found is None:
         return []  # already reported
     unit, rows, values = found
@@ -119,7 +120,7 @@ def _load_file(path: Path, cfg: DataConfig, problems: list[str], dropped: dict[s
 
 
 def read_columns(
-    path: Path, wanted: dict[str, str], problems: list[str], dropped: dict[str, int], files: dict[str, str]
+    path: Path, wanted: dict[str, str], problems: list[str], dropped: dict[str, int], files: dict[str, str], encoding: str = "utf-8"
 ) -> tuple[str, list[int], dict[str, list[object]]] | None:
     """Read one CSV/TSV/JSONL/JSON/Parquet file and pick the `wanted` columns ({column name: its flag, e.g. '--text-column'}).
 
@@ -129,7 +130,7 @@ def read_columns(
     """
     source = str(path)
     known = len(problems)
-    table = read_table(path, list(wanted), problems, dropped, files)
+    table = read_table(path, list(wanted), problems, dropped, files, encoding)
     if table is None:
         return None
     resolved: list[str] = []
@@ -156,9 +157,9 @@ class RawTable:
     delimiter: str | None = None  # CSV/TSV only
 
 
-def read_table(path: Path, wanted: list[str], problems: list[str], dropped: dict[str, int], files: dict[str, str]) -> RawTable | None:
-    """Read one file into a RawTable (format from the extension, optional compression); `wanted` helps sniff CSV delimiters
-    and phrase the fixes. Problems are appended to `problems`; None when nothing can be read."""
+def read_table(path: Path, wanted: list[str], problems: list[str], dropped: dict[str, int], files: dict[str, str], encoding: str = "utf-8") -> RawTable | None:
+    """Read one file into a RawTable (format from the extension, optional compression, text in `encoding`); `wanted` helps
+    sniff CSV delimiters and phrase the fixes. Problems are appended to `problems`; None when nothing can be read."""
     source = str(path)
     suffixes = [s.lower() for s in Path(path).suffixes]
     compression = suffixes.pop() if suffixes and suffixes[-1] in COMPRESSIONS else None
@@ -176,7 +177,7 @@ def read_table(path: Path, wanted: list[str], problems: list[str], dropped: dict
     if kind == "parquet":
         return _read_parquet(source, raw, problems)
     content = _decompress(source, raw, compression, problems)
-    text = None if content is None else _decode(source, content, problems)
+    text = None if content is None else _decode(source, content, problems, encoding)
     if text is None:
         return None
     if not text.strip():
@@ -206,30 +207,35 @@ def _decompress(source: str, raw: bytes, compression: str | None, problems: list
         return None
 
 
-def _decode(source: str, content: bytes, problems: list[str]) -> str | None:
-    """UTF-8 (a BOM is allowed and removed); anything else stops with the line to fix. NUL bytes are errors."""
-    if content.startswith((b"\xff\xfe", b"\xfe\xff")):
-        problems.append(f"{source}: the file is UTF-16 (it starts with a UTF-16 byte order mark); re-save it as UTF-8 (e.g. 'CSV UTF-8' in Excel).")
+def _decode(source: str, content: bytes, problems: list[str], encoding: str = "utf-8") -> str | None:
+    """Text in `encoding` (UTF-8: a BOM is allowed and removed); bytes that do not decode stop with the lines to fix.
+    NUL bytes are errors."""
+    utf16 = encoding.startswith(("utf-16", "utf-32"))
+    if content.startswith((b"\xff\xfe", b"\xfe\xff")) and not utf16:
+        problems.append(f"{source}: the file is UTF-16 (it starts with a UTF-16 byte order mark); pass --encoding utf-16, or re-save it as UTF-8 (e.g. 'CSV UTF-8' in Excel).")
         return None
+    name = "UTF-8" if encoding == "utf-8" else encoding
     try:
-        text = content.decode("utf-8-sig")
-    except UnicodeDecodeError:
+        text = content.decode("utf-8-sig" if encoding == "utf-8" else encoding)
+    except UnicodeDecodeError as whole:
+        if utf16:  # lines cannot be split on b"\n" in UTF-16/32: name the byte offset
+            problems.append(f"{source}: byte offset {whole.start} is not valid {name} ({whole.reason}); check --encoding or re-save the file as UTF-8.")
+            return None
+        fix = (" (the file may be Latin-1/Windows-1252 or another encoding); pass its encoding, e.g. --encoding cp1252, or re-save the file as UTF-8."
+               if encoding == "utf-8" else "; pass the file's real encoding with --encoding (utf-8 is the default), or re-save the file as UTF-8.")
         found = 0
         offset = 0
         for number, line in enumerate(content.split(b"\n"), start=1):
             try:
-                line.decode("utf-8")
+                line.decode(encoding)
             except UnicodeDecodeError as exc:
                 found += 1
                 if found < MAX_LISTED:  # the last listed place is the count of the rest, so _raise_if cuts nothing
                     bad = line[exc.start]
-                    problems.append(
-                        f"{source} line {number}: byte 0x{bad:02x} at byte offset {offset + exc.start} is not valid UTF-8 "
-                        f"(the file may be Latin-1/Windows-1252 or another encoding); re-save the file as UTF-8."
-                    )
+                    problems.append(f"{source} line {number}: byte 0x{bad:02x} at byte offset {offset + exc.start} is not valid {name}{fix}")
             offset += len(line) + 1
         if found >= MAX_LISTED:
-            problems.append(f"{source}: ... and {found - MAX_LISTED + 1} more line(s) that are not valid UTF-8 ({found} in all).")
+            problems.append(f"{source}: ... and {found - MAX_LISTED + 1} more line(s) that are not valid {name} ({found} in all).")
         return None
     if "\x00" in text:
         nul_lines = [n for n, line in enumerate(text.split("\n"), start=1) if "\x00" in line]
@@ -449,7 +455,8 @@ def _clean(source: str, unit: str, rows: list[int], texts: list[object], labels:
                     what = "text" if col == tcol else "label"
                     problems.append(f"{where}, column '{col}': empty {what} (got {_describe(value, col)}); fill it in or pass --drop-unlabeled.")
             continue
-        examples.append(Example(text=text, label=label, source=source, row=row))
+        changed = raw_label if isinstance(raw_label, str) and raw_label != label else None
+        examples.append(Example(text=text, label=label, source=source, row=row, raw_label=changed))
     for reason, count in (("empty_text", empty_text), ("empty_label", empty_label)):
         if count:
             dropped[reason] = dropped.get(reason, 0) + count

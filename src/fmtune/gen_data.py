@@ -69,7 +69,7 @@ def detect_task(cfg: DataConfig) -> str:
     path = cfg.data or cfg.train
     if path is None or not Path(path).is_file():
         return "classification"
-    table = data_mod.read_table(Path(path), [], [], {}, {})
+    table = data_mod.read_table(Path(path), [], [], {}, {}, cfg.encoding)
     if table is None or table.columns is None:
         return "classification"
     columns = {str(c).strip() for c in table.columns}
@@ -165,11 +165,11 @@ def prompt_overlap(splits: GenSplits) -> int:
 
 def _load_file(path: Path, cfg: DataConfig, problems: list[str], dropped: dict[str, int], files: dict[str, str], after_target: list[int]) -> list[Pair]:
     source = str(path)
-    table = data_mod.read_table(path, [], [], {}, {})  # which layout: chat messages or prompt/completion
+    table = data_mod.read_table(path, [], [], {}, {}, cfg.encoding)  # which layout: chat messages or prompt/completion
     columns = {str(c).strip() for c in (table.columns or [])} if table is not None else set()
     chat = cfg.messages_column in columns and not (cfg.prompt_column in columns and cfg.completion_column in columns)
     wanted = {cfg.messages_column: "--messages-column"} if chat else {cfg.prompt_column: "--prompt-column", cfg.completion_column: "--completion-column"}
-    found = data_mod.read_columns(path, wanted, problems, dropped, files)
+    found = data_mod.read_columns(path, wanted, problems, dropped, files, cfg.encoding)
     if found is None:
         return []
     unit, rows, values = found

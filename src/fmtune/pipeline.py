@@ -299,6 +299,8 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
             audit = audit_mod.audit(splits, token_lengths=lengths, max_length=max_length, redacted=redacted)
             if "zero_shot" in cfg.eval.rungs:
                 audit["warnings"] += _meaningless_label_names(labels, cfg.data.label_descriptions)
+            audit["vocabulary"], vocabulary_warnings = audit_mod.vocabulary_coverage(texts["train"], tokenised["train"].ids, tokenizer.unk_token_id, set(tokenizer.all_special_ids) - {tokenizer.unk_token_id})
+            audit["warnings"] += vocabulary_warnings
         choices = [{"setting": "max_length", "value": max_length, "why": max_length_why}]
         class_weight, cw_why = train.class_weight_vector(y["train"], len(labels), cfg.train.class_weights)
         choices.append({"setting": "class_weights", "value": None if class_weight is None else [round(float(w), 4) for w in class_weight], "why": cw_why})
@@ -432,10 +434,12 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
         with stage("retention and domain shift", log):
             docs, source = retention.general_documents(cfg.evidence.general_text)
             sents, owners = retention.sentences_by_document(docs)
-            sent_ids = tokenizer(sents, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]  # once for both models
-            gen_base = embed(encoder, tokenizer, sents, max_length, cfg.eval.eval_batch_size, bf16, ids=sent_ids)
-            gen_tuned = embed(tuned, tokenizer, sents, max_length, cfg.eval.eval_batch_size, bf16, ids=sent_ids)
+            # whole sentences up to the model's limit, not the run's max_length: the same probe for every run on this model
+            sent_ids = tokenizer(sents, truncation=True, max_length=limit, add_special_tokens=True)["input_ids"]  # once for both models
+            gen_base = embed(encoder, tokenizer, sents, limit, cfg.eval.eval_batch_size, bf16, ids=sent_ids)
+            gen_tuned = embed(tuned, tokenizer, sents, limit, cfg.eval.eval_batch_size, bf16, ids=sent_ids)
             retention_ = retention.retention(gen_base, gen_tuned, owners, source, cfg.evidence.max_forgetting)
+            retention_["details"]["max_tokens"] = limit
             shift = domain_shift.domain_shift(emb["train"], gen_base, seed)
             shift["details"]["general_source"] = source
 

@@ -83,6 +83,7 @@ def run_fmtune(recipe: str, cfg: dict, split: dict, model_path: Path, tokenizer)
 
     from fmtune import models, train
     from fmtune.config import TrainConfig
+    from fmtune.pipeline import HEAD_LR_FACTOR
 
     bf16_measure_start = time.perf_counter()
     bf16 = recipe != "fmtune_fp32" and models.bf16_supported(torch.device("cpu"))
@@ -93,7 +94,10 @@ def run_fmtune(recipe: str, cfg: dict, split: dict, model_path: Path, tokenizer)
 
         fast_dropout.CHUNK_SCORES = 2**62
     torch.manual_seed(cfg["seed"])
-    model = models.load_classifier(model_path, ["rotten", "fresh"], dropout=dropout)
+    model, head = models.load_classifier_and_head(model_path, ["rotten", "fresh"], dropout=dropout)
+    # the speed recipes keep Trainer's hyperparameters (one learning rate); fmtune_head_lr adds the `fmtune run` default,
+    # the new classifier head at HEAD_LR_FACTOR x the learning rate
+    head_lr = cfg["learning_rate"] * HEAD_LR_FACTOR if recipe == "fmtune_head_lr" else None
     tc = TrainConfig(epochs=cfg["epochs"], patience=cfg["epochs"], batch_size=cfg["batch_size"], weight_decay=cfg["weight_decay"], warmup_ratio=cfg["warmup_ratio"], class_weights="none",
                      fast_dropout=recipe != "fmtune_torch_dropout", bf16_weights=recipe != "fmtune_autocast", sparse_embedding_grad=recipe != "fmtune_dense_embedding_grad",
                      embedding_rows=recipe != "fmtune_all_embedding_rows", fused_step=recipe != "fmtune_torch_step",
@@ -102,7 +106,7 @@ def run_fmtune(recipe: str, cfg: dict, split: dict, model_path: Path, tokenizer)
     ids = {s: train.token_ids(tokenizer, split[s][0], cfg["max_length"]) for s in ("train", "validation")}
     tokenise_seconds = time.perf_counter() - start
     result = train.fit(model, tokenizer, (ids["train"], np.array(split["train"][1])), (ids["validation"], np.array(split["validation"][1])), tc,
-                       learning_rate=cfg["learning_rate"], n_classes=2, seed=cfg["seed"], bf16=bf16)
+                       learning_rate=cfg["learning_rate"], n_classes=2, seed=cfg["seed"], bf16=bf16, head=head, head_learning_rate=head_lr)
     extra = {"levers": result.levers, "best_epoch": result.best_epoch, "history": result.history, "bf16_decision_seconds": round(bf16_decision_seconds, 2),
              "bf16_speedup_measured": round(models.bf16_speedup(), 3) if "avx512_bf16" in models.cpu_flags() and "amx_bf16" not in models.cpu_flags() else None}
     return dict(model=result.model, seconds=result.train_seconds, tokenise_seconds=tokenise_seconds, bf16=bf16, real_tokens=result.real_tokens, **extra)

@@ -430,11 +430,19 @@ def test_labels_changed_while_loading_are_counted_and_named(tmp_path):
     assert report["labels_normalised"]["count"] == 4 + 5
     first = report["labels_normalised"]["examples"][0]
     assert first["at"].startswith(f"{path}:") and (first["as_written"], first["used"]) in {(" food ", "food"), ("2.0", "2")}
-    [warning] = warnings_with(report, "were normalised while loading")
-    assert "9 label value(s)" in warning and "' food ' -> 'food' (4)" in warning and "'2.0' -> '2' (5)" in warning
+    [warning] = warnings_with(report, "merged into one class while loading")
+    assert "'food' from 'food' (16), ' food ' (4)" in warning and "'2' from '2' (15), '2.0' (5)" in warning
     clean = tmp_path / "clean.csv"
     clean.write_text("text,label\n" + "\n".join(f"t {i},{i % 2}" for i in range(20)) + "\n")
     assert audit(load_splits(DataConfig(data=clean), 0))["labels_normalised"] == {"count": 0, "examples": []}
+    one_form = tmp_path / "spaced.csv"  # every label written the same spaced way: normalised and counted, nothing merged
+    one_form.write_text("text,label\n" + "\n".join(f"t {i}, {'pos' if i % 2 else 'neg'}" for i in range(20)) + "\n")
+    report = audit(load_splits(DataConfig(data=one_form), 0))
+    assert report["labels_normalised"]["count"] == 20 and not warnings_with(report, "merged into one class")
+    floats = tmp_path / "d.jsonl"  # JSON: 1.0 next to 1 is a second form of the label '1'
+    floats.write_text("".join(json.dumps({"text": f"t {i}", "label": [0, 1, 1.0][i % 3]}) + "\n" for i in range(30)))
+    [warning] = warnings_with(audit(load_splits(DataConfig(data=floats), 0)), "merged into one class")
+    assert "'1' from '1" in warning and "'1.0' (10)" in warning and "'1' (10)" in warning
 
 
 def test_vocabulary_coverage_warns_when_the_model_cannot_read_the_texts():

@@ -342,11 +342,12 @@ def test_utf16_is_named(tmp_path):
     assert "UTF-16" in error_of(DataConfig(data=path)) and "--encoding utf-16" in error_of(DataConfig(data=path))
 
 
-@pytest.mark.parametrize("encoding", ["cp1252", "latin-1", "utf-16", "shift_jis"])
+@pytest.mark.parametrize("encoding", ["cp1252", "latin-1", "utf-16", "utf-16-le", "shift_jis"])
 def test_encoding_option_reads_non_utf8_files(tmp_path, encoding):
     text = "\u30ab\u30d5\u30a7 \u6771\u4eac" if encoding == "shift_jis" else "caf\u00e9 cr\u00e8me"
     path = tmp_path / "enc.csv"
-    path.write_bytes(("text,label\n" + "".join(f"{text} {i},{'pos' if i % 2 else 'neg'}\n" for i in range(30))).encode(encoding))
+    bom = "\ufeff" if encoding == "utf-16-le" else ""  # Windows' "Unicode" text: a BOM that the -le codec keeps
+    path.write_bytes((bom + "text,label\n" + "".join(f"{text} {i},{'pos' if i % 2 else 'neg'}\n" for i in range(30))).encode(encoding))
     with pytest.raises(DataError):
         load_splits(DataConfig(data=path), 0)  # the default, utf-8, refuses it
     splits = load_splits(DataConfig(data=path, encoding=encoding), 0)
@@ -361,8 +362,9 @@ def test_wrong_encoding_names_line_and_flag(tmp_path):
 
 
 def test_unknown_encoding_is_a_config_error():
-    with pytest.raises(ValueError, match="unknown text encoding 'klingon'"):
-        DataConfig(encoding="klingon")
+    for name in ("klingon", "rot13", "base64"):
+        with pytest.raises(ValueError, match=f"unknown text encoding '{name}'"):
+            DataConfig(encoding=name)
 
 
 def test_ragged_row_names_line_and_field_counts(tmp_path):

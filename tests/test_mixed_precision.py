@@ -22,14 +22,14 @@ def data(tiny_bert):
     return tok, ids, y
 
 
-def _fit(tiny_bert, data, checkpoint_dir=None, progress=None, **overrides):
+def _fit(tiny_bert, data, checkpoint_dir=None, progress=None, head_learning_rate=None, **overrides):
     tok, ids, y = data
     torch.manual_seed(0)
-    model = models.load_classifier(tiny_bert, ["neg", "pos"])
+    model, head = models.load_classifier_and_head(tiny_bert, ["neg", "pos"])
     cfg = TrainConfig(**{"epochs": 2, "batch_size": 16, "patience": 2, "dropout": 0.0, **overrides})
     bf16 = overrides.pop("bf16", "off") == "on"
     return train.fit(model, tok, (ids[:64], y[:64]), (ids[64:], y[64:]), cfg, learning_rate=1e-3, n_classes=2, seed=0, bf16=bf16,
-                     checkpoint_dir=checkpoint_dir, progress=progress)
+                     checkpoint_dir=checkpoint_dir, progress=progress, head=head, head_learning_rate=head_learning_rate)
 
 
 def _batch(data, model):
@@ -192,7 +192,8 @@ def test_crash_then_resume_equals_uninterrupted(tiny_bert, data, tmp_path, bf16,
     from fmtune.mixed_precision import EmbeddingRows
 
     monkeypatch.setattr(EmbeddingRows, "MAX_SHARE", 1.0)  # the tiny vocabulary is mostly in use
-    whole = _fit(tiny_bert, data, checkpoint_dir=tmp_path / "a", bf16=bf16, checkpoint_every=2, dropout=0.1)
+    head_lr = 1e-2 if bf16 == "on" else None  # bf16 on: the new head in its own optimizer groups, as `fmtune run` trains it
+    whole = _fit(tiny_bert, data, checkpoint_dir=tmp_path / "a", bf16=bf16, checkpoint_every=2, dropout=0.1, head_learning_rate=head_lr)
 
     class Crash(Exception):
         pass
@@ -206,12 +207,32 @@ def test_crash_then_resume_equals_uninterrupted(tiny_bert, data, tmp_path, bf16,
             raise Crash
 
     with pytest.raises(Crash):
-        _fit(tiny_bert, data, checkpoint_dir=tmp_path / "b", progress=crash, bf16=bf16, checkpoint_every=2, dropout=0.1)
-    resumed = _fit(tiny_bert, data, checkpoint_dir=tmp_path / "b", bf16=bf16, checkpoint_every=2, dropout=0.1)
+        _fit(tiny_bert, data, checkpoint_dir=tmp_path / "b", progress=crash, bf16=bf16, checkpoint_every=2, dropout=0.1, head_learning_rate=head_lr)
+    resumed = _fit(tiny_bert, data, checkpoint_dir=tmp_path / "b", bf16=bf16, checkpoint_every=2, dropout=0.1, head_learning_rate=head_lr)
     for (k, v), (k2, v2) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
         assert k == k2 and torch.equal(v, v2), k
     assert [h["train_loss"] for h in whole.history] == [h["train_loss"] for h in resumed.history]
     assert whole.levers["embedding_rows"] is not None and resumed.levers["embedding_rows"] == whole.levers["embedding_rows"]
+
+
+def test_resume_with_another_optimizer_layout_stops_with_a_fix(tiny_bert, data, tmp_path):
+    from fmtune.errors import FmtuneError
+
+    class Crash(Exception):
+        pass
+
+    steps = []
+
+    def crash(n, row):
+        steps.extend([n] if n else [])
+        if len(steps) == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        _fit(tiny_bert, data, checkpoint_dir=tmp_path, progress=crash, checkpoint_every=1, head_learning_rate=1e-2)
+    assert list(tmp_path.glob("step-*"))
+    with pytest.raises(FmtuneError, match=r"parameter groups of \[\d+, \d+, 1, 1\] parameters, this run's \[\d+, \d+\].*without --resume"):
+        _fit(tiny_bert, data, checkpoint_dir=tmp_path, checkpoint_every=1)
 
 
 def _tiny_llama(kv_heads: int = 1):

@@ -52,6 +52,10 @@ def test_report_validates_against_the_contract(finished_run):
     assert report["data"]["audit"]["pii_redacted"]["email"] == 1 and sum(report["data"]["audit"]["pii_redacted"].values()) == 1
     assert "jane.doe" not in (finished_run[0] / "report.json").read_text()
     assert {c["setting"] for c in report["choices"]} >= {"max_length", "class_weights", "epochs", "bf16"}
+    head = next(c for c in report["choices"] if c["setting"] == "head_learning_rate")
+    ft = next(r for r in report["ladder"] if r["name"] == "fine_tuned")
+    assert head["value"] == ft["head_learning_rate"] == pytest.approx(30 * ft["learning_rate"]) and head["why"].startswith("default: 30x")
+    assert report["data"]["audit"]["vocabulary"]["unk_share"] < 0.02 and report["retention"]["details"]["max_tokens"] >= 64
     assert len(report["learning_curve"]["points"]) == 4
     assert report["retention"]["base"] > 0 and "relative_change" in report["retention"]
 

@@ -42,6 +42,22 @@ def test_fit_moves_weights_and_records_levers(tiny_bert, data):
     assert result.levers["fused_optimizer"] is True and result.levers["torch_compile"] is False and result.levers["dropout"] == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("bf16", ["off", "on"])
+def test_new_head_trains_at_its_own_learning_rate(tiny_bert, data, bf16):
+    tok, _, ids, y = data
+    assert models.load_classifier_and_head(tiny_bert, ["neg", "pos"], from_scratch=True)[1] == frozenset()
+    torch.manual_seed(0)
+    model, head = models.load_classifier_and_head(tiny_bert, ["neg", "pos"])
+    assert head == {"classifier.weight", "classifier.bias"}
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = TrainConfig(epochs=1, batch_size=16, bf16=bf16)
+    result = train.fit(model, tok, (ids[:64], y[:64]), (ids[64:], y[64:]), cfg, learning_rate=1e-3, n_classes=2, seed=0, bf16=bf16 == "on",
+                       head=head, head_learning_rate=1e-9)
+    moved = {n: (p.detach() - start[n]).abs().max().item() for n, p in result.model.named_parameters()}
+    assert moved["classifier.weight"] < 1e-6 and moved["classifier.bias"] < 1e-6
+    assert moved["bert.encoder.layer.0.attention.self.query.weight"] > 1e-4 and moved["bert.pooler.dense.weight"] > 1e-4
+
+
 def test_bf16_on_runs(tiny_bert, data):
     _, result = _fit(tiny_bert, data, bf16="on")
     assert result.levers["bf16"] is True

@@ -387,12 +387,16 @@ def audit(
         )
     rewritten = [ex for name in SPLIT_NAMES for ex in by_split[name] if ex.raw_label is not None]
     labels_normalised = {"count": len(rewritten), "examples": [{"at": _where(ex), "as_written": ex.raw_label, "used": ex.label} for ex in rewritten[:MAX_EXAMPLES]]}
-    if rewritten:
-        forms = Counter((ex.raw_label, ex.label) for ex in rewritten)
-        shown = ", ".join(f"{raw!r} -> {used!r} ({n})" for (raw, used), n in forms.most_common(5)) + (f" and {len(forms) - 5} more forms" if len(forms) > 5 else "")
+    written: dict[str, Counter] = {}  # label used -> how often each written form gave it
+    for name in SPLIT_NAMES:
+        for ex in by_split[name]:
+            written.setdefault(ex.label, Counter())[ex.raw_label if ex.raw_label is not None else ex.label] += 1
+    merged = {label: forms for label, forms in written.items() if len(forms) > 1}
+    if merged:  # a file that writes every label as ' pos' or '1.0' merges nothing: no warning
+        shown = "; ".join(f"{label!r} from " + ", ".join(f"{form!r} ({n})" for form, n in forms.most_common()) for label, forms in list(merged.items())[:5])
         warnings.append(
-            f"{len(rewritten)} label value(s) were normalised while loading (spaces around a label removed, numbers like '1.0' written as '1') "
-            f"and so count as the same class as the clean form: {shown}. If a spaced form meant a different class, rename it in the data."
+            f"Labels written in more than one form were merged into one class while loading (spaces around a label removed, numbers like "
+            f"'1.0' read as '1'): {shown}{' ...' if len(merged) > 5 else ''}. If a form meant a different class, rename it in the data."
         )
     small = [(label, n) for label, n in train_counts.items() if n < 10]
     if small:
@@ -500,9 +504,10 @@ def vocabulary_coverage(texts: list[str], ids: list[list[int]], unk_id: int | No
     warnings: list[str] = []
     fix = "pass --model with a local Hugging Face folder of an encoder whose vocabulary covers the language (a multilingual one)"
     if n_tokens and (n_unk / n_tokens > UNK_WARN_SHARE or mostly):
+        example = f" (e.g. {block['examples_mostly_unk'][0]!r})" if mostly else ""
         warnings.append(
             f"The base model's vocabulary does not cover these texts: {n_unk / n_tokens:.1%} of their tokens are [UNK] and "
-            f"{len(mostly)} of {len(content)} texts are at least {MOSTLY_UNK:.0%} [UNK] (e.g. {block['examples_mostly_unk'][0] if mostly else '-'!r}); "
+            f"{len(mostly)} of {len(content)} texts are at least {MOSTLY_UNK:.0%} [UNK]{example}; "
             f"the model cannot tell apart what it cannot read, so every rung is capped by this; {fix}."
         )
     if tokens_per_word is not None and tokens_per_word > TOKENS_PER_WORD_WARN:

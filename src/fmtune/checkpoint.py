@@ -128,20 +128,28 @@ def optimizer_tensors(optimizer, model) -> tuple[dict, dict]:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
                 tensors[f"{names[id(p)]}::{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "n_params": len(g["params"])} for g in optimizer.param_groups]
     return (gather(tensors) if sharded(model) else tensors), {"param_groups": groups}
 
 
 def load_optimizer(optimizer, model, tensors: dict, meta: dict) -> None:
     from fmtune.distributed import sharded
 
+    from fmtune.errors import FmtuneError
+
+    layout, saved_layout = [len(g["params"]) for g in optimizer.param_groups], [g.get("n_params") for g in meta["param_groups"]]
+    if len(layout) != len(saved_layout) or any(n is not None and n != m for n, m in zip(saved_layout, layout)):
+        raise FmtuneError(
+            f"the checkpoint's optimizer has parameter groups of {saved_layout} parameters, this run's {layout} (it was written by "
+            f"another fmtune version or with other learning-rate settings); start again without --resume, with --overwrite."
+        )
     params = dict(model.named_parameters())
     for flat, value in tensors.items():
         name, key = flat.split("::", 1)
         p = params[name]
         optimizer.state[p][key] = _shard_like(value, p) if sharded(model) else value.clone()
     for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
-        group.update({k: v for k, v in saved.items() if k in group})
+        group.update({k: v for k, v in saved.items() if k in group and k != "n_params"})
 
 
 def save(folder: Path, model, optimizer, state: TrainState, best: dict | None, keep: int = 1) -> Path | None:

@@ -180,10 +180,12 @@ def _inputs(given: list[str], file: Path | None, flag: str) -> list[str]:
         raise FmtuneError(f"{flag} number {empty[0]} is empty; every text needs at least one non-space character (the model would answer from no input at all).")
     if file is None:
         return given
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
+    try:  # lines end at \n only (str.splitlines also breaks at form feeds and U+2028); a BOM is dropped
+        lines = [line.removesuffix("\r") for line in file.read_text(encoding="utf-8-sig").split("\n")]
     except (OSError, UnicodeDecodeError) as exc:
         raise FmtuneError(f"--file {file}: cannot read it as UTF-8 text ({exc}); re-save it as UTF-8 with one text per line.") from None
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
     blank = [n for n, line in enumerate(lines, start=1) if not line.strip()]
     if blank:
         shown = ", ".join(map(str, blank[:10])) + (f" and {len(blank) - 10} more" if len(blank) > 10 else "")
@@ -213,7 +215,7 @@ def predict(
     if prompt or task == "generation":
         from fmtune.causal_lm import GenerationPredictor
 
-        prompts = _inputs(list(prompt or []) + list(text or []), file, "--prompt")
+        prompts = _inputs(list(prompt or []) + list(text or []), file, "--prompt" if prompt else "--text")
         if not prompts:
             raise FmtuneError("nothing to generate: pass --prompt \"...\" (repeatable) or --file FILE with one prompt per line.")
         answers = GenerationPredictor.from_run(run_dir).generate(prompts, max_new_tokens=max_new_tokens)

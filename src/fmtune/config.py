@@ -46,9 +46,12 @@ class DataConfig(_Group):
         import codecs
 
         try:
-            return codecs.lookup(value).name
+            codec = codecs.lookup(value)
         except LookupError:
-            raise ValueError(f"unknown text encoding {value!r}; use a Python codec name such as utf-8, cp1252, latin-1, utf-16, shift_jis or gb18030") from None
+            codec = None
+        if codec is None or not getattr(codec, "_is_text_encoding", True):  # rot13, hex, base64: codecs, not text encodings
+            raise ValueError(f"unknown text encoding {value!r}; use a Python codec name such as utf-8, cp1252, latin-1, utf-16, shift_jis or gb18030")
+        return codec.name
 
 
 class ModelConfig(_Group):
@@ -64,6 +67,7 @@ class TrainConfig(_Group):
     batch_size: int = Field(32, ge=1, description="Training batch size.")
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate for fine-tuning (LoRA uses 10x this unless --lora-learning-rate is set).")
     lora_learning_rate: float | None = Field(None, gt=0, description="Peak learning rate for LoRA (default: 10x --learning-rate).")
+    head_learning_rate: float | None = Field(None, gt=0, description="Full fine-tuning: peak learning rate for the parameters the base model does not have (the new classifier head); default: 30x --learning-rate, because a randomly initialised head at the encoder's rate learns too slowly, above all with many classes (benchmarks/head_lr_sets.py).")
     scratch_learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate for the from_scratch rung (random init trains best with a higher rate).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of steps spent warming up the learning rate.")

@@ -216,7 +216,7 @@ def _decode(source: str, content: bytes, problems: list[str], encoding: str = "u
         return None
     name = "UTF-8" if encoding == "utf-8" else encoding
     try:
-        text = content.decode("utf-8-sig" if encoding == "utf-8" else encoding)
+        text = content.decode("utf-8-sig" if encoding == "utf-8" else encoding).removeprefix("\ufeff")  # utf-16-le/-be keep their BOM
     except UnicodeDecodeError as whole:
         if utf16:  # lines cannot be split on b"\n" in UTF-16/32: name the byte offset
             problems.append(f"{source}: byte offset {whole.start} is not valid {name} ({whole.reason}); check --encoding or re-save the file as UTF-8.")
@@ -455,7 +455,8 @@ def _clean(source: str, unit: str, rows: list[int], texts: list[object], labels:
                     what = "text" if col == tcol else "label"
                     problems.append(f"{where}, column '{col}': empty {what} (got {_describe(value, col)}); fill it in or pass --drop-unlabeled.")
             continue
-        changed = raw_label if isinstance(raw_label, str) and raw_label != label else None
+        written = raw_label if isinstance(raw_label, str) else repr(raw_label)  # a JSON 1.0 next to 1 is a second form too
+        changed = written if written != label else None
         examples.append(Example(text=text, label=label, source=source, row=row, raw_label=changed))
     for reason, count in (("empty_text", empty_text), ("empty_label", empty_label)):
         if count:

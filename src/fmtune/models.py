@@ -89,6 +89,12 @@ def load_encoder(path: Path):
 
 def load_classifier(path: Path, labels: list[str], from_scratch: bool = False, dropout: float | None = None):
     """A sequence classifier on the base model; `from_scratch` keeps the architecture, not the weights."""
+    return load_classifier_and_head(path, labels, from_scratch, dropout)[0]
+
+
+def load_classifier_and_head(path: Path, labels: list[str], from_scratch: bool = False, dropout: float | None = None):
+    """(classifier, names of its parameters the checkpoint does not have: the new head). From scratch every parameter
+    is new, and the set is empty: there is no pre-trained body to set the head apart from."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     check_safe_folder(path)
@@ -99,17 +105,18 @@ def load_classifier(path: Path, labels: list[str], from_scratch: bool = False, d
             if hasattr(config, key):
                 setattr(config, key, dropout)
     if from_scratch:
-        return AutoModelForSequenceClassification.from_config(config)
+        return AutoModelForSequenceClassification.from_config(config), frozenset()
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, local_files_only=True, trust_remote_code=False, use_safetensors=True
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, local_files_only=True, trust_remote_code=False, use_safetensors=True, output_loading_info=True
         )
     finally:
         hf_logging.set_verbosity(verbosity)
+    return model, frozenset(info["missing_keys"]) & {name for name, _ in model.named_parameters()}
 
 
 def without_adapter(model):

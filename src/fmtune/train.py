@@ -275,6 +275,8 @@ def fit(
     progress: Callable[[int, dict], None] | None = None,
     checkpoint_dir: Path | None = None,
     world: World | None = None,
+    head: frozenset[str] = frozenset(),
+    head_learning_rate: float | None = None,
 ) -> TrainResult:
     """Train `model` with early stopping on validation macro-F1; returns the best epoch's weights.
 
@@ -326,15 +328,16 @@ def fit(
         undo_fast_dropout, fast_dropout_info = fast_dropout.install(runner)
     # before the optimizer: FSDP swaps in sharded parameters
     forward = mp.compute if mp is not None else wrap(model, world, getattr(cfg, "distributed", "ddp"))
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = []
+    head = head if head_learning_rate is not None else frozenset()  # one rate for all: the two groups that AdamW always had
+    for is_head, lr in ((False, learning_rate), (True, head_learning_rate)):
+        part = [(n, p) for n, p in named if (n in head) == is_head]
+        groups += [{"params": [p for _, p in part if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr": lr},
+                   {"params": [p for _, p in part if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
     fused = device.type in ("cpu", "cuda")
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=learning_rate,
-        fused=fused,
-    )
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, fused=fused)
+    params = [p for _, p in named]
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     weight = torch.as_tensor(class_weight, dtype=torch.float32, device=device) if class_weight is not None else None
     forward = torch.compile(forward, dynamic=True) if compiled else forward
@@ -426,7 +429,7 @@ def fit(
         if not math.isfinite(train_loss):
             from fmtune.errors import FmtuneError
 
-            raise FmtuneError(f"training loss became {train_loss} in epoch {epoch} (between steps {epoch_first_step + 1} and {step}; checked once per epoch to keep the loop free of per-step syncs). Fix: lower --learning-rate (now {learning_rate:g}) or turn bf16 off with --bf16 off.")
+            raise FmtuneError(f"training loss became {train_loss} in epoch {epoch} (between steps {epoch_first_step + 1} and {step}; checked once per epoch to keep the loop free of per-step syncs). Fix: lower --learning-rate (now {learning_rate:g})" + (f" or --head-learning-rate (now {head_learning_rate:g})" if head else "") + " or turn bf16 off with --bf16 off.")
         val_loss, val_pred = evaluate_split(runner, val_ids, val_y, pad_id, eval_batch_size, bf16, class_weight)
         val_f1 = macro_f1(val_y, val_pred, n_classes)
         row = {"epoch": epoch, "step": step, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5), "val_macro_f1": round(val_f1, 5), "seconds": round(time.perf_counter() - start, 2)}

@@ -385,12 +385,14 @@ def audit(
             f"Labels {listed} differ only in case, spacing or punctuation and are trained as separate classes; "
             "if they mean the same class, make them the same label in the data and run again."
         )
-    rewritten = [ex for name in SPLIT_NAMES for ex in by_split[name] if ex.raw_label is not None]
-    labels_normalised = {"count": len(rewritten), "examples": [{"at": _where(ex), "as_written": ex.raw_label, "used": ex.label} for ex in rewritten[:MAX_EXAMPLES]]}
+    rewritten: list[Example] = []  # labels that normalising changed
     written: dict[str, Counter] = {}  # label used -> how often each written form gave it
     for name in SPLIT_NAMES:
         for ex in by_split[name]:
+            if ex.raw_label is not None:
+                rewritten.append(ex)
             written.setdefault(ex.label, Counter())[ex.raw_label if ex.raw_label is not None else ex.label] += 1
+    labels_normalised = {"count": len(rewritten), "examples": [{"at": _where(ex), "as_written": ex.raw_label, "used": ex.label} for ex in rewritten[:MAX_EXAMPLES]]}
     merged = {label: forms for label, forms in written.items() if len(forms) > 1}
     if merged:  # a file that writes every label as ' pos' or '1.0' merges nothing: no warning
         shown = "; ".join(f"{label!r} from " + ", ".join(f"{form!r} ({n})" for form, n in forms.most_common()) for label, forms in list(merged.items())[:5])

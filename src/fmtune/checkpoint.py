@@ -134,7 +134,6 @@ def optimizer_tensors(optimizer, model) -> tuple[dict, dict]:
 
 def load_optimizer(optimizer, model, tensors: dict, meta: dict) -> None:
     from fmtune.distributed import sharded
-
     from fmtune.errors import FmtuneError
 
     layout, saved_layout = [len(g["params"]) for g in optimizer.param_groups], [g.get("n_params") for g in meta["param_groups"]]

@@ -352,6 +352,7 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
         lora = cfg.train.method == "lora"  # auto = full fine-tuning for an encoder
         ft_lr = (cfg.train.lora_learning_rate or cfg.train.learning_rate * 10) if lora else cfg.train.learning_rate
 
+        # LoRA trains the head at the LoRA rate: no head rate, so fit keeps one rate (from_scratch has no head: every parameter is new)
         head_lr = None if lora else cfg.train.head_learning_rate or cfg.train.learning_rate * HEAD_LR_FACTOR
 
         def train_rung(label: str, key: str, subset: np.ndarray | None, from_scratch: bool, lr: float, use_lora: bool):
@@ -388,7 +389,7 @@ def run(cfg: RunConfig, command: str = "fmtune run") -> Path:
                 train_cfg = cfg.train.model_copy(update={"patience": cfg.train.patience + SCRATCH_EXTRA_PATIENCE, "warmup_ratio": max(cfg.train.warmup_ratio, SCRATCH_WARMUP)}) if from_scratch else cfg.train
                 result = train.fit(model, tokenizer, tr, (ids["validation"], y["validation"]), train_cfg, learning_rate=lr, n_classes=len(labels),
                                    seed=seed, bf16=bf16, lora=use_lora, class_weight=class_weight, eval_batch_size=cfg.eval.eval_batch_size, progress=progress,
-                                   checkpoint_dir=ckpt, world=world, head=frozenset() if use_lora else head, head_learning_rate=head_lr)
+                                   checkpoint_dir=ckpt, world=world, head=head, head_learning_rate=head_lr)
             if world.main:
                 if result.adapter is not None:
                     from safetensors.torch import save_file

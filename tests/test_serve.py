@@ -425,3 +425,187 @@ def test_openapi_conformance_with_schemathesis(predictor):
 
             check()
     assert {200, 401, 404, 422} <= set(statuses), statuses
+
+
+# --- hygiene from the security review ------------------------------------------------------------------------------
+
+class SecretiveStub(StubPredictor):
+    """A run whose name, labels, base model and folder are distinctive strings that a public page must not show."""
+
+    labels = ["label-alpha-7f3", "label-beta-9c1"]
+    run_dir = Path("/srv/private/runs/run-name-5d2e")
+    report = {"run": {"name": "run-name-5d2e"}, "task": {"type": "classification"}, "base_model": {"name": "base-model-8a4b"}}
+
+    def predict(self, texts, batch_size=64):
+        return [{"label": "label-alpha-7f3", "probabilities": {"label-alpha-7f3": 1.0, "label-beta-9c1": 0.0}} for _ in texts]
+
+
+class EchoGenerator:
+    run_dir = Path("runs/gen")
+    report = {"run": {"name": "gen"}, "task": {"type": "generation"}}
+
+    def generate(self, prompts, max_new_tokens=64):
+        return [f"{p} -> {max_new_tokens}" for p in prompts]
+
+
+@pytest.mark.parametrize("url, headers", [
+    (f"/v1/predict?api_key={KEY}", AUTH),  # even with the right header too: the key has been put in a URL
+    (f"/v1/predict?api_key={KEY}", {}),
+    (f"/v1/predict?token={KEY}&x=1", AUTH),
+    (f"/v1/predict?k={KEY}", {}),  # any parameter holding a key
+])
+def test_a_key_in_the_query_string_is_refused_and_never_logged(client, caplog, url, headers):
+    caplog.set_level(logging.DEBUG)
+    r = client.post(url, json={"texts": ["good"]}, headers=headers)
+    assert r.status_code == 401, r.text
+    assert r.headers["www-authenticate"] == "Bearer"
+    detail = r.json()["detail"]
+    assert "query string" in detail and "Authorization: Bearer KEY" in detail
+    assert KEY not in r.text
+    server_log = "\n".join(rec.getMessage() for rec in caplog.records if not rec.name.startswith(("httpx", "httpcore")))
+    assert "refused POST /v1/predict" in server_log  # (the test's HTTP client logs its own URL, query included)
+    assert KEY not in server_log
+
+
+@pytest.fixture
+def restore_logging():
+    """serve() configures logging (uvicorn's config): put the loggers back as they were for the other tests."""
+    names = ["uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi", "fmtune", "fmtune.serve"]
+    saved = {n: (lg.handlers[:], lg.filters[:], lg.level, lg.propagate, lg.disabled) for n in names for lg in [logging.getLogger(n)]}
+    yield
+    for n, (handlers, filters, level, propagate, disabled) in saved.items():
+        lg = logging.getLogger(n)
+        lg.handlers[:], lg.filters[:], lg.level, lg.propagate, lg.disabled = handlers, filters, level, propagate, disabled
+
+
+def test_fmtune_serve_never_writes_a_query_string_to_its_logs(tiny_run, monkeypatch, capfd, restore_logging):
+    """The real `fmtune serve` path (serve() -> uvicorn with serve's logging config) over real HTTP: uvicorn's access
+    log shows each request's path but never its query string, so a key sent as ?api_key= is not written anywhere."""
+    import socket
+
+    import httpx
+    import uvicorn
+    from uvicorn.logging import AccessFormatter
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    access_lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            access_lines.append(self.format(record))
+
+    servers: list = []
+
+    def run_in_test(app, **kwargs):  # what uvicorn.run does, keeping the server so the test can stop it
+        server = uvicorn.Server(uvicorn.Config(app, **kwargs))
+        handler = Collect()
+        handler.setFormatter(AccessFormatter('%(client_addr)s - "%(request_line)s" %(status_code)s', use_colors=False))
+        logging.getLogger("uvicorn.access").addHandler(handler)  # after uvicorn.Config applied serve's log_config
+        servers.append(server)
+        server.run()
+
+    monkeypatch.setattr(uvicorn, "run", run_in_test)
+    thread = threading.Thread(target=serve, args=(tiny_run, ServeConfig(api_keys=[KEY], port=port)), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not (servers and servers[0].started) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert servers and servers[0].started, "fmtune serve did not start"
+    try:
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, timeout=30) as http:
+            r = http.post(f"/v1/predict?api_key={KEY}", json={"texts": ["good"]}, headers=AUTH)
+            assert r.status_code == 401 and "Authorization: Bearer KEY" in r.json()["detail"]
+            assert http.get("/healthz?probe=query-value-31f7").status_code == 200  # any query: not logged
+            assert http.post("/v1/predict", json={"texts": ["good"]}, headers=AUTH).status_code == 200
+    finally:
+        servers[0].should_exit = True
+        thread.join(30)
+    assert not thread.is_alive()
+    out, err = capfd.readouterr()
+    logged = "\n".join(access_lines) + out + err
+    assert any('"POST /v1/predict HTTP/1.1" 401' in line for line in access_lines), access_lines  # requests were logged...
+    assert any('"GET /healthz HTTP/1.1" 200' in line for line in access_lines), access_lines
+    assert KEY not in logged and "query-value-31f7" not in logged and "?" not in "".join(access_lines)  # ...without their query
+
+
+@pytest.mark.parametrize("body", [b'{"texts": ["ok private words \\ud83d"]}', b'{"texts": ["\\udc00 private words"]}',
+                                  b'{"texts": "private words \\ud83d"}', b'{"texts": ["good"], "private words \\ud83d": 1}'])
+def test_a_lone_surrogate_is_422_without_echo_or_traceback(body, caplog):
+    caplog.set_level(logging.DEBUG)
+    with TestClient(create_app(StubPredictor(), ServeConfig(api_keys=[KEY])), raise_server_exceptions=False) as c:
+        r = c.post("/v1/predict", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert "private words" not in r.text and "input" not in r.json()["detail"][0]
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR or rec.exc_info]
+
+
+def test_a_lone_surrogate_in_a_text_is_named(client):
+    r = client.post("/v1/predict", content=b'{"texts": ["good", "ok \\ud83d"]}', headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["msg"].startswith("texts[1] is not valid Unicode text: it holds a lone surrogate")
+
+
+@pytest.mark.parametrize("blank", [" ", "   \t\n", "\u00a0\u3000"])
+def test_a_whitespace_only_text_is_422_naming_the_item(client, blank):
+    r = client.post("/v1/predict", json={"texts": ["good", blank]}, headers=AUTH)
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["msg"] == "texts[1] is blank (only whitespace); every text needs at least one non-space character"
+    assert client.post("/v1/predict", json={"texts": [" good "]}, headers=AUTH).status_code == 200
+
+
+def test_generation_prompts_get_the_same_checks():
+    with TestClient(create_app(EchoGenerator(), ServeConfig(api_keys=[KEY])), raise_server_exceptions=False) as c:
+        r = c.post("/v1/generate", json={"prompts": ["a", "  "]}, headers=AUTH)
+        assert r.status_code == 422
+        assert r.json()["detail"][0]["msg"] == "prompts[1] is blank (only whitespace); every text needs at least one non-space character"
+        r = c.post("/v1/generate", content=b'{"prompts": ["private words \\ud83d"]}', headers={**AUTH, "Content-Type": "application/json"})
+        assert r.status_code == 422 and "private words" not in r.text
+        assert r.json()["detail"][0]["msg"].startswith("prompts[0] is not valid Unicode text")
+        assert c.post(f"/v1/generate?api_key={KEY}", json={"prompts": ["a"]}, headers=AUTH).status_code == 401
+        assert c.post("/v1/generate", content=b"not json", headers={"Content-Type": "application/json"}).status_code == 401
+
+
+@pytest.mark.parametrize("body, content_type", [
+    (b"not json", "application/json"), (b'{"texts": [', "application/json"), (b'{"texts": ["ok \\ud83d"]}', "application/json"),
+    (b"\xff\xfe\x00", "application/json"), (b"texts=good", "application/x-www-form-urlencoded"), (b"x" * 2000, "application/json"),
+])
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-key-0123456789abcdef"}])
+@pytest.mark.parametrize("path", ["/v1/predict", "/v1/generate"])
+def test_without_a_valid_key_any_body_is_401(predictor, body, content_type, headers, path):
+    """Authentication comes before the body is read: no key, no parsing (and no 413/422 telling what the body lacks)."""
+    with TestClient(create_app(predictor, ServeConfig(api_keys=[KEY], max_body_bytes=1000)), raise_server_exceptions=False) as c:
+        r = c.post(path, content=body, headers={**headers, "Content-Type": content_type})
+    assert r.status_code == 401, r.text
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+def test_public_pages_reveal_nothing_about_the_run():
+    """/openapi.json and /docs need no key, so they say nothing of the run: /v1/model (with a key) does."""
+    stub = SecretiveStub()
+    with TestClient(create_app(stub, ServeConfig(api_keys=[KEY]))) as c:
+        public = {path: c.get(path) for path in ("/openapi.json", "/docs", "/healthz")}
+        assert c.get("/v1/model").status_code == 401
+        assert c.get("/v1/model", headers=AUTH).json()["labels"] == stub.labels
+        assert c.post("/v1/predict", json={"texts": ["x"]}, headers=AUTH).json()["predictions"][0]["label"] == "label-alpha-7f3"
+    for path, r in public.items():
+        assert r.status_code == 200, path
+        for secret in ("run-name-5d2e", "label-alpha-7f3", "label-beta-9c1", "base-model-8a4b", "/srv/private"):
+            assert secret not in r.text, (path, secret)
+
+
+def test_no_served_page_loads_anything_from_another_host(predictor):
+    """Every GET page (docs included) works offline: no scripts, styles or links to an external http(s) host."""
+    import re
+
+    app = create_app(predictor, ServeConfig(api_keys=[KEY]))
+    pages = [route.path for route in app.routes if "GET" in getattr(route, "methods", ()) and "{" not in route.path]
+    assert "/docs" in pages and "/openapi.json" in pages
+    with TestClient(app) as c:
+        for path in pages:
+            r = c.get(path, headers=AUTH)
+            assert r.status_code == 200, path
+            assert not re.search(r"(https?:)?//[a-z0-9.-]+", r.text, re.IGNORECASE), (path, re.findall(r"(?:https?:)?//[^\s\"'<>]+", r.text))
+        assert "/openapi.json" in c.get("/docs").text  # the docs page points to the full description

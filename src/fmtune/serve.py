@@ -3,11 +3,12 @@
 POST /v1/predict   {"texts": [...]}                        -> {"predictions": [{"label", "probabilities"}], "model"}
 POST /v1/generate  {"prompts": [...], "max_new_tokens": n} -> {"completions": [...], "model"}  (generation runs)
 GET  /v1/model     what is being served: base model, run, task, labels, data hash, ladder metrics
-GET  /healthz      liveness, no auth;  /docs and /openapi.json: the API description, no auth
+GET  /healthz      liveness, no auth;  /docs and /openapi.json: the API description, no auth, nothing about the run
 
-Every /v1 call needs `Authorization: Bearer KEY`. Keys come from FMTUNE_API_KEYS and/or a key file and are never
-logged. Request bodies, texts per request, text length and the waiting queue are all bounded, so an overloaded
-server answers 413/422/503 instead of growing a backlog.
+Every other path needs `Authorization: Bearer KEY`, checked before the body is read. Keys come from FMTUNE_API_KEYS
+and/or a key file and are never logged; a key in the query string is refused, and query strings are never logged.
+Request bodies, texts per request, text length and the waiting queue are all bounded, so an overloaded server answers
+413/422/503 instead of growing a backlog. /docs is a plain page served from here (no CDN), so it works offline.
 """
 
 import asyncio
@@ -31,6 +32,9 @@ API_KEYS_ENV = "FMTUNE_API_KEYS"
 MIN_KEY_CHARS = 16
 KEY_HINT = "generate one with `python -c \"import secrets; print(secrets.token_urlsafe(32))\"`"
 RETRY_AFTER_SECONDS = 1
+PUBLIC_PATHS = frozenset({"/healthz", "/docs", "/openapi.json"})  # served without a key; they say nothing about the run
+# query parameters that look like credentials: refused wherever they appear, whatever their value
+QUERY_KEY_NAMES = frozenset({"api_key", "apikey", "api-key", "key", "token", "access_token", "auth", "authorization", "bearer"})
 
 
 def _help(text: str) -> dict:
@@ -253,23 +257,24 @@ def create_app(predictor: Any, cfg: ServeConfig) -> "fastapi.FastAPI":
     """The API for `predictor` (a fmtune.predict.Predictor, or anything with .predict / .generate and .report)."""
     from typing import Annotated, Literal
 
-    from fastapi import Depends, FastAPI, HTTPException, Request
+    from fastapi import FastAPI, HTTPException, Request, Security
     from fastapi.encoders import jsonable_encoder
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-    from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi.security import HTTPBearer
+    from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
     check_config(cfg)
     can_classify = callable(getattr(predictor, "predict", None))
     can_generate = callable(getattr(predictor, "generate", None))
     name = run_name(predictor)
     info = model_info(predictor)
-    keys = [k.encode() for k in cfg.api_keys]
 
-    Text = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_text_chars)]
+    # pattern: at least one non-space character (the CLI refuses blank texts too); documented in /openapi.json
+    Text = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_text_chars, pattern=r"\S")]
     labels = tuple(info["labels"])
-    Label = Literal[labels] if labels else str  # type: ignore[valid-type]
+    # answers are checked against the run's labels, but the public /openapi.json shows a plain string (labels need a key)
+    Label = Annotated[Literal[labels], WithJsonSchema({"type": "string"})] if labels else str  # type: ignore[valid-type]
 
     class PredictRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -336,33 +341,29 @@ def create_app(predictor: Any, cfg: ServeConfig) -> "fastapi.FastAPI":
     app = FastAPI(
         title="fmtune serve",
         version="1",
-        description=f"Predictions from the fmtune run `{name}`. Send `Authorization: Bearer KEY` on every /v1 call.",
+        # public (no key): nothing here names the run, its labels or its files; GET /v1/model tells that, with a key
+        description="Predictions from a fine-tuned fmtune run. Send `Authorization: Bearer KEY` on every /v1 call "
+                    "(never a key in the URL); GET /v1/model says which run and labels are served.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's Swagger UI and ReDoc load from a CDN (blank offline): /docs below is self-contained
+        redoc_url=None,
     )
     app.state.runner = runner
     app.state.config = cfg
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    app.add_middleware(KeyGate, keys=[] if cfg.no_auth else cfg.api_keys)  # added last = runs first: before BodyLimit
 
+    # Declares the scheme in /openapi.json; KeyGate has already checked the key before the request got here.
     bearer = HTTPBearer(auto_error=False, description="An API key from FMTUNE_API_KEYS or --api-key-file.")
-
-    async def require_key(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        sent = credentials.credentials.encode("utf-8", "replace") if credentials else b""
-        ok = False
-        for key in keys:  # compare with every key, constant time, no early exit
-            ok |= hmac.compare_digest(sent, key)
-        if not ok:
-            why = "a wrong bearer key" if credentials else "no bearer key"
-            log.warning("rejected %s %s from %s: %s", request.method, request.url.path, request.client.host if request.client else "?", why)
-            raise HTTPException(
-                401, f"{why}: send the header `Authorization: Bearer KEY` with a key from the server's {API_KEYS_ENV} or key file",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
-    auth = [] if cfg.no_auth else [Depends(require_key)]
+    auth = [] if cfg.no_auth else [Security(bearer)]
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": jsonable_encoder([_explain(e, cfg) for e in exc.errors()])})
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(docs_page(app.openapi()))
 
     async def answer(runner: MicroBatcher | Serial, items: list[str], **kwargs: Any) -> list[Any]:
         """The runner's results, or the HTTP error a client can act on."""
@@ -405,8 +406,10 @@ def create_app(predictor: Any, cfg: ServeConfig) -> "fastapi.FastAPI":
 
 
 def _explain(error: dict, cfg: ServeConfig) -> dict:
-    """Pydantic's validation error, reworded to name the server limit that was hit; long inputs are not echoed."""
-    loc, kind = tuple(error.get("loc", ())), error.get("type")
+    """Pydantic's validation error, reworded to name the server limit that was hit. The client's input is never echoed
+    (it may be long, private, or not even encodable: a lone surrogate), and a key name in `loc` is made printable."""
+    loc = tuple(p.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(p, str) else p for p in error.get("loc", ()))
+    kind = error.get("type")
     field_name = loc[1] if len(loc) > 1 else ""
     msg = None
     if len(loc) == 2 and kind == "too_long":
@@ -419,9 +422,86 @@ def _explain(error: dict, cfg: ServeConfig) -> dict:
                "(max_text_chars); shorten or split it")
     elif len(loc) == 3 and kind == "string_too_short":
         msg = f"{field_name}[{loc[2]}] is empty; every text needs at least one character"
+    elif len(loc) == 3 and kind == "string_pattern_mismatch":
+        msg = f"{field_name}[{loc[2]}] is blank (only whitespace); every text needs at least one non-space character"
+    elif kind == "string_unicode":
+        where = f"{field_name}[{loc[2]}]" if len(loc) == 3 else "a key or value of the body"
+        msg = (f"{where} is not valid Unicode text: it holds a lone surrogate (half of a UTF-16 pair, e.g. an emoji cut "
+               "in two, sent as a \\udXXX escape); send whole characters")
     if msg is None:
-        return error
+        return {**{k: v for k, v in error.items() if k not in ("input", "url")}, "loc": list(loc)}
     return {"loc": list(loc), "msg": msg, "type": kind}
+
+
+def docs_page(spec: dict) -> str:
+    """/docs: the endpoints and a link to /openapi.json, in one self-contained page (nothing from another host)."""
+    from html import escape
+
+    rows = "".join(
+        f"<tr><td>{escape(method.upper())}</td><td><code>{escape(path)}</code></td><td>{escape(op.get('summary', ''))}</td>"
+        f"<td>{'bearer key' if op.get('security') else 'none'}</td></tr>"
+        for path, operations in spec.get("paths", {}).items() for method, op in operations.items()
+    )
+    info = spec.get("info", {})
+    return (
+        f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{escape(info.get('title', ''))}</title></head><body>"
+        f"<h1>{escape(info.get('title', ''))}</h1><p>{escape(info.get('description', ''))}</p>"
+        f"<table><tr><th>method</th><th>path</th><th>what</th><th>auth</th></tr>{rows}</table>"
+        "<p>Request and response schemas, limits and error codes: <a href=\"/openapi.json\">/openapi.json</a> "
+        "(OpenAPI 3, for any OpenAPI viewer or client generator).</p></body></html>"
+    )
+
+
+class KeyGate:
+    """ASGI middleware, outermost: refuses a key in the query string anywhere, then checks `Authorization: Bearer KEY`
+    on every path but PUBLIC_PATHS, before a byte of the body is read (no valid key: 401, whatever the body holds).
+    `keys` empty (--no-auth): only the query-string check."""
+
+    def __init__(self, app, keys: list[str]):
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        client = scope["client"][0] if scope.get("client") else "?"
+        in_query = self._key_in_query(scope.get("query_string", b""))
+        if in_query:
+            # logs the path only: the query (and the key in it) is never logged
+            log.warning("refused %s %s from %s: an API key in the query string (%s)", scope["method"], scope["path"], client, in_query)
+            return await _json_reply(send, 401, (
+                f"an API key in the query string ({in_query}) is refused: URLs end up in logs, proxies and browser history. "
+                "Send the header `Authorization: Bearer KEY` instead, and replace a key that has been sent in a URL"
+            ), ((b"www-authenticate", b"Bearer"),))
+        if not self.keys or scope["path"] in PUBLIC_PATHS:
+            return await self.app(scope, receive, send)
+        header = next((value for name, value in scope.get("headers") or [] if name == b"authorization"), b"")
+        scheme, _, sent = header.partition(b" ")
+        is_bearer = scheme.lower() == b"bearer" and bool(sent)
+        ok = False
+        for key in self.keys:  # compare with every key, constant time, no early exit
+            ok |= hmac.compare_digest(sent if is_bearer else b"", key)
+        if not ok:
+            why = "a wrong bearer key" if is_bearer else "no bearer key"
+            log.warning("rejected %s %s from %s: %s", scope["method"], scope["path"], client, why)
+            return await _json_reply(send, 401, (
+                f"{why}: send the header `Authorization: Bearer KEY` with a key from the server's {API_KEYS_ENV} or key file"
+            ), ((b"www-authenticate", b"Bearer"),))
+        await self.app(scope, receive, send)
+
+    def _key_in_query(self, query_string: bytes) -> str:
+        """Which query parameter carries a key ('' if none): a credential-like name, or any value equal to a key."""
+        from urllib.parse import parse_qsl
+
+        for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+            if name.lower() in QUERY_KEY_NAMES:
+                return f"parameter '{name.lower()}'"
+            hit = False
+            for key in self.keys:
+                hit |= hmac.compare_digest(value.encode("utf-8", "replace"), key)
+            if hit:
+                return "a parameter whose value is a key"
+        return ""
 
 
 class BodyLimit:
@@ -438,9 +518,9 @@ class BodyLimit:
         declared = headers.get(b"content-length")
         if declared is not None:
             if not declared.strip().isdigit():
-                return await self._reply(send, 400, "Content-Length is not a number")
+                return await _json_reply(send, 400, "Content-Length is not a number")
             if int(declared) > self.max_bytes:
-                return await self._reply(send, 413, self._too_big(int(declared)))
+                return await _json_reply(send, 413, self._too_big(int(declared)))
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -449,7 +529,7 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                return await self._reply(send, 413, self._too_big(size, at_least=True))
+                return await _json_reply(send, 413, self._too_big(size, at_least=True))
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
@@ -467,14 +547,26 @@ class BodyLimit:
         return (f"request body of {'more than ' if at_least else ''}{size} bytes is over the limit of {self.max_bytes} bytes "
                 "(max_body_bytes); send fewer or shorter texts per request")
 
-    @staticmethod
-    async def _reply(send, status: int, detail: str) -> None:
-        import json
 
-        body = json.dumps({"detail": detail}).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+async def _json_reply(send, status: int, detail: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """Answer {"detail": ...} straight from a middleware; the connection closes (the body may not have been read)."""
+    import json
+
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class NoQueryString(logging.Filter):
+    """Cuts the query string off the paths in uvicorn's access log lines (its args are client, method, path?query,
+    HTTP version, status), so that nothing a client puts in a URL (say ?api_key=...) is ever written to the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(arg.split("?", 1)[0] if isinstance(arg, str) else arg for arg in record.args)
+        return True
 
 
 def serve(run_dir: Path, cfg: ServeConfig) -> None:
@@ -495,10 +587,13 @@ def serve(run_dir: Path, cfg: ServeConfig) -> None:
     app = create_app(predictor, cfg)
     log_config = copy.deepcopy(LOGGING_CONFIG)
     log_config["loggers"]["fmtune"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    log_config.setdefault("filters", {})["no_query_string"] = {"()": NoQueryString}
+    log_config["loggers"]["uvicorn.access"]["filters"] = ["no_query_string"]  # on the logger: every handler gets it
     logging.config.dictConfig(log_config)
     auth = "no authentication (--no-auth)" if cfg.no_auth else f"bearer keys ({len(cfg.api_keys)} configured)"
     log.info("serving run %s (%s) on http://%s:%d, docs at /docs, %s", run_name(predictor), model_info(predictor)["task"], cfg.host, cfg.port, auth)
     if cfg.no_auth and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("--no-auth on %s: anyone who can reach this address can use the model", cfg.host)
-    # Uvicorn's access log records method, path and status only: never headers, so never keys.
+    # Uvicorn's access log records method, path (without its query string: NoQueryString) and status; never headers,
+    # so never keys.
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_config=log_config, log_level="info", server_header=False)

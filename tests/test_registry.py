@@ -6,6 +6,7 @@ import copy
 import json
 import multiprocessing
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,11 @@ from fmtune.registry import (
 
 EXAMPLE = json.loads((Path(__file__).parent / "fixtures" / "report_example.json").read_text())
 WIDE = {"COLUMNS": "220"}  # keep rich tables from wrapping names in the captured output
+
+
+@pytest.fixture(autouse=True)
+def _no_manifest_key(monkeypatch):
+    monkeypatch.delenv("FMTUNE_MANIFEST_KEY", raising=False)  # a developer's own key must not change what verify says
 
 
 def _report(name: str, fine_tuned: float = 0.79, sha: str = "3f2a9c0d5e...") -> dict:
@@ -188,7 +194,7 @@ def two_runs(tmp_path) -> Path:
 
 
 def test_cli_list_with_registry_flag(two_runs):
-    result = CliRunner().invoke(runs_app, ["list", "--registry", str(two_runs)], env=WIDE)
+    result = CliRunner().invoke(runs_app, ["list", "--registry", str(two_runs), "--format", "table"], env=WIDE)
     assert result.exit_code == 0, result.output
     for text in ("baseline-run", "lora-run", "half-done", "running", "complete", "classification", "minilm",
                  "fine_tuned", "0.790", "0.830", "0.610", "fine-tune (+0.150)", "fine-tune (+0.190)",
@@ -251,3 +257,205 @@ def test_verify_command_reports_success_and_each_problem(tmp_path):
     assert "model/config.json: sha256 differs from the manifest" in bad.output
     assert "model/[new].txt: not in the manifest" in bad.output
     assert "2 problem(s)" in bad.output
+
+
+# ---------------------------------------------------------------- keyed by folder, not by name (trust review)
+
+_V1_SCHEMA = """
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+CREATE TABLE runs (
+    name TEXT PRIMARY KEY, run_dir TEXT NOT NULL, status TEXT NOT NULL, task_type TEXT, base_model TEXT, primary_metric TEXT,
+    rung_metrics TEXT NOT NULL DEFAULT '{}', recommend INTEGER, gain REAL, data_sha256 TEXT, created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL, fmtune_version TEXT, report TEXT
+);
+INSERT INTO schema_version (version) VALUES (1);
+"""
+
+
+def _v1_registry(db: Path, tmp_path: Path) -> None:
+    """A registry as fmtune 0.1 wrote it: one row per run name (name TEXT PRIMARY KEY)."""
+    with closing(sqlite3.connect(db)) as conn:
+        conn.executescript(_V1_SCHEMA)
+        for name, when in (("exp", "2026-01-02T10:00:00+00:00"), ("old-one", "2026-01-01T09:00:00+00:00")):
+            conn.execute(
+                "INSERT INTO runs (name, run_dir, status, primary_metric, rung_metrics, recommend, gain, created_at, updated_at, "
+                "fmtune_version, report) VALUES (?, ?, 'complete', 'macro_f1', ?, 1, 0.15, ?, ?, '0.1.0', ?)",
+                (name, str(tmp_path / "runs" / "a" / name), json.dumps({"fine_tuned": 0.79}), when, when, json.dumps(_report(name))),
+            )
+        conn.commit()
+
+
+def test_two_runs_with_the_same_name_in_different_folders_are_both_kept(tmp_path):
+    db = tmp_path / "r.sqlite"
+    first, second = tmp_path / "runs" / "a" / "exp", tmp_path / "runs" / "b" / "exp"
+    record_run(first, _report("exp", fine_tuned=0.79), "complete", db=db)
+    record_run(second, _report("exp", fine_tuned=0.83), "complete", db=db)
+
+    runs = list_runs(db)
+    assert sorted(r["run_dir"] for r in runs) == [str(first.resolve()), str(second.resolve())]
+    assert {r["name"] for r in runs} == {"exp"}
+    assert len({r["id"] for r in runs}) == 2
+    by_dir = {r["run_dir"]: r for r in runs}
+    assert by_dir[str(first.resolve())]["rung_metrics"]["fine_tuned"] == 0.79
+    assert by_dir[str(second.resolve())]["rung_metrics"]["fine_tuned"] == 0.83
+
+
+def test_a_run_is_keyed_by_its_final_folder_through_every_status(tmp_path):
+    db = tmp_path / "r.sqlite"
+    final = tmp_path / "runs" / "exp"
+    partial = tmp_path / "runs" / ".exp.partial"
+    record_run(final, {"run": {"name": "exp", "status": "running"}}, "running", db=db, work_dir=partial)
+    [running] = list_runs(db)
+    assert (running["name"], running["run_dir"], running["status"]) == ("exp", str(final.resolve()), "running")
+    assert running["work_dir"] == str(partial.resolve())
+    record_run(final, {"run": {"name": "exp", "status": "interrupted"}}, "interrupted", db=db, work_dir=partial)
+    record_run(final, {"run": {"name": "exp", "status": "running"}}, "running", db=db, work_dir=partial)  # --resume
+    record_run(final, _report("exp"), "complete", db=db)
+    [done] = list_runs(db)
+    assert (done["id"], done["status"], done["work_dir"]) == (running["id"], "complete", None)
+    assert done["created_at"] == running["created_at"]
+
+
+@pytest.mark.parametrize("temporary", [".exp.partial", ".exp.tmp-4242"])
+def test_a_temporary_folder_passed_as_the_run_folder_is_recorded_under_the_final_one(tmp_path, temporary):
+    """An old call site passed the temporary folder; it must not make a row named '..partial' beside the real run."""
+    db = tmp_path / "r.sqlite"
+    record_run(tmp_path / "runs" / temporary, None, "running", db=db)
+    record_run(tmp_path / "runs" / "exp", _report("exp"), "complete", db=db)
+    [run] = list_runs(db)
+    assert (run["name"], run["run_dir"], run["status"]) == ("exp", str((tmp_path / "runs" / "exp").resolve()), "complete")
+
+
+def test_an_old_schema_registry_is_migrated_and_keeps_its_rows(tmp_path):
+    db = tmp_path / "r.sqlite"
+    _v1_registry(db, tmp_path)
+
+    old = {r["name"]: r for r in list_runs(db)}
+    assert set(old) == {"exp", "old-one"}
+    assert old["exp"]["run_dir"] == str(tmp_path / "runs" / "a" / "exp")
+    assert old["exp"]["created_at"] == "2026-01-02T10:00:00+00:00"
+    assert old["exp"]["rung_metrics"] == {"fine_tuned": 0.79} and old["exp"]["recommend"] is True
+    assert get_run("old-one", db)["report"] == _report("old-one")
+    with closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+
+    record_run(tmp_path / "runs" / "b" / "exp", _report("exp", fine_tuned=0.9), "complete", db=db)  # same name, new folder
+    assert sorted(r["run_dir"] for r in list_runs(db) if r["name"] == "exp") == [
+        str(tmp_path / "runs" / "a" / "exp"), str((tmp_path / "runs" / "b" / "exp").resolve()),
+    ]
+    record_run(tmp_path / "runs" / "a" / "exp", _report("exp", fine_tuned=0.5), "complete", db=db)  # the migrated row updates
+    assert len(list_runs(db)) == 3
+
+
+def test_an_ambiguous_name_lists_the_candidates_and_how_to_pick_one(tmp_path, monkeypatch):
+    db = tmp_path / "r.sqlite"
+    first, second = tmp_path / "runs" / "a" / "exp", tmp_path / "runs" / "b" / "exp"
+    record_run(first, _report("exp", fine_tuned=0.79), "complete", db=db)
+    record_run(second, _report("exp", fine_tuned=0.83), "complete", db=db)
+    ids = {r["run_dir"]: r["id"] for r in list_runs(db)}
+    id_a, id_b = ids[str(first.resolve())], ids[str(second.resolve())]
+
+    with pytest.raises(FmtuneError) as err:
+        get_run("exp", db)
+    message = str(err.value)
+    assert "'exp' names 2 runs" in message
+    assert str(first.resolve()) in message and str(second.resolve()) in message
+    assert f"id {id_a}" in message and f"id {id_b}" in message
+    assert "pass the run's id or its folder" in message
+
+    assert get_run(str(second), db)["rung_metrics"]["fine_tuned"] == 0.83  # by path
+    assert get_run(str(id_a), db)["rung_metrics"]["fine_tuned"] == 0.79  # by id
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path / "runs")
+    assert get_run("b/exp", db)["run_dir"] == str(second.resolve())  # a relative path
+    assert get_run("./a/exp", db)["run_dir"] == str(first.resolve())
+
+    cmp = compare_runs(str(id_a), str(second), db)
+    assert cmp["rungs"][3]["delta"] == pytest.approx(0.04)
+    assert cmp["run_dir"] == {"a": str(first.resolve()), "b": str(second.resolve())}
+    assert cmp["id"] == {"a": id_a, "b": id_b}
+
+    shown = CliRunner().invoke(runs_app, ["show", "exp", "--registry", str(db)], env=WIDE)
+    assert isinstance(shown.exception, FmtuneError) and "names 2 runs" in str(shown.exception)
+    ok = CliRunner().invoke(runs_app, ["compare", str(id_a), f"#{id_b}", "--registry", str(db)], env=WIDE)
+    assert ok.exit_code == 0, ok.output
+    assert "+0.040" in ok.output and f"exp #{id_a}" in ok.output and f"exp #{id_b}" in ok.output
+    assert str(first.resolve()) in ok.output.replace("\n", "")
+
+
+# ---------------------------------------------------------------- `runs list` at 100 columns and piped
+
+def _crowded_registry(tmp_path: Path) -> Path:
+    db = tmp_path / "reg.sqlite"
+    record_run(tmp_path / "baseline-run", _report("baseline-run", fine_tuned=0.79), "complete", db=db)
+    long_name = "support-tickets-lora-r16-lr3e-4-seed7"
+    record_run(tmp_path / long_name, _report(long_name, fine_tuned=0.8312), "complete", db=db)
+    record_run(tmp_path / "half-done", None, "running", db=db)
+    no_gain = _report("no-gain", fine_tuned=0.65)
+    no_gain["verdict"]["recommend_fine_tuning"] = False
+    record_run(tmp_path / "no-gain", no_gain, "interrupted", db=db)
+    return db
+
+
+def test_cli_list_fits_100_columns_without_truncating(tmp_path):
+    db = _crowded_registry(tmp_path)
+    result = CliRunner().invoke(runs_app, ["list", "--registry", str(db), "--format", "table"], env={"COLUMNS": "100"})
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output and "..." not in result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 100
+    for text in ("baseline-run", "half-done", "no-gain", "complete", "running", "interrupted",
+                 "0.790", "0.831", "0.650", "0.610", "0.640", "0.740", "0.580", "+0.150", "+0.190", "+0.010"):
+        assert text in result.output, f"{text!r} missing from\n{result.output}"
+    assert "support-tickets-lora-r16-lr3e-4-seed7" in result.output.replace("\n", "").replace(" ", "") or \
+        all(part in result.output for part in ("support-tickets", "seed7"))
+
+
+def test_cli_list_piped_is_plain_tab_separated_text(tmp_path):
+    db = _crowded_registry(tmp_path)
+    result = CliRunner().invoke(runs_app, ["list", "--registry", str(db)], env={"COLUMNS": "100"})  # CliRunner: not a terminal
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output
+    assert not set("│┃━─┏┡└╇") & set(result.output), result.output
+    header, *rows = [line.split("\t") for line in result.output.splitlines()]
+    assert header[:4] == ["id", "name", "status", "task"]
+    assert {"zero_shot", "few_shot", "head_only", "fine_tuned", "from_scratch", "recommend", "gain", "run_dir"} <= set(header)
+    assert all(len(row) == len(header) for row in rows)
+    table = {row[header.index("name")]: dict(zip(header, row)) for row in rows}
+    assert table["support-tickets-lora-r16-lr3e-4-seed7"]["fine_tuned"] == "0.8312"
+    assert table["baseline-run"]["zero_shot"] == "0.61"
+    assert table["no-gain"]["recommend"] == "no" and table["half-done"]["fine_tuned"] == ""
+    assert table["baseline-run"]["run_dir"] == str((tmp_path / "baseline-run").resolve())
+
+    as_json = CliRunner().invoke(runs_app, ["list", "--registry", str(db), "--format", "json"])
+    assert as_json.exit_code == 0, as_json.output
+    runs = {r["name"]: r for r in json.loads(as_json.output)}
+    assert runs["support-tickets-lora-r16-lr3e-4-seed7"]["rung_metrics"]["fine_tuned"] == 0.8312
+
+
+def test_verify_command_checks_the_html_report_and_the_signature(tmp_path):
+    from fmtune.lineage import manifest_key
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "logs").mkdir()
+    (run / "model" / "config.json").write_text("{}")
+    (run / "model" / "README.md").write_text("# model card\n")
+    (run / "report.json").write_text("{}")
+    (run / "report.html").write_text("<p>fine-tune: yes</p>")
+    (run / "logs" / "run.log").write_text("done\n")
+    key_file = tmp_path / "manifest.key"
+    key_file.write_text("0123456789abcdef\n")
+    manifest = build_manifest(config={}, input_files={}, data_sha256="", base_model={}, seed=0, run_dir=run, hardware="cpu",
+                              key=manifest_key(key_file))
+    write_json_atomic(run / "manifest.json", manifest)
+
+    ok = CliRunner().invoke(_verify_app(), ["verify", str(run), "--key-file", str(key_file)], env=WIDE)
+    assert ok.exit_code == 0, ok.output
+    assert "verified: 5 files match the manifest" in ok.output and "signature: valid" in ok.output
+    no_key = CliRunner().invoke(_verify_app(), ["verify", str(run)], env=WIDE)
+    assert no_key.exit_code == 0 and "signature: not checked" in no_key.output and "--key-file" in no_key.output
+
+    (run / "report.html").write_text("<p>fine-tune: no</p>")
+    edited = CliRunner().invoke(_verify_app(), ["verify", str(run), "--key-file", str(key_file)], env=WIDE)
+    assert edited.exit_code == 1
+    assert "report.html: sha256 differs from the manifest" in edited.output and "1 problem(s)" in edited.output

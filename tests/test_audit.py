@@ -459,3 +459,120 @@ def test_vocabulary_coverage_warns_when_the_model_cannot_read_the_texts():
     english = ["the food was good"] * 10
     block, warnings = vocabulary_coverage(english, [[cls, 5, 6, 7, 8, sep]] * 10, unk, {cls, sep})
     assert warnings == [] and block["unk_share"] == 0.0 and block["tokens_per_word"] == 1.0
+
+
+# --- PII: the common written forms of phones, cards and SSNs (security review) ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, kind, found",
+    [
+        ("call 555 123 4567 now", "phone", "555 123 4567"),
+        ("call 5551234567 now", "phone", "5551234567"),
+        ("desk 415-555-0199x123.", "phone", "415-555-0199x123"),
+        ("desk 415-555-0199 ext. 123, ask for Ann", "phone", "415-555-0199 ext. 123"),
+        ("desk 415-555-0199 ext 123", "phone", "415-555-0199 ext 123"),
+        ("desk (415)555-0199 x 42", "phone", "(415)555-0199 x 42"),
+        ("desk 415.555.0199", "phone", "415.555.0199"),
+        ("us +1 415 555 0199 ext. 7 ok", "phone", "+1 415 555 0199 ext. 7"),
+        ("us 1 (415) 555-0199", "phone", "1 (415) 555-0199"),
+        ("uk 0044 20 7946 0958", "phone", "0044 20 7946 0958"),
+        ("uk +44 (0)20 7946 0958", "phone", "+44 (0)20 7946 0958"),
+        ("uk 02079460958", "phone", "02079460958"),
+        ("uk mobile 07700 900123", "phone", "07700 900123"),
+        ("fr 01.23.45.67.89", "phone", "01.23.45.67.89"),
+        ("de 030/12345678", "phone", "030/12345678"),
+        ("de +49 30 12345678", "phone", "+49 30 12345678"),
+        ("es tel. 912 345 678", "phone", "912 345 678"),  # no trunk 0, no +: found after a phone keyword
+        ("call me at 555-0199", "phone", "555-0199"),
+        ("visa 4111.1111.1111.1111", "credit_card", "4111.1111.1111.1111"),
+        ("mc 5555 5555 5555 4444", "credit_card", "5555 5555 5555 4444"),
+        ("diners 3056-930902-5904", "credit_card", "3056-930902-5904"),
+        ("ssn 123 45 6789", "us_ssn", "123 45 6789"),
+        ("ssn 123.45.6789", "us_ssn", "123.45.6789"),
+        ("SSN: 123456789", "us_ssn", "123456789"),
+        ("social security number 123456789", "us_ssn", "123456789"),
+        ("v6 ::ffff:192.0.2.128 here", "ip_address", "::ffff:192.0.2.128"),
+    ],
+)
+def test_pii_common_written_forms(text, kind, found):
+    spans = find_pii(text)
+    assert [(k, text[s:e]) for k, s, e in spans] == [(kind, found)]
+
+
+@pytest.mark.parametrize("value", ["555 123 4567", "5551234567", "415-555-0199x123", "4111.1111.1111.1111", "123 45 6789"])
+def test_redact_pii_reviewed_formats_are_masked(value):
+    out, counts = redact_text(f"reach me: {value} thanks")
+    assert value not in out and sum(counts.values()) == 1
+    assert not any(ch.isdigit() for ch in out)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "3 of 5",
+        "scored 3 of 5 stars, 10 of 10 for the cast",
+        "price $1,299.99 or 12 x $108.33",
+        "call me in 2 days",
+        "call 911 or 112",
+        "in 1999 and 2005 and 2010",
+        "released 2019, 120 min, rated 7.5",
+        "ISBN 0306406152",
+        "ISBN 2266111566",
+        "runtime 1h 58m, 24 fps, 1920 1080",
+        "pages 100-1000",
+        "scores 7 8 9 10",
+        "on 01.02.2023 at 10.30",
+        "the 100 200 300 meter races",
+        "tel aviv is 60 km away",
+    ],
+)
+def test_pii_ordinary_numbers_stay(text):
+    assert redact_text(text) == (text, Counter())
+
+
+# --- audit: first occurrence, validation/test overlap, truncation at the model's limit ----------------------------
+
+
+def test_duplicates_name_the_earliest_line_as_first():
+    # a shuffled split lists line 50 before line 3; across splits of one file, the test row 5 comes before train row 40
+    train = [ex("Same text", "pos", 50, "d.csv"), ex("same text!", "pos", 3, "d.csv"), ex("other", "neg", 40, "d.csv")]
+    test = [ex("other", "neg", 5, "d.csv"), ex("Same text", "pos", 60, "d.csv")]
+    report = audit(make_splits(train, test=test))
+    assert report["examples"]["duplicates"] == [
+        {"at": "d.csv:40", "first": "d.csv:5", "text": "other"},
+        {"at": "d.csv:60", "first": "d.csv:50", "text": "Same text"},
+    ]
+    assert report["examples"]["duplicates_normalised"] == [
+        {"at": "d.csv:40", "first": "d.csv:5", "text": "other"},
+        {"at": "d.csv:50", "first": "d.csv:3", "text": "Same text"},
+        {"at": "d.csv:60", "first": "d.csv:3", "text": "Same text"},
+    ]
+    # separate files: the train file comes first (the order the files were given), whatever the line numbers
+    files = make_splits([ex("x y", "pos", 9, "train.csv")], test=[ex("x y", "pos", 2, "test.csv")])
+    files.files = {"train.csv": "a", "test.csv": "b"}
+    assert audit(files)["examples"]["duplicates"] == [{"at": "test.csv:2", "first": "train.csv:9", "text": "x y"}]
+
+
+def test_validation_test_overlap_is_counted_and_warned():
+    splits = clean_splits()
+    splits.validation = [ex("Shared between val and test", "pos", 2, "data/val.csv"), ex("only val", "neg", 3, "data/val.csv")]
+    splits.test += [ex("shared between VAL and test!", "pos", 7, "data/test.csv")]
+    report = audit(splits)
+    assert report["validation_test_overlap"] == 1
+    assert report["examples"]["validation_test_overlap"] == [{"at": "data/test.csv:7", "text": "shared between VAL and test!"}]
+    (warning,) = warnings_with(report, "test texts also appear in validation")
+    assert warning.startswith("1 test texts also appear in validation:") and "deduplicate" in warning
+    assert audit(clean_splits())["validation_test_overlap"] == 0
+
+
+def test_truncation_warning_at_the_models_limit_names_the_limit_not_max_length():
+    splits = clean_splits()
+    lengths = {"train": [10] * 100 + [900] * 20}
+    (at_cap,) = warnings_with(audit(splits, lengths, max_length=512, model_limit=512), "are cut off")
+    assert "--max-length" not in at_cap
+    assert "model's limit of 512 tokens" in at_cap and "longer context" in at_cap and "split" in at_cap
+    (below,) = warnings_with(audit(splits, lengths, max_length=128, model_limit=512), "are cut off")
+    assert "raise --max-length" in below and "up to the model's limit of 512" in below
+    (unknown,) = warnings_with(audit(splits, lengths, max_length=128), "are cut off")  # old calls: no limit known
+    assert "raise --max-length" in unknown

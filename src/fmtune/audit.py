@@ -1,9 +1,18 @@
-"""Data audit: duplicates, train/test leakage, class balance, PII by kind, plain-words warnings.
+"""Data audit: duplicates, leakage between splits, class balance, PII by kind, plain-words warnings.
 
-`audit()` builds the `data.audit` block of report.json. The PII scanner favours precision over recall: every
-number-shaped kind is checked (Luhn for cards, mod-97 for IBANs, octet ranges for IPs, invalid SSN ranges, digit
-counts for phones), so years, prices, dates and ratings in ordinary text are not flagged. The report holds
-counts of personal data, never the values: the excerpts shown next to file:line locations are masked.
+`audit()` builds the `data.audit` block of report.json. The PII scanner favours precision on ordinary numbers while
+covering the forms people write personal data in: every number-shaped kind is checked (Luhn for cards, mod-97 for
+IBANs, octet ranges for IPs, invalid SSN ranges, digit counts for phones), so years, prices, dates, counts and ratings
+in ordinary text are not flagged. Detected: emails; URLs with a password; IBANs (compact or in groups); cards of 13-19
+digits, bare or grouped by spaces, dashes or dots; US SSNs with spaces, dashes or dots (bare nine digits only after
+'SSN' / 'social security number'); IPv4 and IPv6 (also '::'-compressed and IPv4-mapped); phones: North American
+(555-123-4567, 555.123.4567, 555 123 4567, (555) 123-4567, 5551234567, 1-800-..., +1 ...), international (+44 20 7946
+0958, +44 (0)20 ..., 0044 20 ...), national numbers with a trunk 0 (020 7946 0958, 01 23 45 67 89, 01.23.45.67.89,
+030/12345678, 02079460958), any 7-15 digit number right after a phone word (tel., phone, call (me at), mobile, fax,
+...), each with an optional extension (x123, ext. 123, ext 123, extension 123). Not detected: names, street addresses,
+dates of birth, national numbers other than the US SSN, phones of fewer than 10 digits without a +, a trunk 0 or a
+phone word, lower-case IBANs, IPv4 with zero-padded octets. The report holds counts of personal data, never the
+values: the excerpts shown next to file:line locations are masked.
 """
 
 from __future__ import annotations
@@ -51,21 +60,39 @@ _EMAIL = re.compile(
     r"@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,24}\b"
 )
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")
-_CARD = re.compile(
-    r"(?<![\w.,-])(?:\d{13,19}|\d{4}(?P<sep>[ -])\d{4,6}(?:(?P=sep)\d{1,5}){1,3})(?![\w-]|[.,]\d)"
+_CARD = re.compile(  # 4111111111111111, 4111 1111 1111 1111, 4111-1111-..., 4111.1111...., 3782 822463 10005 (one separator)
+    r"(?<![\w.,+-])(?:\d{13,19}|\d{4}(?P<sep>[ .-])\d{4,6}(?:(?P=sep)\d{1,5}){1,3})(?![\w-]|[.,]\d)"
 )
-_SSN = re.compile(r"(?<![\w-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w-])")
+_SSN = re.compile(  # 123-45-6789, 123 45 6789, 123.45.6789 (one separator), outside the ranges never issued
+    r"(?<![\w.-])(?!000|666|9\d\d)\d{3}(?P<sep>[ .-])(?!00)\d{2}(?P=sep)(?!0000)\d{4}(?![\w-]|[.,]\d)"
+)
+_SSN_KEYWORD = re.compile(  # a bare 123456789 only right after 'SSN' / 'social security number'
+    r"(?i:\b(?:ssn|social\s+security(?:\s+(?:number|no))?)\b[\s.:#-]{0,4})"
+    r"(?P<number>(?!000|666|9\d\d)\d{3}(?!00)\d{2}(?!0000)\d{4})(?![\w-]|[.,]\d)"
+)
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-_IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w]|\.\d)")
-_IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
-_PHONE_INTERNATIONAL = re.compile(r"(?<![\w+])\+\d{1,3}(?:[ .-]?(?:\(\d{1,4}\)|\d{1,5})){2,6}(?!\w)")
-_PHONE_NANP = re.compile(  # (555) 123-4567, 555-123-4567, 555.123.4567, 1-800-555-0199
-    r"(?<![\w+.-])(?:1[ .-])?(?:\([2-9]\d{2}\) ?\d{3}[ .-]\d{4}|[2-9]\d{2}(?P<sep>[.-])\d{3}(?P=sep)\d{4})"
-    r"(?![\w-]|[.,]\d)"
+_IPV4_TEXT = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+_IPV4 = re.compile(rf"(?<![\w.]){_IPV4_TEXT}(?![\w]|\.\d)")
+_IPV6 = re.compile(rf"(?<![\w:])(?:[0-9A-Fa-f]{{0,4}}:){{2,7}}(?:{_IPV4_TEXT}|[0-9A-Fa-f]{{0,4}})(?![\w:]|\.\d)")
+# A phone extension: 555-0199x123, ' x 123', ' ext. 123', ' ext 123', ', extension 123'.
+_EXT = r"(?:,? ?(?i:x|ext\.?|extn\.?|extension) ?\d{1,6})?"
+_PHONE_INTERNATIONAL = re.compile(  # +44 20 7946 0958, +1 (555) 123-4567, +14155552671, 0044 20 7946 0958
+    r"(?<![\w+.])(?P<prefix>\+|00)[1-9]\d{0,2}(?:[ .-]?(?:\(\d{1,4}\)|\d{1,5})){2,6}" + _EXT + r"(?![\w-]|[.,]\d)"
 )
-_PHONE_TRUNK = re.compile(  # national numbers with a leading 0: 020 7946 0958, 01 23 45 67 89, 030-12345678
-    r"(?<![\w+.:/-])(?:\(0\d{1,4}\)|0\d{1,4})(?:[ -]\d{2,8}){1,4}(?![\w:/-]|[.,]\d)"
+_PHONE_NANP = re.compile(  # (555) 123-4567, (555)123-4567, 555-123-4567, 555.123.4567, 555 123 4567, 5551234567, 1-800-555-0199
+    r"(?<![\w+.-])(?:1[ .-]?)?(?:\([2-9]\d{2}\)[ .-]?|[2-9]\d{2}[ .-]?)\d{3}[ .-]?\d{4}" + _EXT + r"(?![\w-]|[.,]\d)"
 )
+_PHONE_TRUNK = re.compile(  # national numbers with a trunk 0: 020 7946 0958, 01 23 45 67 89, 01.23.45.67.89, 030/12345678, 02079460958
+    r"(?<![\w+.:/-])(?:(?:\(0[1-9]\d{0,4}\)|0[1-9]\d{0,4})(?P<sep>[ ./-])\d{2,10}(?:(?P=sep)\d{2,10}){0,3}|0[1-9]\d{8,10})"
+    + _EXT + r"(?![\w:/-]|[.,]\d)"
+)
+_PHONE_KEYWORD = re.compile(  # any 7-15 digit number right after a phone word: 'tel. 912 345 678', 'call me at 555-0199'
+    r"(?i:\b(?:phone|telephone|tel|call|mobile|mob|cell|fax|whatsapp|sms)\b\.?(?: (?:me|us))?(?: (?:at|on))?:? ?)"
+    r"(?P<number>\+?(?:\(\d{1,5}\)[ .-]?)?\d{1,15}(?:[ .-]\d{1,15}){0,5})" + _EXT + r"(?![\w-]|[.,]\d)"
+)
+_PHONE_WORDS = ("phone", "tel", "call", "mob", "cell", "fax", "whatsapp", "sms")  # cheap test before _PHONE_KEYWORD
+_EXTENSION = re.compile(r",? ?(?i:x|ext\.?|extn\.?|extension) ?\d{1,6}$")
+_ISBN_BEFORE = re.compile(r"(?i:isbn)(?:-1[03])?:?\s*$")
 _YEAR = re.compile(r"(?:19|20)\d\d")
 
 # Lengths of IBANs by country (SWIFT registry); other country codes are not flagged.
@@ -105,6 +132,27 @@ def _digits(s: str) -> str:
     return "".join(ch for ch in s if ch.isdigit())
 
 
+def _phone_digits(number: str) -> int:
+    """Digits of a phone number without its extension."""
+    return len(_digits(_EXTENSION.sub("", number)))
+
+
+def _trim(m: re.Match, low: int, high: int) -> int | None:
+    """The end of match `m` cut back at separators until the number has at most `high` digits (a phone followed by
+    another number: '+44 20 7946 0958 1999'); None when fewer than `low` are left."""
+    number = m.group()
+    while (n := _phone_digits(number)) > high:
+        cut = max(number.rfind(sep) for sep in " ./-")
+        if cut <= 0:
+            return None
+        number = number[:cut].rstrip(" ,")
+    return m.start() + len(number) if n >= low else None
+
+
+def _years(number: str) -> int:
+    return sum(1 for group in re.split(r"\D+", _EXTENSION.sub("", number)) if _YEAR.fullmatch(group))
+
+
 def _candidates(text: str) -> Iterator[tuple[str, int, int]]:
     """Every validated match of every kind; may overlap (find_pii resolves that).
 
@@ -121,14 +169,14 @@ def _candidates(text: str) -> Iterator[tuple[str, int, int]]:
     if numberish and "." in text:
         for m in _IPV4.finditer(text):
             yield "ip_address", m.start(), m.end()
-    if "::" in text or text.count(":") >= 7:
+    if "::" in text or text.count(":") >= 6:
         for m in _IPV6.finditer(text):
             groups = [g for g in m.group().split(":") if g]
             try:
                 ipaddress.IPv6Address(m.group())
             except ValueError:
                 continue
-            if len(groups) >= 3:
+            if len(groups) >= 3 or "." in m.group():  # not '::1' or 'fe80::1'; '::ffff:1.2.3.4' holds an IPv4 address
                 yield "ip_address", m.start(), m.end()
     if _IBAN_HINT.search(text):
         for m in _IBAN.finditer(text):
@@ -142,32 +190,57 @@ def _candidates(text: str) -> Iterator[tuple[str, int, int]]:
                 groups.pop()
     if not numberish:
         return
+
+    def isbn(start: int) -> bool:  # 'ISBN 0306406152' is a book, not a phone or a card
+        return _ISBN_BEFORE.search(text, max(0, start - 12), start) is not None
+
     for m in _CARD.finditer(text):
         digits = _digits(m.group())
-        if 13 <= len(digits) <= 19 and len(set(digits)) > 1 and luhn_valid(digits):
+        if 13 <= len(digits) <= 19 and len(set(digits)) > 1 and luhn_valid(digits) and not isbn(m.start()):
             yield "credit_card", m.start(), m.end()
-    if "-" in text:
-        for m in _SSN.finditer(text):
-            yield "us_ssn", m.start(), m.end()
-    if "+" in text:
+    for m in _SSN.finditer(text):
+        yield "us_ssn", m.start(), m.end()
+    lowered = text.lower()
+    if "ssn" in lowered or "social" in lowered:
+        for m in _SSN_KEYWORD.finditer(text):
+            yield "us_ssn", m.start("number"), m.end()
+    if "+" in text or "00" in text:
         for m in _PHONE_INTERNATIONAL.finditer(text):
-            if 8 <= len(_digits(m.group())) <= 15:
-                yield "phone", m.start(), m.end()
+            if m.group("prefix") == "+":
+                end = _trim(m, 8, 15)
+            else:  # '00' + country code + number, and not '007 1995 2006 2012'
+                end = _trim(m, 12, 17)
+                end = end if end is not None and _years(text[m.start() : end]) < 2 else None
+            if end is not None:
+                yield "phone", m.start(), end
     for m in _PHONE_NANP.finditer(text):
-        yield "phone", m.start(), m.end()
+        if not isbn(m.start()):
+            yield "phone", m.start(), m.end()
     if "0" in text:
         for m in _PHONE_TRUNK.finditer(text):
-            groups = re.split(r"[ ()-]+", m.group().strip("()"))
-            if 10 <= len(_digits(m.group())) <= 12 and not any(_YEAR.fullmatch(g) for g in groups[1:]):
-                yield "phone", m.start(), m.end()
+            end = _trim(m, 10, 12)
+            if end is not None and _years(text[m.start() : end]) < 2 and not isbn(m.start()):
+                yield "phone", m.start(), end
+    for m in _PHONE_KEYWORD.finditer(text) if any(word in lowered for word in _PHONE_WORDS) else ():
+        end = _trim(m, 0, 15)
+        if end is not None and 7 <= _phone_digits(text[m.start("number") : end]):
+            yield "phone", m.start("number"), end
 
 
 def find_pii(text: str) -> list[tuple[str, int, int]]:
-    """Personal data in `text` as (kind, start, end) spans: non-overlapping, sorted by start."""
+    """Personal data in `text` as (kind, start, end) spans: non-overlapping, sorted by start.
+
+    A candidate inside a longer one is part of it (the card-shaped digits of '+1 0000004599999', the email-shaped
+    tail of a URL with credentials); partial overlaps go to the kind earlier in PII_KINDS.
+    """
     if not _MAYBE_PII.search(text):
         return []
+    candidates = set(_candidates(text))
+    if len(candidates) <= 1:
+        return sorted(candidates)
+    outer = [c for c in candidates if not any(s <= c[1] and c[2] <= e and (s, e) != (c[1], c[2]) for _, s, e in candidates)]
     chosen: list[tuple[str, int, int]] = []
-    for kind, start, end in sorted(_candidates(text), key=lambda c: (_PRIORITY[c[0]], c[1], -c[2])):
+    for kind, start, end in sorted(outer, key=lambda c: (_PRIORITY[c[0]], c[1], -c[2])):
         if all(end <= s or start >= e for _, s, e in chosen):
             chosen.append((kind, start, end))
     return sorted(chosen, key=lambda c: c[1])
@@ -262,43 +335,57 @@ def audit(
     token_lengths: dict[str, list[int]] | None = None,
     max_length: int | None = None,
     redacted: dict[str, int] | None = None,
+    model_limit: int | None = None,
+    classes: bool = True,
 ) -> dict:
-    """The data.audit block of report.json: JSON-serialisable; counts, file:line locations and masked excerpts."""
+    """The data.audit block of report.json: JSON-serialisable; counts, file:line locations and masked excerpts.
+
+    `classes` False audits prompt/completion pairs (generation): no class balance, label or conflict findings, and the
+    warnings speak of training pairs.
+
+    `model_limit` is the most tokens the model reads (its position embeddings / tokenizer limit); when max_length is
+    already there, the truncation warning says so instead of suggesting a larger --max-length.
+    """
     by_split = {"train": splits.train, "validation": splits.validation, "test": splits.test}
     n_examples = {name: len(examples) for name, examples in by_split.items()}
     n_total = sum(n_examples.values())
+
+    norms_of = {name: [normalise(ex.text) for ex in by_split[name]] for name in SPLIT_NAMES}
+    norm_sets = {name: set(norms) for name, norms in norms_of.items()}
+    # Splits are shuffled: walk the examples in file order (files as given, then line) so that "first" is the earliest line.
+    source_rank = {source: i for i, source in enumerate(splits.files)}
+    for name in SPLIT_NAMES:
+        for ex in by_split[name]:
+            source_rank.setdefault(ex.source, len(source_rank))
+    in_file_order = sorted(
+        ((ex, norm) for name in SPLIT_NAMES for ex, norm in zip(by_split[name], norms_of[name])),
+        key=lambda pair: (source_rank[pair[0].source], pair[0].row),
+    )
 
     # One pass over all examples: exact and normalised duplicates, labels per text, PII.
     seen_exact: dict[str, Example] = {}
     seen_norm: dict[str, Example] = {}
     labels_of: dict[str, dict[str, Example]] = {}  # normalised text -> label -> first example with it
-    norm_sets: dict[str, set[str]] = {name: set() for name in SPLIT_NAMES}
     duplicates = duplicates_normalised = 0
     dup_examples: list[dict] = []
     dup_norm_examples: list[dict] = []
     pii_found: Counter = Counter()
-    norms_of: dict[str, list[str]] = {}
-    for name in SPLIT_NAMES:
-        norms = norms_of[name] = []
-        for ex in by_split[name]:
-            norm = normalise(ex.text)
-            norms.append(norm)
-            norm_sets[name].add(norm)
-            if ex.text in seen_exact:
-                duplicates += 1
-                if len(dup_examples) < MAX_EXAMPLES:
-                    dup_examples.append({"at": _where(ex), "first": _where(seen_exact[ex.text]), "text": _preview(ex.text)})
-            else:
-                seen_exact[ex.text] = ex
-            if norm in seen_norm:
-                duplicates_normalised += 1
-                if len(dup_norm_examples) < MAX_EXAMPLES:
-                    dup_norm_examples.append({"at": _where(ex), "first": _where(seen_norm[norm]), "text": _preview(ex.text)})
-            else:
-                seen_norm[norm] = ex
-            labels_of.setdefault(norm, {}).setdefault(ex.label, ex)
-            for kind, _, _ in find_pii(ex.text):
-                pii_found[kind] += 1
+    for ex, norm in in_file_order:
+        if ex.text in seen_exact:
+            duplicates += 1
+            if len(dup_examples) < MAX_EXAMPLES:
+                dup_examples.append({"at": _where(ex), "first": _where(seen_exact[ex.text]), "text": _preview(ex.text)})
+        else:
+            seen_exact[ex.text] = ex
+        if norm in seen_norm:
+            duplicates_normalised += 1
+            if len(dup_norm_examples) < MAX_EXAMPLES:
+                dup_norm_examples.append({"at": _where(ex), "first": _where(seen_norm[norm]), "text": _preview(ex.text)})
+        else:
+            seen_norm[norm] = ex
+        labels_of.setdefault(norm, {}).setdefault(ex.label, ex)
+        for kind, _, _ in find_pii(ex.text):
+            pii_found[kind] += 1
 
     conflicts = [(norm, by_label) for norm, by_label in labels_of.items() if len(by_label) > 1]
     conflict_examples = [
@@ -310,17 +397,19 @@ def audit(
         for _, by_label in conflicts[:MAX_EXAMPLES]
     ]
 
-    def overlap(name: str) -> tuple[int, list[dict]]:
+    def overlap(name: str, other: str) -> tuple[int, list[dict]]:
+        """The texts of split `name` whose normalised text is also in split `other`."""
         count, examples = 0, []
         for ex, norm in zip(by_split[name], norms_of[name]):
-            if norm in norm_sets["train"]:
+            if norm in norm_sets[other]:
                 count += 1
                 if len(examples) < MAX_EXAMPLES:
                     examples.append({"at": _where(ex), "text": _preview(ex.text)})
         return count, examples
 
-    test_overlap, test_overlap_examples = overlap("test")
-    validation_overlap, validation_overlap_examples = overlap("validation")
+    test_overlap, test_overlap_examples = overlap("test", "train")
+    validation_overlap, validation_overlap_examples = overlap("validation", "train")
+    validation_test_overlap, validation_test_overlap_examples = overlap("test", "validation")
 
     # Class balance, over the declared labels so that a class missing from a split shows as 0.
     labels = list(splits.labels) or sorted({ex.label for examples in by_split.values() for ex in examples})
@@ -368,16 +457,22 @@ def audit(
             "max": train_lengths[-1] if train_lengths else 0,
             "truncated": truncated,
         }
+        if model_limit is not None:
+            length["model_limit"] = model_limit
 
     warnings: list[str] = []
     n_train = n_examples["train"]
     if n_train < 100:
         warnings.append(
             f"Only {n_train} labeled training examples: fine-tuning usually needs hundreds to thousands of labeled "
-            "examples; expect a noisy result and compare with few_shot/head_only."
+            "examples; expect a noisy result and compare with few_shot/head_only." if classes else
+            f"Only {n_train} training pairs: fine-tuning usually needs hundreds to thousands of examples; expect a noisy "
+            "result and compare with few_shot."
         )
+    if not classes:
+        train_counts, conflicts = {}, []
     variants: dict[str, list[str]] = {}
-    for label in splits.labels:  # 'Food' and 'food ' are two classes to the model
+    for label in splits.labels if classes else []:  # 'Food' and 'food ' are two classes to the model
         variants.setdefault(normalise(str(label)), []).append(str(label))
     for group in [g for g in variants.values() if len(g) > 1][:5]:
         listed = ", ".join(f"'{label}' ({class_counts['all'].get(label, 0)})" for label in group)
@@ -393,7 +488,7 @@ def audit(
                 rewritten.append(ex)
             written.setdefault(ex.label, Counter())[ex.raw_label if ex.raw_label is not None else ex.label] += 1
     labels_normalised = {"count": len(rewritten), "examples": [{"at": _where(ex), "as_written": ex.raw_label, "used": ex.label} for ex in rewritten[:MAX_EXAMPLES]]}
-    merged = {label: forms for label, forms in written.items() if len(forms) > 1}
+    merged = {label: forms for label, forms in written.items() if len(forms) > 1} if classes else {}
     if merged:  # a file that writes every label as ' pos' or '1.0' merges nothing: no warning
         shown = "; ".join(f"{label!r} from " + ", ".join(f"{form!r} ({n})" for form, n in forms.most_common()) for label, forms in list(merged.items())[:5])
         warnings.append(
@@ -408,7 +503,7 @@ def audit(
             f"Classes with fewer than 10 training examples: {listed}{more}: the model sees too few of them to learn "
             "them reliably and their test scores are noisy; collect more examples or merge classes."
         )
-    if imbalance_ratio is not None and imbalance_ratio > 3:
+    if classes and imbalance_ratio is not None and imbalance_ratio > 3:
         warnings.append(
             f"Classes are imbalanced: the largest training class is {imbalance_ratio:g}x the smallest; macro-F1 "
             "(every class counts equally) is the primary metric for this reason."
@@ -423,6 +518,12 @@ def audit(
             f"{validation_overlap} validation texts also appear in train: early stopping and model selection see "
             "texts they were trained on; deduplicate the data across splits."
         )
+    if validation_test_overlap:
+        warnings.append(
+            f"{validation_test_overlap} test texts also appear in validation: the epoch and settings chosen on validation "
+            "were chosen on texts the test then scores, so the test score is optimistic; deduplicate the data across "
+            "splits (same text after ignoring case, spacing and punctuation) and run again."
+        )
     if n_total and duplicates_normalised > 0.01 * n_total:
         warnings.append(
             f"{duplicates_normalised} of {n_total} rows ({100 * duplicates_normalised / n_total:.1f}%) repeat an "
@@ -436,11 +537,19 @@ def audit(
             f"{', '.join(first['labels'])}): the labels contradict each other; fix or remove those rows."
         )
     if length is not None and n_train and truncated_train > 0.05 * n_train:
-        warnings.append(
-            f"{truncated_train} of {n_train} training texts ({100 * truncated_train / n_train:.1f}%) are longer than "
-            f"max_length={max_length} tokens and are cut off: the model never sees their ends; raise --max-length "
-            "if the end of a text matters."
-        )
+        share = f"{truncated_train} of {n_train} training texts ({100 * truncated_train / n_train:.1f}%)"
+        if model_limit is not None and max_length >= model_limit:
+            warnings.append(
+                f"{share} are longer than the model's limit of {model_limit} tokens and are cut off: the model never "
+                "sees their ends, and a larger max_length cannot help, since this model reads no more. If the end of a "
+                "text matters, use a base model with a longer context (--model) or split long documents into several rows."
+            )
+        else:
+            most = f" (up to the model's limit of {model_limit})" if model_limit is not None else ""
+            warnings.append(
+                f"{share} are longer than max_length={max_length} tokens and are cut off: the model never sees their "
+                f"ends; raise --max-length{most} if the end of a text matters."
+            )
     if pii_total and not n_redacted:
         warnings.append(
             f"Found {pii_total} items of personal data ({_count_phrase(pii)}); they will be in the training data "
@@ -453,19 +562,21 @@ def audit(
         )
         warnings.append(f"{n_dropped} rows were dropped while loading the data: {reasons}.")
 
-    return {
+    block = {
         "n_examples": n_examples,
         "duplicates": duplicates,
         "duplicates_normalised": duplicates_normalised,
         "conflicting_labels": len(conflicts),
         "train_test_overlap": test_overlap,
         "train_validation_overlap": validation_overlap,
+        "validation_test_overlap": validation_test_overlap,
         "examples": {
             "duplicates": dup_examples,
             "duplicates_normalised": dup_norm_examples,
             "conflicting_labels": conflict_examples,
             "train_test_overlap": test_overlap_examples,
             "train_validation_overlap": validation_overlap_examples,
+            "validation_test_overlap": validation_test_overlap_examples,
         },
         "class_counts": class_counts,
         "imbalance_ratio": imbalance_ratio,
@@ -477,6 +588,11 @@ def audit(
         "labels_normalised": labels_normalised,
         "warnings": warnings,
     }
+    if not classes:
+        for key in ("class_counts", "imbalance_ratio", "conflicting_labels", "labels_normalised"):
+            block.pop(key)
+        block["examples"].pop("conflicting_labels")
+    return block
 
 
 # --- Vocabulary coverage --------------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def test_ctrl_c_checkpoints_then_exits_cleanly_with_the_resume_command(tmp_path,
     data = write_csv(tmp_path / "reviews.csv", make_reviews(400))
     out = tmp_path / "runs" / "r"
     cmd = [sys.executable, "-m", "fmtune.cli", "run", "--data", str(data), "--model", str(tiny_bert), "--out", str(out), "--epochs", "30",
-           "--patience", "30", "--batch-size", "4", "--checkpoint-every", "0", "--threads", "1", "--no-curve", "--bf16", "off",
+           "--patience", "30", "--batch-size", "4", "--checkpoint-every", "0", "--checkpoint-seconds", "0", "--threads", "1", "--no-curve", "--bf16", "off",
            "--rungs", "zero_shot,few_shot,fine_tuned,from_scratch", "--bootstrap", "100", "--latency-repeats", "3"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     latest = out.parent / ".r.partial" / "checkpoints" / "fine_tuned" / "latest"
@@ -85,7 +85,7 @@ def test_ctrl_c_checkpoints_then_exits_cleanly_with_the_resume_command(tmp_path,
         time.sleep(0.01)
     assert proc.poll() is None
     first = json.loads(latest.read_text())["checkpoint"]
-    time.sleep(0.3)  # mid-epoch: --checkpoint-every 0 writes only at epoch ends, so a new checkpoint comes from Ctrl-C
+    time.sleep(0.3)  # mid-epoch: --checkpoint-seconds 0 writes only at epoch ends, so a new checkpoint comes from Ctrl-C
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]

@@ -150,10 +150,14 @@ def test_bf16_supported_decides_by_measurement(monkeypatch):
     assert models.bf16_supported(torch.device("cpu")) is False
 
 
-def test_best_weights_parked_on_disk_not_in_memory(tmp_path):
+def test_best_weights_parked_on_disk_not_in_memory(tmp_path, monkeypatch):
+    """Above BEST_IN_MEMORY_BYTES (a large model) the best weights go to a file instead of a second copy in RAM."""
     import torch
 
+    from fmtune import train
     from fmtune.train import BestWeights
+
+    monkeypatch.setattr(train, "BEST_IN_MEMORY_BYTES", 0)
 
     state = {"a": torch.randn(4, 3), "b": torch.arange(5.0)}
     best = BestWeights(tmp_path / "ckpt", in_memory=False)
@@ -167,10 +171,13 @@ def test_best_weights_parked_on_disk_not_in_memory(tmp_path):
     assert not list((tmp_path / "ckpt").glob(".best-*"))
 
 
-def test_best_weights_with_tied_tensors_are_parked_too(tmp_path):
+def test_best_weights_with_tied_tensors_are_parked_too(tmp_path, monkeypatch):
     import torch
 
+    from fmtune import train
     from fmtune.train import BestWeights
+
+    monkeypatch.setattr(train, "BEST_IN_MEMORY_BYTES", 0)
 
     shared = torch.randn(3, 3)
     best = BestWeights(None, in_memory=False)
@@ -178,4 +185,19 @@ def test_best_weights_with_tied_tensors_are_parked_too(tmp_path):
     assert best._state is None and best._file is not None
     got = best.get()
     assert torch.equal(got["head"], shared) and torch.equal(got["embed"], shared)
+    best.close()
+
+
+def test_small_best_weights_stay_in_memory_and_write_nothing(tmp_path):
+    """A small model's best weights are kept in RAM: writing them at every improving epoch rewrote the model's size to
+    disk again and again (part of the 14 GB a run of 88 MB wrote)."""
+    import torch
+
+    from fmtune.train import BestWeights
+
+    best = BestWeights(tmp_path / "ckpt", in_memory=False)
+    state = {"a": torch.randn(4, 3)}
+    best.set(state)
+    assert best.file is None and not list((tmp_path / "ckpt").rglob("*.safetensors"))
+    assert torch.equal(best.get()["a"], state["a"])
     best.close()

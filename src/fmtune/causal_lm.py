@@ -100,7 +100,7 @@ def resolve_model(name: str | None) -> tuple[Path, str]:
     path = Path(name).expanduser()
     if not path.is_dir():
         raise ModelError(
-            f"--model {name}: not a packaged model (smollm2) and not a local folder. "
+            f"--model {name}: not a packaged model (smollm2 for generation; minilm for encoder classification) and not a local folder. "
             "fmtune never downloads from a hub: pass a local Hugging Face causal-LM folder (config.json + *.safetensors)."
         )
     check_safe_folder(path)
@@ -135,7 +135,11 @@ def ensure_chat_template(tokenizer) -> str:
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
+    from fmtune.models import check_safe_folder, check_tokenizer_vocabulary
+
+    check_safe_folder(path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    check_tokenizer_vocabulary(path, tokenizer)
     ensure_chat_template(tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

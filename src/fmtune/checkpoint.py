@@ -151,7 +151,36 @@ def load_optimizer(optimizer, model, tensors: dict, meta: dict) -> None:
         group.update({k: v for k, v in saved.items() if k in group and k != "n_params"})
 
 
-def save(folder: Path, model, optimizer, state: TrainState, best: dict | None, keep: int = 1) -> Path | None:
+class Policy:
+    """When to write a checkpoint. Every `every` steps and at every epoch end when the user set --checkpoint-every;
+    otherwise by time: when `seconds` of training have passed since the last checkpoint, at any step, so a kill loses at
+    most that much and a cheap epoch writes nothing (a checkpoint is the weights plus twice their size of AdamW state:
+    one per epoch wrote 14 GB for an 88 MB run). `deterministic` (FSDP, where every rank must take part in the same
+    saves) keeps the epoch ends, which all ranks reach together."""
+
+    def __init__(self, every: int, seconds: float, deterministic: bool = False) -> None:
+        import time
+
+        self.every, self.seconds, self.deterministic = every, seconds, deterministic
+        self._clock = time.perf_counter
+        self._last = self._clock()
+
+    def saved(self) -> None:
+        self._last = self._clock()
+
+    def _due(self) -> bool:
+        return self._clock() - self._last >= self.seconds
+
+    def within_epoch(self, step: int) -> bool:
+        if self.every:
+            return step % self.every == 0
+        return bool(self.seconds) and not self.deterministic and self._due()
+
+    def at_epoch_end(self) -> bool:
+        return bool(self.every) or not self.seconds or self.deterministic or self._due()
+
+
+def save(folder: Path, model, optimizer, state: TrainState, best: dict | None, keep: int = 1, best_file: Path | None = None) -> Path | None:
     """Write one complete checkpoint atomically, point `latest` at it, and prune older ones. A full disk keeps the
     last complete checkpoint and stops with an error that says so. Under FSDP every rank calls it (the shards are
     gathered together); rank 0 writes and gets the path, the others None."""
@@ -160,7 +189,7 @@ def save(folder: Path, model, optimizer, state: TrainState, best: dict | None, k
     from fmtune.errors import FmtuneError
 
     try:
-        return _save(folder, model, optimizer, state, best, keep)
+        return _save(folder, model, optimizer, state, best, keep, best_file)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -179,7 +208,7 @@ def _shard_like(value, param):
     return value.to(param.device)
 
 
-def _save(folder: Path, model, optimizer, state: TrainState, best: dict | None, keep: int) -> Path | None:
+def _save(folder: Path, model, optimizer, state: TrainState, best: dict | None, keep: int, best_file: Path | None = None) -> Path | None:
     import torch
 
     from fmtune.distributed import gather, sharded
@@ -199,13 +228,22 @@ def _save(folder: Path, model, optimizer, state: TrainState, best: dict | None, 
         shutil.rmtree(tmp)
     tmp.mkdir()
     write_safetensors(weights, tmp / "trainable.safetensors")
-    if best is not None:
-        write_safetensors(best, tmp / "best.safetensors")
+    if best_file is not None and _link(best_file, tmp / "best.safetensors"):
+        pass  # the best weights are already on disk (train.BestWeights): a second name for the same bytes, nothing written
+    else:
+        if best is None and best_file is not None and best_file.is_file():
+            from safetensors.torch import load_file
+
+            best = load_file(str(best_file))
+        if best is not None:
+            write_safetensors(best, tmp / "best.safetensors")
     write_safetensors(opt_tensors, tmp / "optimizer.safetensors")
     write_safetensors({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
     body = dict(state.__dict__, optimizer=opt_meta)
     _write_json(tmp / "state.json", body)
     for f in tmp.iterdir():
+        if f.name == "best.safetensors" and best_file is not None:
+            continue  # a link to a file fsynced when it was written
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     final = folder / name
@@ -219,6 +257,14 @@ def _save(folder: Path, model, optimizer, state: TrainState, best: dict | None, 
     for leftover in folder.glob(".old-*"):  # a prune cut short by a kill
         shutil.rmtree(leftover, ignore_errors=True)
     return final
+
+
+def _link(source: Path, target: Path) -> bool:
+    try:
+        os.link(source, target)
+        return True
+    except OSError:  # another filesystem, or links not supported: write a copy instead
+        return False
 
 
 def _discard(path: Path) -> None:
@@ -263,18 +309,29 @@ def load(path: Path, model, optimizer) -> tuple[TrainState, dict | None]:
 
 
 def mark_done(folder: Path, model, result: dict) -> None:
-    """The rung finished: keep its final weights and result so a resumed run does not train it again."""
+    """The rung finished: keep its result (and, when `model` is given, its final weights) so a resumed run does not train
+    it again; its training checkpoints go. Rungs whose model is not used after scoring pass None and keep their test
+    predictions in `result` instead of a copy of the weights."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_safetensors(model.state_dict(), folder / "final.safetensors.tmp")
-    os.replace(folder / "final.safetensors.tmp", folder / "final.safetensors")
-    _write_json(folder / "done.json", result)
+    if model is not None:
+        write_safetensors(model.state_dict(), folder / "final.safetensors.tmp")
+        os.replace(folder / "final.safetensors.tmp", folder / "final.safetensors")
+    _write_json(folder / "done.json", {**result, "has_weights": model is not None})
     for old in folder.glob("step-*"):
         _discard(old)
+    (folder / "latest").unlink(missing_ok=True)
 
 
-def load_done(folder: Path) -> tuple[dict, dict] | None:
+def load_done(folder: Path) -> tuple[dict, dict | None] | None:
+    """(result, final weights or None) of a finished rung; None when the rung did not finish."""
     from safetensors.torch import load_file
 
-    if (folder / "done.json").is_file() and (folder / "final.safetensors").is_file():
-        return json.loads((folder / "done.json").read_text()), load_file(str(folder / "final.safetensors"))
-    return None
+    if not (folder / "done.json").is_file():
+        return None
+    result = json.loads((folder / "done.json").read_text())
+    has_weights = result.pop("has_weights", True)
+    if not has_weights:
+        return result, None
+    if not (folder / "final.safetensors").is_file():
+        return None
+    return result, load_file(str(folder / "final.safetensors"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -17,8 +17,31 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fmtune.errors import ConfigError
 
 
+def _accepts_bool(annotation: Any) -> bool:
+    return annotation is bool or any(_accepts_bool(a) for a in get_args(annotation) if a is not Literal)
+
+
 class _Group(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _yaml_booleans(source: str, group: str, values: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """YAML reads yes/no/on/off as booleans, and pydantic would take True as the number 1 (`epochs: yes` ran one epoch):
+    a boolean is kept only where the option is a switch; `bf16: on` means the choice "on"; anything else is a problem."""
+    out = dict(values)
+    for key, value in values.items():
+        field = GROUPS[group].model_fields[key]
+        if not isinstance(value, bool) or _accepts_bool(field.annotation):
+            continue
+        choices = [c for a in (field.annotation, *get_args(field.annotation)) if get_origin(a) is Literal for c in get_args(a)]
+        word = "on" if value else "off"
+        if word in choices:
+            out[key] = word
+            continue
+        expected = f"one of {choices}" if choices else f"a {'number' if field.annotation in (int, float) or int in get_args(field.annotation) or float in get_args(field.annotation) else 'value'}"
+        problems.append(f"{source}: '{group}.{key}' is the boolean {str(value).lower()} (YAML reads yes/no/on/off as true/false), but it takes {expected}"
+                        + (f", e.g. {key}: {field.default}." if field.default is not None and not isinstance(field.default, (dict, list)) else "."))
+    return out
 
 
 class DataConfig(_Group):
@@ -89,7 +112,8 @@ class TrainConfig(_Group):
     dropout: float | None = Field(None, ge=0, lt=1, description="Override the model's dropout (hidden and attention) during fine-tuning; default keeps the model's own.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Multi-process strategy under torchrun / accelerate launch / --nproc: ddp (a full model copy per process, gradients averaged) or fsdp (parameters, gradients and optimizer state sharded across processes, for models that do not fit one device).")
-    checkpoint_every: int = Field(500, ge=0, description="Also checkpoint every N optimizer steps within an epoch (a checkpoint is always written at each epoch end; 0 = epoch ends only). Checkpoints make --resume continue mid-epoch.")
+    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N optimizer steps and at every epoch end. 0 (default): checkpoint by time instead, see --checkpoint-seconds. Checkpoints let --resume continue mid-epoch; Ctrl-C always writes one.")
+    checkpoint_seconds: float = Field(300, ge=0, description="With --checkpoint-every 0: write a checkpoint when this many seconds of training have passed since the last one (so a kill loses at most that much), not after every cheap epoch: a checkpoint holds the weights and twice their size of optimizer state. 0 = at every epoch end.")
 
 
 class EvalConfig(_Group):
@@ -182,13 +206,13 @@ def build_config(file_values: dict[str, Any] | None, overrides: dict[str, Any], 
             for sub in value:
                 if sub not in fields:
                     problems.append(f"{source}: unknown key '{key}.{sub}'.{_suggest(sub, fields)} Valid keys in '{key}': {', '.join(fields)}.")
-            merged[key] = {k: v for k, v in value.items() if k in fields}
+            merged[key] = _yaml_booleans(source, key, {k: v for k, v in value.items() if k in fields}, problems)
         else:
             problems.append(f"{source}: unknown key '{key}'.{_suggest(key, list(TOP_LEVEL) + list(GROUPS))} Valid top-level keys: {', '.join(list(TOP_LEVEL) + list(GROUPS))}.")
     index = flag_index()
     for key, value in overrides.items():
         if key not in index:
-            problems.append(f"unknown option '--{key.replace('_', '-')}'.")
+            problems.append(f"unknown option '--{key.replace('_', '-')}'.{_suggest(key, list(index))}")
             continue
         group, field = index[key]
         if group is None:
@@ -224,7 +248,9 @@ def validate(cfg: RunConfig) -> list[str]:
         problems.append("--validation-fraction plus --test-fraction leave under 20% for training; lower them.")
     for path_field in ("data", "train", "validation", "test"):
         p = getattr(d, path_field)
-        if p is not None and not Path(p).is_file():
+        if p is not None and Path(p).is_dir():
+            problems.append(f"--{path_field} {p}: is a folder; pass one data file (CSV, TSV, JSONL/JSON or Parquet), e.g. --{path_field} {Path(p) / 'train.csv'}.")
+        elif p is not None and not Path(p).is_file():
             problems.append(f"--{path_field} {p}: file not found.")
     if cfg.evidence.general_text is not None and not Path(cfg.evidence.general_text).is_file():
         problems.append(f"--general-text {cfg.evidence.general_text}: file not found.")
@@ -235,6 +261,9 @@ def validate(cfg: RunConfig) -> list[str]:
         problems.append(f"--rungs: unknown rung(s) {unknown}; choose from {sorted(known)}.")
     if "fine_tuned" not in cfg.eval.rungs:
         problems.append("--rungs must include fine_tuned: it is what the run proves.")
+    if not {"zero_shot", "few_shot", "head_only"} & set(cfg.eval.rungs):
+        problems.append(f"--rungs {','.join(cfg.eval.rungs)}: the verdict compares fine_tuned with a rung that does not train the FM, so include zero_shot, "
+                        "few_shot or head_only (e.g. --rungs zero_shot,fine_tuned); the full report contract has zero_shot, few_shot, fine_tuned and from_scratch.")
     if any(not 0 < f < 1 for f in cfg.evidence.curve_fractions):
         problems.append("--curve-fractions: every fraction must be between 0 and 1 (100% is the fine_tuned rung).")
     return problems

@@ -100,8 +100,12 @@ def bootstrap_indices(n: int, resamples: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str], boot: np.ndarray) -> dict:
-    """Primary metric macro_f1, accuracy, per-class F1, confusion matrix, 95% bootstrap CIs."""
+CLASSIFICATION_METRICS = ("macro_f1", "accuracy")
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str], boot: np.ndarray, primary: str = "macro_f1") -> dict:
+    """macro_f1, accuracy, per-class F1, confusion matrix, 95% bootstrap CIs; the bootstrap draws of `primary` are
+    returned under _boot_primary for paired comparisons."""
     from sklearn.metrics import confusion_matrix, f1_score
 
     k = len(labels)
@@ -118,7 +122,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[
         # a class with no test example has no F1 (sklearn's 0.0 would read as "never right")
         "per_class_f1": {lab: (float(f) if (y_true == i).any() else None) for i, (lab, f) in enumerate(zip(labels, per_class))},
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=list(range(k))).tolist(),
-        "_boot_primary": boot_f1,
+        "_boot_primary": {"macro_f1": boot_f1, "accuracy": boot_acc}[primary],
     }
 
 

@@ -22,7 +22,8 @@ import numpy as np
 import fmtune
 from fmtune.config import RunConfig, to_yaml
 from fmtune.errors import ConfigError
-from fmtune.pipeline import GateFailed, _mark_interrupted, _progress, _record, choose_max_length, finish, model_token_limit, prepare_out_dir, print_summary, run_name, stage
+from fmtune.retention import gate as retention_gate
+from fmtune.pipeline import _mark_interrupted, _progress, console, _record, choose_max_length, disk_io, finish, model_token_limit, open_run_dir, print_summary, raise_if_gate_failed, run_name, stage
 
 DEFAULT_METRIC = "rouge_l"
 RETENTION_CHUNKS, RETENTION_CHUNK_TOKENS = 32, 128  # 4k tokens per model: base and tuned are scored on the same tokens
@@ -63,7 +64,7 @@ def choose_shots(tokenizer, train: list, test: list, k: int, budget: int, seed: 
     return shots, why
 
 
-def run_generation(cfg: RunConfig, command: str = "fmtune run") -> Path:
+def run_generation(cfg: RunConfig, command: str = "fmtune run", show_summary: bool = True) -> Path:
     """Run the whole evidence pipeline for a generation task; returns the finished run folder."""
     from transformers.utils import logging as hf_logging
 
@@ -75,7 +76,7 @@ def run_generation(cfg: RunConfig, command: str = "fmtune run") -> Path:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     primary = primary_metric(cfg)
-    started, wall_start = datetime.now(timezone.utc), time.perf_counter()
+    started, wall_start, io_start = datetime.now(timezone.utc), time.perf_counter(), disk_io()
     name, out, tmp = start_run(cfg)
     log: list[str] = []
     device = models.default_device()
@@ -97,7 +98,7 @@ def run_generation(cfg: RunConfig, command: str = "fmtune run") -> Path:
             lengths = {s: [len(e.input_ids) for e in enc] for s, enc in full.items()}
             limit = model_token_limit(base.config, tokenizer)
             max_length, max_length_why = choose_max_length(lengths["train"], limit, cfg.model.max_length)
-            audit = audit_mod.audit(splits.for_audit(), token_lengths=lengths, max_length=max_length, redacted=redacted)
+            audit = audit_mod.audit(splits.for_audit(), token_lengths=lengths, max_length=max_length, redacted=redacted, model_limit=limit, classes=False)
             audit = _generation_audit(audit, splits, gen_data.prompt_overlap(splits))
         enc = {s: [causal_lm.encode(tokenizer, p.chat(), p.completion, max_length) for p in ps] for s, ps in pairs.items()}
         truncated = {s: sum(e.truncated for e in rows) for s, rows in enc.items()}
@@ -131,14 +132,16 @@ def run_generation(cfg: RunConfig, command: str = "fmtune run") -> Path:
 
         # ---- no-training rungs
         test_chats = [p.chat() for p in pairs["test"]]
-        with stage("rung zero_shot", log):
-            rung("zero_shot", "the base model answers the prompt alone (chat template, greedy decoding)", base, test_chats, enc["test"], 0, 0.0)
+        if "zero_shot" in cfg.eval.rungs:
+            with stage("rung zero_shot", log):
+                rung("zero_shot", "the base model answers the prompt alone (chat template, greedy decoding)", base, test_chats, enc["test"], 0, 0.0)
         shots, shots_why = choose_shots(tokenizer, pairs["train"], pairs["test"], cfg.eval.few_shot_k, limit - new_tokens, seed)
-        shot_chats = [few_shot_conversation(shots, c) for c in test_chats]
-        with stage("rung few_shot", log):
-            shot_scored = [causal_lm.encode(tokenizer, c, p.completion) for c, p in zip(shot_chats, pairs["test"])]
-            rung("few_shot", f"the base model with {len(shots)} training pairs as previous chat turns in every prompt", base, shot_chats, shot_scored, len(shots), 0.0)
-        choices.append({"setting": "few_shot_k", "value": len(shots), "why": shots_why})
+        shot_chats = [few_shot_conversation(shots, c) for c in test_chats]  # also the break-even's prompt
+        if "few_shot" in cfg.eval.rungs:
+            with stage("rung few_shot", log):
+                shot_scored = [causal_lm.encode(tokenizer, c, p.completion) for c, p in zip(shot_chats, pairs["test"])]
+                rung("few_shot", f"the base model with {len(shots)} training pairs as previous chat turns in every prompt", base, shot_chats, shot_scored, len(shots), 0.0)
+            choices.append({"setting": "few_shot_k", "value": len(shots), "why": shots_why})
 
         # ---- trained rungs
         lora = cfg.train.method in ("auto", "lora")  # auto = LoRA for causal LMs
@@ -197,9 +200,7 @@ def run_generation(cfg: RunConfig, command: str = "fmtune run") -> Path:
         cost_ = verdict.cost(ladder, hardware, os.cpu_count() or 1, cfg.evidence.price_per_hour, curve_seconds, "generation")
         cost_.update(break_even(cost_, per_request))
         verdict_ = verdict.verdict(ladder, boots, primary, retention_, audit, curve, cost_)
-        gate = cfg.evidence.max_forgetting
-        gate_failed = gate is not None and retention_["relative_change"] > gate
-        verdict_["gates"] = {"max_forgetting": gate, "passed": not gate_failed}
+        verdict_["gates"] = retention_gate(retention_, cfg.evidence.max_forgetting)
         report = {
             "fmtune_version": fmtune.__version__,
             "run": {"name": name, "status": "complete", "started_at": started.isoformat(timespec="seconds"), "finished_at": None,
@@ -219,15 +220,15 @@ def run_generation(cfg: RunConfig, command: str = "fmtune run") -> Path:
             "inference": inf,
             "verdict": verdict_,
         }
-        finish(report, cfg, tmp, out, wall_start, model_path)
+        finish(report, cfg, tmp, out, wall_start, model_path, io_start)
     except BaseException as exc:
-        _mark_interrupted(tmp, out)
-        _record(tmp, name, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+        _mark_interrupted(tmp, out, resumable=False)
+        _record(out, name, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", work_dir=tmp)
         raise
-    return summarise(report, out, cfg)
+    return summarise(report, out, show_summary)
 
 
-def run_lm_classification(cfg: RunConfig, command: str = "fmtune run") -> Path:
+def run_lm_classification(cfg: RunConfig, command: str = "fmtune run", show_summary: bool = True) -> Path:
     """Classification with a causal LM: text/label data, each text a chat whose answer is its label word (LoRA by default),
     constrained scoring over the label set (fmtune.lm_classify). The classification metrics, CIs and verdict of
     fmtune.pipeline; retention, domain shift, cost per request and latency as in run_generation."""
@@ -236,11 +237,12 @@ def run_lm_classification(cfg: RunConfig, command: str = "fmtune run") -> Path:
     from fmtune import audit as audit_mod
     from fmtune import causal_lm, data, lm_classify, models, train, verdict
     from fmtune.evaluate import bootstrap_indices, classification_metrics
-    from fmtune.pipeline import PRIMARY, _rung
+    from fmtune.pipeline import _rung, classification_primary
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    started, wall_start = datetime.now(timezone.utc), time.perf_counter()
+    primary = classification_primary(cfg)
+    started, wall_start, io_start = datetime.now(timezone.utc), time.perf_counter(), disk_io()
     log: list[str] = []
     seed = cfg.seed
     # input problems stop the run before any folder is created
@@ -273,7 +275,7 @@ def run_lm_classification(cfg: RunConfig, command: str = "fmtune run") -> Path:
                 raise ConfigError(f"the instruction, the {len(labels)} labels and the chat template take {overhead} of the model's {limit} tokens, leaving no room "
                                   "for the text. Fix: shorter --label-descriptions, or a model with a longer context.")
             max_length, max_length_why = choose_max_length(lengths["train"], limit - overhead, cfg.model.max_length)
-            audit = audit_mod.audit(splits, token_lengths=lengths, max_length=max_length, redacted=redacted)
+            audit = audit_mod.audit(splits, token_lengths=lengths, max_length=max_length, redacted=redacted, model_limit=limit - overhead)
         prompt = lm_classify.LabelPrompt(tuple(labels), dict(cfg.data.label_descriptions), max_length)
         cut = {s: [lm_classify.cut(tokenizer, t, max_length) for t in ts] for s, ts in texts.items()}
         truncated = {s: sum(c for _, c in rows) for s, rows in cut.items()}
@@ -315,18 +317,20 @@ def run_lm_classification(cfg: RunConfig, command: str = "fmtune run") -> Path:
             if calibration is not None:
                 scores = calibration.apply(scores)
             predictions[rung_name] = scores.argmax(1)
-            row, boots[rung_name] = _rung(rung_name, description, y["test"], predictions[rung_name], labels, boot, train_examples, train_seconds, eval_seconds=round(eval_s, 3), **extra)
+            row, boots[rung_name] = _rung(rung_name, description, y["test"], predictions[rung_name], labels, boot, train_examples, train_seconds, primary, eval_seconds=round(eval_s, 3), **extra)
             ladder.append(row)
             return row
 
         # ---- no-training rungs: prompting the base model
-        with stage("rung zero_shot", log):
-            rung("zero_shot", "the base model, no labeled examples: the instruction and the label list, constrained scoring of the labels", base, [], 0, 0.0, calibrated=True)
+        if "zero_shot" in cfg.eval.rungs:
+            with stage("rung zero_shot", log):
+                rung("zero_shot", "the base model, no labeled examples: the instruction and the label list, constrained scoring of the labels", base, [], 0, 0.0, calibrated=True)
         shots, per_class, shots_why = lm_classify.choose_shots(tokenizer, prompt, texts["train"], y["train"], texts["test"] + texts["validation"], cfg.eval.few_shot_k, limit, seed)
-        with stage("rung few_shot", log):
-            rung("few_shot", f"the base model with {per_class} labeled examples per class ({len(shots)} in all) as previous chat turns in every prompt, constrained scoring",
-                 base, shots, len(shots), 0.0, calibrated=True, shots_per_class=per_class)
-        choices.append({"setting": "few_shot_k", "value": per_class, "why": shots_why})
+        if "few_shot" in cfg.eval.rungs:
+            with stage("rung few_shot", log):
+                rung("few_shot", f"the base model with {per_class} labeled examples per class ({len(shots)} in all) as previous chat turns in every prompt, constrained scoring",
+                     base, shots, len(shots), 0.0, calibrated=True, shots_per_class=per_class)
+            choices.append({"setting": "few_shot_k", "value": per_class, "why": shots_why})
         skipped = {}
         if "head_only" in cfg.eval.rungs:
             skipped["head_only"] = ("not run for a causal LM: head_only is a linear head on a frozen encoder's embeddings; here the no-training rungs are the "
@@ -362,8 +366,8 @@ def run_lm_classification(cfg: RunConfig, command: str = "fmtune run") -> Path:
         # ---- learning curve (stratified nested subsets)
         curve, curve_seconds = learning_curve_evidence(
             cfg, log, y["train"], lambda label, subset: train_rung(label, subset, False, ft_lr, lora),
-            lambda model: classification_metrics(y["test"], lm_classify.label_scores(model, tokenizer, prompt, texts["test"], [], bs, bf16).argmax(1), labels, boot),
-            ft_row, ft.epochs_run, boots["fine_tuned"], PRIMARY)
+            lambda model: classification_metrics(y["test"], lm_classify.label_scores(model, tokenizer, prompt, texts["test"], [], bs, bf16).argmax(1), labels, boot, primary),
+            ft_row, ft.epochs_run, boots["fine_tuned"], primary)
 
         # ---- retention and domain shift, as perplexity
         tuned = ft.model
@@ -393,14 +397,13 @@ def run_lm_classification(cfg: RunConfig, command: str = "fmtune run") -> Path:
         hardware = models.hardware_description()
         cost_ = verdict.cost(ladder, hardware, os.cpu_count() or 1, cfg.evidence.price_per_hour, curve_seconds, "classification")
         cost_.update(break_even(cost_, per_request))
-        verdict_ = verdict.verdict(ladder, boots, PRIMARY, retention_, audit, curve, cost_)
-        gate = cfg.evidence.max_forgetting
-        verdict_["gates"] = {"max_forgetting": gate, "passed": not (gate is not None and retention_["relative_change"] > gate)}
+        verdict_ = verdict.verdict(ladder, boots, primary, retention_, audit, curve, cost_)
+        verdict_["gates"] = retention_gate(retention_, cfg.evidence.max_forgetting)
         report = {
             "fmtune_version": fmtune.__version__,
             "run": {"name": name, "status": "complete", "started_at": started.isoformat(timespec="seconds"), "finished_at": None,
                     "wall_seconds": None, "seed": seed, "command": command, "stages": log},
-            "task": {"type": "classification", "primary_metric": PRIMARY, "labels": labels, "model_kind": "causal_lm", "prompt": prompt.to_dict()},
+            "task": {"type": "classification", "primary_metric": primary, "labels": labels, "model_kind": "causal_lm", "prompt": prompt.to_dict()},
             "data": {"train": len(y["train"]), "validation": len(y["validation"]), "test": len(y["test"]), "sha256": splits.sha256,
                      "files": splits.files, "dropped": splits.dropped, "truncated": truncated, "audit": audit},
             "base_model": {"name": model_name, "path": str(model_path), "parameters": models.count_parameters(base),
@@ -416,12 +419,12 @@ def run_lm_classification(cfg: RunConfig, command: str = "fmtune run") -> Path:
             "inference": inf,
             "verdict": verdict_,
         }
-        finish(report, cfg, tmp, out, wall_start, model_path)
+        finish(report, cfg, tmp, out, wall_start, model_path, io_start)
     except BaseException as exc:
-        _mark_interrupted(tmp, out)
-        _record(tmp, name, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+        _mark_interrupted(tmp, out, resumable=False)
+        _record(out, name, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", work_dir=tmp)
         raise
-    return summarise(report, out, cfg)
+    return summarise(report, out, show_summary)
 
 
 # ---------------------------------------------------------------- stages both causal-LM runs share
@@ -432,15 +435,15 @@ def start_run(cfg: RunConfig) -> tuple[str, Path, Path]:
     import torch
 
     name = run_name(cfg)
-    out = prepare_out_dir(cfg, name)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
+    out, tmp, resuming = open_run_dir(cfg, name)  # the same folder rules as every run: a stable partial folder, --overwrite/--resume checked
+    if resuming:  # an unfinished run of this configuration (its config.yaml matched): causal-LM training keeps no checkpoints yet
+        console.print(f"[yellow]note:[/] {tmp} holds an unfinished causal-LM run of this configuration; causal-LM runs keep no checkpoints, so it starts again from the beginning.")
         shutil.rmtree(tmp)
     (tmp / "logs").mkdir(parents=True)
     (tmp / "config.yaml").write_text(to_yaml(cfg))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    _record(tmp, name, "running")
+    _record(out, name, "running", work_dir=tmp)
     return name, out, tmp
 
 
@@ -539,25 +542,20 @@ def size_and_latency(cfg: RunConfig, base, tuned, tokenizer, model_path: Path, m
     }
 
 
-def summarise(report: dict, out: Path, cfg: RunConfig) -> Path:
-    """Print the ladder; raise GateFailed when --max-forgetting was passed (general-text perplexity rose too much)."""
-    print_summary(report, out)
-    gate, change = cfg.evidence.max_forgetting, report["retention"]["relative_change"]
-    if gate is not None and change > gate:
-        raise GateFailed(f"general-text perplexity rose {change:+.1%}, past --max-forgetting {gate:.0%}. The run folder {out} is complete; the gate failed.")
+def summarise(report: dict, out: Path, show_summary: bool = True) -> Path:
+    """Print the ladder; raise GateFailed when the run failed --max-forgetting."""
+    if show_summary:
+        print_summary(report, out)
+    raise_if_gate_failed(report, out)
     return out
 
 
 def _generation_audit(audit: dict, splits, prompt_overlap: int) -> dict:
-    """Adapt the classification audit to pairs: no classes; prompts seen in train counted; ignored chat turns reported."""
+    """Add what only pairs have to the audit (run with classes=False): prompts seen in train, ignored chat turns."""
     audit = dict(audit)
-    audit.pop("class_counts", None)
-    audit.pop("imbalance_ratio", None)
-    audit.pop("conflicting_labels", None)
     audit["checked_on"] = "prompt and completion together (duplicates, train/test overlap, PII)"
     audit["test_prompts_in_train"] = prompt_overlap
-    warnings = [w for w in audit["warnings"] if not w.startswith(("Classes with fewer", "Classes are imbalanced"))]
-    warnings = [w.replace("labeled training examples", "training pairs") for w in warnings]
+    warnings = list(audit["warnings"])
     if prompt_overlap:
         warnings.append(f"{prompt_overlap} test prompts also appear as training prompts (possibly with another completion): scores on them may be optimistic.")
     if splits.after_target:
@@ -568,7 +566,7 @@ def _generation_audit(audit: dict, splits, prompt_overlap: int) -> dict:
 
 
 def perplexity_retention(base: float, tuned: float, chunks: int, source: str, max_forgetting: float | None) -> dict:
-    from fmtune.retention import DEFAULT_THRESHOLD
+    from fmtune.retention import DEFAULT_THRESHOLD, forgetting
 
     rel = (tuned - base) / base
     threshold = max_forgetting if max_forgetting is not None else DEFAULT_THRESHOLD
@@ -578,7 +576,7 @@ def perplexity_retention(base: float, tuned: float, chunks: int, source: str, ma
         "fine_tuned": tuned,
         "relative_change": rel,
         "higher_is_better": False,
-        "flag": bool(rel > threshold),
+        "flag": bool(forgetting({"relative_change": rel, "higher_is_better": False}) > threshold),
         "threshold": threshold,
         "gate": max_forgetting,
         "explanation": (

@@ -35,14 +35,21 @@ def resolve_model_path(name: str) -> Path:
     path = Path(name).expanduser()
     if not path.is_dir():
         raise ModelError(
-            f"--model {name}: not a packaged model ({', '.join(PACKAGED_MODELS)}) and not a local folder. "
+            f"--model {name}: not a packaged model ({', '.join(PACKAGED_MODELS)} for classification, smollm2 for generation or "
+            "classification with a causal LM) and not a local folder. "
             "fmtune never downloads from a hub: pass a local Hugging Face model folder (config.json + *.safetensors)."
         )
     return path
 
 
+# A Hugging Face tokenizer is one of these sets of files (fast tokenizer.json, or a slow tokenizer's vocabulary files).
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.txt",), ("vocab.json", "merges.txt"), ("tokenizer.model",), ("spiece.model",), ("sentencepiece.bpe.model",))
+
+
 def check_safe_folder(path: Path) -> None:
-    """Refuse folders without safetensors weights (pickle is never loaded) or without a config."""
+    """Refuse folders without safetensors weights (pickle is never loaded), without a config, or without tokenizer files
+    (transformers would otherwise build a near-empty tokenizer that maps every word to [UNK], and training would learn
+    nothing while exiting 0)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: no config.json; expected a Hugging Face model folder.")
@@ -52,6 +59,13 @@ def check_safe_folder(path: Path) -> None:
         raise ModelError(
             f"{path}: no *.safetensors weights.{hint} Fix: convert once in a trusted environment, e.g. "
             "`AutoModel.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)`."
+        )
+    if not any(all((path / name).is_file() for name in group) for group in TOKENIZER_FILES):
+        expected = " or ".join("+".join(group) for group in TOKENIZER_FILES)
+        raise ModelError(
+            f"{path}: no tokenizer files (expected {expected}). Without them every word would become [UNK] and the model "
+            "would train on nothing. Fix: copy the tokenizer files of the same model into this folder "
+            "(`AutoTokenizer.from_pretrained(source).save_pretrained(folder)` in a trusted environment)."
         )
 
 
@@ -73,7 +87,31 @@ def weights_hash(path: Path) -> str:
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    check_safe_folder(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    check_tokenizer_vocabulary(path, tokenizer)
+    return tokenizer
+
+
+def check_tokenizer_vocabulary(path: Path, tokenizer) -> None:
+    """The tokenizer must fit the model: ids past the embedding table crash or index garbage, and a vocabulary far smaller
+    than the model's means the tokenizer files belong to another model (or were built from defaults)."""
+    import json
+
+    try:
+        vocab_size = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not isinstance(vocab_size, int) or vocab_size <= 0:
+        return
+    size = len(tokenizer)
+    if size > vocab_size or size < vocab_size // 2:
+        raise ModelError(
+            f"{path}: the tokenizer has {size} tokens but config.json says vocab_size {vocab_size}; "
+            + ("token ids past the model's embedding table cannot be looked up" if size > vocab_size else
+               "the tokenizer files do not belong to this model (most words would become [UNK] or wrong ids)")
+            + ". Fix: put the tokenizer files of the same model into this folder."
+        )
 
 
 def load_encoder(path: Path):

@@ -61,12 +61,30 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
     return float(num / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
 
 
+def forgetting(retention_: dict) -> float:
+    """The share of general knowledge the fine-tune lost, positive when it got worse, for every probe: a drop of a
+    higher-is-better score (recall) or a rise of a lower-is-better one (perplexity)."""
+    change = retention_["relative_change"]
+    return -change if retention_.get("higher_is_better", True) else change
+
+
+def gate(retention_: dict, max_forgetting: float | None) -> dict:
+    """The --max-forgetting gate: passed unless set and the probe lost more than it allows."""
+    return {"max_forgetting": max_forgetting, "passed": max_forgetting is None or forgetting(retention_) <= max_forgetting}
+
+
+def gate_failure(retention_: dict, max_forgetting: float, out) -> str:
+    worse = "dropped" if retention_.get("higher_is_better", True) else "rose"
+    return (f"retention: {retention_['probe']} {worse} {retention_['relative_change']:+.1%} ({retention_['base']:.3f} -> {retention_['fine_tuned']:.3f}), "
+            f"past --max-forgetting {max_forgetting:.0%}. The run folder {out} is complete; the gate failed.")
+
+
 def retention(base_emb: np.ndarray, tuned_emb: np.ndarray, owners: np.ndarray, source: str, max_forgetting: float | None) -> dict:
     base = same_document_recall(base_emb, owners)
     tuned = same_document_recall(tuned_emb, owners)
     rel = (tuned - base) / base if base > 0 else 0.0
     threshold = max_forgetting if max_forgetting is not None else DEFAULT_THRESHOLD
-    flag = rel < -threshold
+    flag = forgetting({"relative_change": rel, "higher_is_better": True}) > threshold
     cka = linear_cka(base_emb, tuned_emb)
     explanation = (
         f"Probe: for {len(owners)} general-domain sentences ({source}), how often each sentence's nearest neighbour in the "

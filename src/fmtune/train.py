@@ -119,10 +119,22 @@ def evaluate_split(model, ids: list[list[int]], y: np.ndarray, pad_id: int, batc
     return float(total) / len(ids), preds.cpu().numpy()
 
 
+BEST_IN_MEMORY_BYTES = 256 << 20  # best weights up to this size (and 5% of RAM) stay in memory; larger ones go to a file
+
+
+def _memory_limit() -> int:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return BEST_IN_MEMORY_BYTES
+    return min(BEST_IN_MEMORY_BYTES, total // 20)
+
+
 class BestWeights:
-    """The best epoch's weights so far, parked in a safetensors file (streamed: no in-memory copy of the model while it
-    is written) instead of a second in-RAM copy of the model. Kept in memory when the model is sharded (FSDP: each rank
-    holds its own shards) or when the disk cannot take the file."""
+    """The best epoch's weights so far. A small model's copy stays in memory: writing it at every improving epoch
+    wrote the model's size to disk again and again (MiniLM: 90 MB an epoch). A large one is parked in a safetensors
+    file (streamed: no second in-RAM copy while it is written), which a checkpoint then links instead of rewriting.
+    Always in memory when the model is sharded (FSDP: each rank holds its own shards) or the disk cannot take it."""
 
     def __init__(self, checkpoint_dir: Path | None, in_memory: bool) -> None:
         import shutil
@@ -141,10 +153,16 @@ class BestWeights:
             self._dir = Path(tempfile.mkdtemp(prefix=".best-", dir=checkpoint_dir))
             weakref.finalize(self, shutil.rmtree, self._dir, ignore_errors=True)  # also when training raises
 
+    @property
+    def file(self) -> Path | None:
+        """The file that holds the best weights, when they are on disk."""
+        return self._file if self._state is None else None
+
     def set(self, state: dict | None) -> None:
         if state is None:
             return
-        if self._dir is not None:
+        small = sum(t.numel() * t.element_size() for t in state.values()) <= _memory_limit()
+        if self._dir is not None and not small:
             target = self._dir / "best.safetensors"
             try:
                 checkpoint.write_safetensors(state, target.with_suffix(".tmp"))
@@ -153,6 +171,9 @@ class BestWeights:
                 return
             except (RuntimeError, ValueError, OSError):  # shared tensors or no disk room: keep this copy in memory
                 self._file = None
+        if self._file is not None:
+            self._file.unlink(missing_ok=True)
+            self._file = None
         self._state = {k: v.detach().clone() for k, v in state.items()}
 
     def clear(self) -> None:
@@ -359,11 +380,15 @@ def fit(
     real_tokens = 0
     start = time.perf_counter() - state.start_seconds
 
+    policy = checkpoint.Policy(cfg.checkpoint_every, cfg.checkpoint_seconds, deterministic=sharded(model))
+
     def save(epoch: int, batch: int, epoch_rng: dict, loss_total: float) -> None:
         if checkpoint_dir is None or not (world.main or sharded(model)):  # FSDP: every rank gathers its shards, rank 0 writes
             return
         snapshot = checkpoint.TrainState(step, epoch, batch, epoch_rng, scheduler.state_dict(), list(best), best_epoch, bad_epochs, history, loss_total, time.perf_counter() - start)
-        checkpoint.save(checkpoint_dir, model, optimizer, snapshot, best_state.get())
+        best_file = best_state.file
+        checkpoint.save(checkpoint_dir, model, optimizer, snapshot, None if best_file else best_state.get(), best_file=best_file)
+        policy.saved()
 
     done = bad_epochs >= cfg.patience
     interrupt = _InterruptFlag() if sharded(model) else _InterruptFlag().install()  # FSDP: ranks cannot agree on the step to checkpoint at
@@ -423,7 +448,7 @@ def fit(
                 progress(len(idx), {})
             if step % TRIM_EVERY == 0:
                 release_freed_memory()
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and b + 1 < len(batches):
+            if policy.within_epoch(step) and b + 1 < len(batches):
                 save(epoch, b + 1, epoch_rng, float(all_sum(loss_sum.clone(), world)))
         train_loss = float(all_sum(loss_sum, world)) / len(train_ids)
         if not math.isfinite(train_loss):
@@ -446,7 +471,10 @@ def fit(
         else:
             bad_epochs += 1
             done = bad_epochs >= cfg.patience
-        save(epoch + 1, 0, rng.bit_generator.state, 0.0)
+        if policy.at_epoch_end() and not done and epoch < cfg.epochs:  # the rung's end is marked by the caller (checkpoint.mark_done)
+            save(epoch + 1, 0, rng.bit_generator.state, 0.0)
+        elif interrupt.requested:  # Ctrl-C during the validation pass: checkpoint here, as at any step
+            save(epoch + 1, 0, rng.bit_generator.state, 0.0)
     interrupt.uninstall()
     undo_fast_dropout()
     del runner, forward

@@ -47,7 +47,10 @@ def verdict(ladder: list[dict], boots: dict, primary: str, retention: dict | Non
 
     rungs = {r["name"]: r for r in ladder}
     ft = rungs["fine_tuned"]["metrics"][primary]
-    no_training = [n for n in ("zero_shot", "few_shot") if n in rungs]
+    # the best rung that does not train the FM: prompting it (zero_shot, few_shot), else a head on its frozen features
+    no_training = [n for n in ("zero_shot", "few_shot") if n in rungs] or [n for n in ("head_only",) if n in rungs]
+    if not no_training:
+        raise ValueError("verdict: the ladder has no rung to compare fine_tuned with (zero_shot, few_shot or head_only); config.validate requires one")
     baseline = max(no_training, key=lambda n: rungs[n]["metrics"][primary])
     base_value = rungs[baseline]["metrics"][primary]
     gain = ft - base_value
@@ -61,7 +64,7 @@ def verdict(ladder: list[dict], boots: dict, primary: str, retention: dict | Non
     else:
         reasons.append(f"fine_tuned {primary} {ft:.3f} vs {baseline} {base_value:.3f}: {gain:+.3f}, but the paired 95% CI {ci[0]:+.3f} to {ci[1]:+.3f} includes 0, so the gain is inside the noise; no recommendation to fine-tune")
     recommend = beyond_noise
-    if "head_only" in rungs:
+    if "head_only" in rungs and baseline != "head_only":
         h = rungs["head_only"]["metrics"][primary]
         hci = paired_gain_ci(boots["fine_tuned"], boots["head_only"])
         if recommend and hci[0] > 0:

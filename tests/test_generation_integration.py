@@ -100,3 +100,31 @@ def test_generation_quickstart_end_to_end_on_a_subset(tmp_path):
     assert rungs["fine_tuned"]["metrics"]["exact_match"] > rungs["zero_shot"]["metrics"]["exact_match"]
     assert all(len(r["ci95"]["exact_match"]) == 2 for r in rungs.values())
     assert report["levers"]["bf16_weights"] in (None, "autocast", "bf16 copy of the weights, fp32 master weights")
+
+
+def test_fmtune_serve_answers_v1_generate_on_a_smollm2_run(smollm2, cache, tmp_path, monkeypatch):
+    """`fmtune run` on 40 word-form questions (SmolLM2 + LoRA, 1 epoch, no learning curve: about 90 s on 2 cores),
+    then `fmtune serve` on the run folder: the generation model is served and POST /v1/generate answers."""
+    import os
+    import subprocess
+    import sys
+
+    from fastapi.testclient import TestClient
+    from test_cli import AUTH, serve_through_the_cli
+
+    monkeypatch.setenv("FMTUNE_CACHE", str(tmp_path / "cache"))
+    data = gen_data.word_forms_jsonl(0, 40)
+    run = tmp_path / "runs" / "smol"
+    env = {**os.environ, "FMTUNE_CACHE": str(cache), "FMTUNE_REGISTRY": str(tmp_path / "registry.sqlite")}  # cache: the converted SmolLM2
+    proc = subprocess.run([sys.executable, "-m", "fmtune.cli", "run", "--data", str(data), "--model", "smollm2", "--task", "generation", "--method", "lora",
+                           "--epochs", "1", "--no-curve", "--bootstrap", "100", "--latency-repeats", "3", "--few-shot-k", "1", "--max-new-tokens", "4",
+                           "--metric", "exact_match", "--out", str(run), "--name", "smol"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    app = serve_through_the_cli(run, tmp_path, monkeypatch)["app"]
+    with TestClient(app) as client:
+        r = client.post("/v1/generate", json={"prompts": ["What is the plural of 'banana'?"], "max_new_tokens": 8}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == "smol" and len(body["completions"]) == 1 and body["completions"][0].strip()
+        assert client.get("/v1/model", headers=AUTH).json()["task"] == "generation"

@@ -38,6 +38,21 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from fmtune import __version__
+
+        print(f"fmtune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version, help="Print fmtune's version and exit."),
+) -> None:  # the options before the command; the group's help text is the one given to typer.Typer above
+    pass
+
+
 # --------------------------------------------------------------------------- `fmtune run`, generated from the config
 def _parse_mapping(text: str) -> dict[str, str]:
     out = {}
@@ -142,7 +157,7 @@ def quickstart(
     task: str = typer.Option("classification", help="classification (MiniLM on Rotten Tomatoes snippets) or generation (SmolLM2-135M-Instruct + LoRA on packaged question/answer pairs, see --dataset)."),
     examples: Optional[int] = typer.Option(None, help="Examples to use. Classification: Rotten Tomatoes snippets, stratified (default 3200). Generation: question/answer pairs (default 420 word-forms, 100 chatterbot)."),
     dataset: str = typer.Option("word-forms", help="Generation only: word-forms (one-word answers: plurals, tenses, comparatives, opposites, nationalities, capitals, currencies, from gensim's questions-words.txt) or chatterbot (chit-chat and trivia question -> answer pairs from chatterbot-corpus)."),
-    out: Path = typer.Option(Path("runs/quickstart"), help="Run folder (replaced if it exists)."),
+    out: Path = typer.Option(Path("runs/quickstart"), help="Run folder (replaced if it holds an earlier fmtune run)."),
     method: str = typer.Option("full", help="full or lora."),
     curve: bool = typer.Option(True, help="Run the learning curve."),
     seed: int = typer.Option(0, help="Random seed."),
@@ -244,7 +259,7 @@ def _register_optional_commands() -> None:
     from fmtune.registry import runs_app, verify_command
 
     app.add_typer(runs_app, name="runs")
-    app.command("verify", help="Re-hash a run folder's outputs (and inputs) and report any mismatch with its manifest.")(verify_command)
+    app.command("verify", help="Re-hash every file of a run folder (model, model card, reports, config, logs) and its inputs against manifest.json; with a key, check the manifest's HMAC signature.")(verify_command)
 
 
 _register_optional_commands()
@@ -263,7 +278,8 @@ def serve(
     micro_batching: bool = typer.Option(True, help="Batch concurrent requests together (off: one request at a time)."),
     torch_threads: Optional[int] = typer.Option(None, help="CPU threads for the model (default: torch's choice)."),
 ) -> None:
-    """Serve a run's model over HTTP (FastAPI): POST /v1/predict, POST /v1/generate, GET /v1/model, GET /healthz, /docs."""
+    """Serve a run's model over HTTP (FastAPI): POST /v1/predict (classification runs) or POST /v1/generate (generation
+    runs), GET /v1/model, GET /healthz, /docs."""
     from fmtune.serve import ServeConfig, load_api_keys
     from fmtune.serve import serve as serve_run
 
@@ -280,6 +296,8 @@ def _main_group() -> click.Group:
 
 
 def main() -> None:
+    """Run the command line. Usage errors (a missing argument, an unknown command or option) print the usage and one
+    `Error:` line and exit 2; fmtune's own errors print one `error:` line and exit 2 (3 for a failed gate)."""
     from rich.console import Console
 
     err = Console(stderr=True)
@@ -287,14 +305,18 @@ def main() -> None:
         code = _main_group()(standalone_mode=False)  # without standalone mode click returns exit codes (e.g. 130 on Ctrl-C)
         if isinstance(code, int) and code:
             sys.exit(code)
-    except click.exceptions.Exit as exc:
+    except (click.exceptions.Exit, typer.Exit) as exc:
         sys.exit(exc.exit_code)
     except SystemExit:
         raise
-    except click.ClickException as exc:
-        exc.show()
+    # typer ships its own copy of click: its commands raise typer's exceptions, `fmtune run` (a click.Command) click's
+    except (click.ClickException, typer.TyperException) as exc:
+        if hasattr(exc, "show"):  # usage, then the one-line error (for a command group without its command: the help)
+            exc.show()
+        else:
+            print(f"Error: {exc.format_message()}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         err.print("[yellow]aborted[/]")
         sys.exit(130)
     except KeyboardInterrupt:

@@ -38,7 +38,8 @@ class Predictor:
         report_path = run_dir / "report.json"
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
         if report.get("task", {}).get("type", "classification") != "classification":
-            raise FmtuneError(f"{run_dir}: this run is a {report['task']['type']} run; use --prompt for generation runs.")
+            raise FmtuneError(f"{run_dir}: this run is a {report['task']['type']} run, not a classifier; load it with "
+                              "fmtune.predict.load_predictor (or `fmtune predict RUN --prompt ...`).")
         use_bf16 = bf16_supported(torch.device("cpu")) if bf16 is None else bf16
         from fmtune.lm_classify import LabelPrompt
 
@@ -91,3 +92,22 @@ class Predictor:
 
     def _rows(self, probs) -> list[dict]:
         return [{"label": self.labels[int(row.argmax())], "probabilities": {lab: float(p) for lab, p in zip(self.labels, row)}} for row in probs]
+
+
+def load_predictor(run_dir: Path | str, bf16: bool | None = None) -> Any:
+    """The run's model, by the task its report.json names: a fmtune.causal_lm.GenerationPredictor (.generate) for a
+    generation run, otherwise a Predictor (.predict). A folder without report.json loads as a classifier."""
+    run_dir = Path(run_dir)
+    report_path = run_dir / "report.json"
+    task = None
+    if report_path.is_file():
+        try:
+            task = json.loads(report_path.read_text(encoding="utf-8")).get("task", {}).get("type")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise FmtuneError(f"{report_path}: not a JSON report ({exc}); is this a finished fmtune run folder? "
+                              "`fmtune verify RUN_DIR` checks its files against manifest.json.") from None
+    if task == "generation":
+        from fmtune.causal_lm import GenerationPredictor
+
+        return GenerationPredictor.from_run(run_dir, bf16=bf16)
+    return Predictor.from_run(run_dir, bf16=bf16)

@@ -570,20 +570,21 @@ class NoQueryString(logging.Filter):
 
 
 def serve(run_dir: Path, cfg: ServeConfig) -> None:
-    """Load the run's model and serve it with uvicorn until interrupted (Ctrl-C)."""
+    """Load the run's model (a classifier, or a generator for a generation run) and serve it with uvicorn until
+    interrupted (Ctrl-C)."""
     import copy
 
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
-    from fmtune.predict import Predictor
+    from fmtune.predict import load_predictor
 
     check_config(cfg)
     if cfg.torch_threads:
         import torch
 
         torch.set_num_threads(cfg.torch_threads)
-    predictor = Predictor.from_run(run_dir)
+    predictor = load_predictor(run_dir)  # by report.json's task.type: /v1/generate or /v1/predict
     app = create_app(predictor, cfg)
     log_config = copy.deepcopy(LOGGING_CONFIG)
     log_config["loggers"]["fmtune"] = {"handlers": ["default"], "level": "INFO", "propagate": False}

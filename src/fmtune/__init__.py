@@ -1,6 +1,6 @@
 """fmtune: fine-tune a foundation model on labeled data and prove, on held-out data, what it bought."""
 
-__version__ = "0.1.0"
+from fmtune.version import __version__
 
 
 def run(data=None, **options):

@@ -591,7 +591,7 @@ class GenerationPredictor:
 
     def generate(self, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
         """Greedy completions, one per prompt (each a user message in the model's chat template), in input order."""
-        from fmtune.pipeline import model_token_limit
+        from fmtune.models import model_token_limit
 
         budget = max(1, model_token_limit(self.model.config, self.tokenizer) - max_new_tokens)
         conversations = [[{"role": "user", "content": p}] for p in prompts]

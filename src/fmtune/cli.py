@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 
@@ -40,7 +39,7 @@ app = typer.Typer(
 
 def _print_version(value: bool) -> None:
     if value:
-        from fmtune import __version__
+        from fmtune.version import __version__
 
         print(f"fmtune {__version__}")
         raise typer.Exit()

@@ -16,11 +16,28 @@ def autocast(device, enabled: bool):
     return torch.autocast(device_type=getattr(device, "type", "cpu"), dtype=torch.bfloat16)
 
 
+def pad_table(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every text padded once to the longest: an (N, width) int64 table and the N lengths."""
+    lengths = np.fromiter((len(r) for r in ids), dtype=np.int64, count=len(ids))
+    table = np.full((len(ids), int(lengths.max(initial=1))), pad_id, dtype=np.int64)
+    for j, r in enumerate(ids):
+        table[j, : len(r)] = r
+    return table, lengths
+
+
+def batch_tensors(table: np.ndarray, lengths: np.ndarray, idx: np.ndarray, device, pad_to: int | None = None):
+    """input_ids and attention_mask of the rows `idx`, cut to their longest text (or padded to `pad_to`)."""
+    import torch
+
+    width = pad_to or int(lengths[idx].max())
+    rows = table[idx, :width]
+    mask = np.arange(width)[None, :] < lengths[idx, None]
+    return torch.from_numpy(rows).to(device, non_blocking=True), torch.from_numpy(mask.astype(np.int64)).to(device, non_blocking=True)
+
+
 def _length_sorted_batches(tokenizer, texts: list[str], max_length: int, batch_size: int, device, ids: list[list[int]] | None = None):
     """Tokenise once (unless the caller already did: `ids`), pad once, then yield (rows, input_ids, attention_mask)
     longest-first, each cut to its longest."""
-    from fmtune.train import batch_tensors, pad_table
-
     if ids is None:
         ids = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -19,11 +19,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-import fmtune
+from fmtune.version import __version__
 from fmtune.config import RunConfig, to_yaml
 from fmtune.errors import ConfigError
 from fmtune.retention import gate as retention_gate
-from fmtune.pipeline import _mark_interrupted, _progress, console, _record, choose_max_length, disk_io, finish, model_token_limit, open_run_dir, print_summary, raise_if_gate_failed, run_name, stage
+from fmtune.models import model_token_limit
+from fmtune.runner.console import console, print_summary, progress_bar, raise_if_gate_failed, stage
+from fmtune.runner.folder import disk_io, mark_interrupted, open_run_dir, record, run_name
+from fmtune.runner.ladder import choose_max_length
+from fmtune.runner.report import finish
 
 DEFAULT_METRIC = "rouge_l"
 RETENTION_CHUNKS, RETENTION_CHUNK_TOKENS = 32, 128  # 4k tokens per model: base and tuned are scored on the same tokens
@@ -117,7 +121,7 @@ def run_generation(cfg: RunConfig, command: str = "fmtune run", show_summary: bo
         new_tokens, bs = cfg.eval.max_new_tokens, cfg.eval.eval_batch_size
 
         def rung(rung_name: str, description: str, model, conversations: list[list[dict]], scored: list, train_examples: int, train_seconds: float, **extra) -> dict:
-            with _progress() as prog:
+            with progress_bar() as prog:
                 task = prog.add_task(f"{rung_name}: generating", total=len(conversations), info="")
                 t0 = time.perf_counter()
                 preds = causal_lm.generate(model, tokenizer, conversations, new_tokens, bs, bf16, limit - new_tokens, lambda n: prog.advance(task, n))
@@ -202,7 +206,7 @@ def run_generation(cfg: RunConfig, command: str = "fmtune run", show_summary: bo
         verdict_ = verdict.verdict(ladder, boots, primary, retention_, audit, curve, cost_)
         verdict_["gates"] = retention_gate(retention_, cfg.evidence.max_forgetting)
         report = {
-            "fmtune_version": fmtune.__version__,
+            "fmtune_version": __version__,
             "run": {"name": name, "status": "complete", "started_at": started.isoformat(timespec="seconds"), "finished_at": None,
                     "wall_seconds": None, "seed": seed, "command": command, "stages": log},
             "task": {"type": "generation", "primary_metric": primary, "max_new_tokens": new_tokens, "decoding": "greedy"},
@@ -222,8 +226,8 @@ def run_generation(cfg: RunConfig, command: str = "fmtune run", show_summary: bo
         }
         finish(report, cfg, tmp, out, wall_start, model_path, io_start)
     except BaseException as exc:
-        _mark_interrupted(tmp, out, resumable=False)
-        _record(out, name, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", work_dir=tmp)
+        mark_interrupted(tmp, out, resumable=False)
+        record(out, name, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", work_dir=tmp)
         raise
     return summarise(report, out, show_summary)
 
@@ -237,7 +241,7 @@ def run_lm_classification(cfg: RunConfig, command: str = "fmtune run", show_summ
     from fmtune import audit as audit_mod
     from fmtune import causal_lm, data, lm_classify, models, train, verdict
     from fmtune.evaluate import bootstrap_indices, classification_metrics
-    from fmtune.pipeline import _rung, classification_primary
+    from fmtune.runner.ladder import classification_primary, classification_rung
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -300,7 +304,7 @@ def run_lm_classification(cfg: RunConfig, command: str = "fmtune run", show_summ
             """Scores the test split; with `calibrated` (the no-training rungs) the content-free texts and the validation split
             first, to choose raw or calibrated scores on validation (lm_classify.fit_calibration)."""
             calibration = None
-            with _progress() as prog:
+            with progress_bar() as prog:
                 if calibrated:
                     n_cal = len(lm_classify.CONTENT_FREE) + len(texts["validation"])
                     task = prog.add_task(f"{rung_name}: content-free and validation texts (calibration)", total=n_cal, info="")
@@ -317,7 +321,7 @@ def run_lm_classification(cfg: RunConfig, command: str = "fmtune run", show_summ
             if calibration is not None:
                 scores = calibration.apply(scores)
             predictions[rung_name] = scores.argmax(1)
-            row, boots[rung_name] = _rung(rung_name, description, y["test"], predictions[rung_name], labels, boot, train_examples, train_seconds, primary, eval_seconds=round(eval_s, 3), **extra)
+            row, boots[rung_name] = classification_rung(rung_name, description, y["test"], predictions[rung_name], labels, boot, train_examples, train_seconds, primary, eval_seconds=round(eval_s, 3), **extra)
             ladder.append(row)
             return row
 
@@ -400,7 +404,7 @@ def run_lm_classification(cfg: RunConfig, command: str = "fmtune run", show_summ
         verdict_ = verdict.verdict(ladder, boots, primary, retention_, audit, curve, cost_)
         verdict_["gates"] = retention_gate(retention_, cfg.evidence.max_forgetting)
         report = {
-            "fmtune_version": fmtune.__version__,
+            "fmtune_version": __version__,
             "run": {"name": name, "status": "complete", "started_at": started.isoformat(timespec="seconds"), "finished_at": None,
                     "wall_seconds": None, "seed": seed, "command": command, "stages": log},
             "task": {"type": "classification", "primary_metric": primary, "labels": labels, "model_kind": "causal_lm", "prompt": prompt.to_dict()},
@@ -421,8 +425,8 @@ def run_lm_classification(cfg: RunConfig, command: str = "fmtune run", show_summ
         }
         finish(report, cfg, tmp, out, wall_start, model_path, io_start)
     except BaseException as exc:
-        _mark_interrupted(tmp, out, resumable=False)
-        _record(out, name, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", work_dir=tmp)
+        mark_interrupted(tmp, out, resumable=False)
+        record(out, name, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", work_dir=tmp)
         raise
     return summarise(report, out, show_summary)
 
@@ -443,7 +447,7 @@ def start_run(cfg: RunConfig) -> tuple[str, Path, Path]:
     (tmp / "config.yaml").write_text(to_yaml(cfg))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    _record(out, name, "running", work_dir=tmp)
+    record(out, name, "running", work_dir=tmp)
     return name, out, tmp
 
 
@@ -466,7 +470,7 @@ def fit_rung(cfg: RunConfig, model_path: Path, device, label: str, train: list, 
 
     torch.manual_seed(cfg.seed)
     model = causal_lm.load_model(model_path, from_scratch=from_scratch).to(device)
-    with _progress() as prog:
+    with progress_bar() as prog:
         task = prog.add_task(label, total=len(train) * cfg.train.epochs, info="")
 
         def progress(n: int, row: dict) -> None:

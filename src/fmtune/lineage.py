@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fmtune import __version__
+from fmtune.version import __version__
 from fmtune.errors import FmtuneError
 
 MANIFEST_NAME = "manifest.json"

@@ -69,6 +69,14 @@ def check_safe_folder(path: Path) -> None:
         )
 
 
+def model_token_limit(model_config, tokenizer) -> int:
+    """The most tokens the model reads: its position embeddings, or the tokenizer's limit when that is smaller."""
+    limits = [getattr(model_config, "max_position_embeddings", 512) or 512]
+    if tokenizer.model_max_length and tokenizer.model_max_length < 100_000:
+        limits.append(tokenizer.model_max_length)
+    return int(min(limits))
+
+
 def hash_files(paths: list[Path]) -> str:
     """sha256 over the bytes of the given files, in sorted order of name."""
     h = hashlib.sha256()

@@ -6,204 +6,25 @@ run folder atomically (everything goes to a temporary folder that is renamed whe
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
-import fmtune
+from fmtune.version import __version__
 from fmtune.config import RunConfig, to_yaml
 from fmtune.errors import ConfigError, FmtuneError
-
-console = Console(stderr=True)
-PRIMARY = "macro_f1"  # the default primary metric of classification (--metric)
-
-
-def classification_primary(cfg: RunConfig) -> str:
-    """The metric the ladder, learning curve and verdict of a classification run are decided on (--metric)."""
-    from fmtune.evaluate import CLASSIFICATION_METRICS
-
-    metric = cfg.eval.metric or PRIMARY
-    if metric not in CLASSIFICATION_METRICS:
-        raise ConfigError(f"--metric {metric}: not a classification metric; choose one of {', '.join(CLASSIFICATION_METRICS)} (default {PRIMARY}).")
-    return metric
-
-
-class GateFailed(FmtuneError):
-    """The run finished but failed a gate the user set (e.g. --max-forgetting)."""
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
-    )
-
-
-@contextlib.contextmanager
-def stage(name: str, log: list[str]):
-    """Print a line when a stage ends, with its wall time; keep it for logs/run.log."""
-    start = time.perf_counter()
-    console.print(f"[cyan]>[/] {name} ...")
-    yield
-    line = f"{name}: {time.perf_counter() - start:.1f} s"
-    log.append(line)
-    console.print(f"[green]✓[/] {line}")
-
-
-def choose_max_length(train_lengths: list[int], model_limit: int, given: int | None) -> tuple[int, str]:
-    """Max tokens per text: given, or the 99th percentile of training lengths rounded up to 8, capped by the model."""
-    truncated = lambda m: sum(1 for n in train_lengths if n > m)  # noqa: E731
-    if given is not None:
-        m = min(given, model_limit)
-        return m, f"set with --max-length {given}" + (f", capped at the model's limit {model_limit}" if given > model_limit else "") + f"; {truncated(m)} training texts truncated"
-    p99 = int(np.percentile(train_lengths, 99))
-    m = max(16, min(model_limit, int(np.ceil(p99 / 8) * 8)))
-    why = f"99th percentile of training token lengths ({p99}) rounded up to a multiple of 8"
-    if p99 > model_limit:
-        why += f", capped at the model's limit {model_limit} (long texts: consider chunking)"
-    return m, f"{why}; {truncated(m)} of {len(train_lengths)} training texts ({truncated(m) / max(len(train_lengths), 1):.1%}) truncated"
-
-
-def model_token_limit(model_config, tokenizer) -> int:
-    limits = [getattr(model_config, "max_position_embeddings", 512) or 512]
-    if tokenizer.model_max_length and tokenizer.model_max_length < 100_000:
-        limits.append(tokenizer.model_max_length)
-    return int(min(limits))
-
-
-def run_name(cfg: RunConfig) -> str:
-    if cfg.name:
-        return cfg.name
-    src = cfg.data.data or cfg.data.train
-    stem = Path(str(src)).name.split(".")[0] if src else "run"
-    return f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def _comparable(cfg: RunConfig) -> dict:
-    """The config without the keys that only say where and how to (re)start."""
-    d = cfg.model_dump(mode="json")
-    for key in ("name", "out", "overwrite", "resume"):
-        d.pop(key, None)
-    return d
-
-
-def partial_dir(out: Path) -> Path:
-    """Where an unfinished run lives until it is complete (a stable name, so that a re-run finds it)."""
-    return out.parent / f".{out.name}.partial"
-
-
-def _find_resumable(cfg: RunConfig) -> Path | None:
-    import yaml
-
-    root = Path(cfg.out).parent if cfg.out else Path("runs")
-    candidates = sorted(root.glob(".*.partial"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for folder in candidates:
-        try:
-            saved = RunConfig.model_validate(yaml.safe_load((folder / "config.yaml").read_text()))
-        except Exception:
-            continue
-        if _comparable(saved) == _comparable(cfg):
-            return folder.parent / folder.name[1 : -len(".partial")]
-    return None
-
-
-def prepare_out_dir(cfg: RunConfig, name: str) -> Path:
-    """The final run folder (kept for callers that manage their own temporary folder)."""
-    return open_run_dir(cfg, name)[0]
-
-
-def open_run_dir(cfg: RunConfig, name: str) -> tuple[Path, Path, bool]:
-    """(final folder, partial folder, resuming?) after checking what is already on disk."""
-    import yaml
-
-    out = Path(cfg.out) if cfg.out else Path("runs") / name
-    if cfg.resume and not (cfg.name or cfg.out):
-        found = _find_resumable(cfg)
-        if found is None:
-            raise ConfigError("--resume: no unfinished run with this configuration under runs/. Pass --name/--out of the run to resume, or drop --resume.")
-        out = found
-    check_run_target(out)
-    partial = partial_dir(out)
-    if out.exists() or out.is_symlink():
-        if not cfg.overwrite:
-            raise ConfigError(f"{out} already exists. Fix: pass --overwrite to replace it (only an fmtune run folder or an empty folder is replaced), or --name/--out for a new run folder.")
-        check_replaceable(out)
-    resuming = False
-    if partial.exists() or partial.is_symlink():
-        try:
-            saved = RunConfig.model_validate(yaml.safe_load((partial / "config.yaml").read_text()))
-            same = _comparable(saved) == _comparable(cfg)
-            ours = True
-        except Exception:
-            same, ours = False, False
-        if same and not cfg.overwrite:
-            resuming = True
-        elif cfg.overwrite:
-            if not ours and not _is_empty_dir(partial):
-                raise ConfigError(f"{partial} is in the place of this run's unfinished folder but holds no fmtune run configuration (config.yaml); fmtune deletes only what it created. "
-                                  "Fix: move it away, or pass --name/--out for a new run.")
-            shutil.rmtree(partial)
-        else:
-            raise ConfigError(f"{partial} holds an unfinished run with a different configuration. Fix: pass --overwrite to discard it, or --name/--out for a new run.")
-    elif cfg.resume:
-        raise ConfigError(f"--resume: there is no unfinished run at {partial}.")
-    return out, partial, resuming
-
-
-def _is_empty_dir(path: Path) -> bool:
-    return path.is_dir() and not path.is_symlink() and next(path.iterdir(), None) is None
-
-
-def is_fmtune_run(path: Path) -> bool:
-    """Whether `path` holds a finished fmtune run: a manifest.json that fmtune wrote (manifest and fmtune versions)."""
-    try:
-        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and "manifest_version" in manifest and "fmtune_version" in manifest
-
-
-def check_run_target(out: Path) -> None:
-    """Refuse run folders whose replacement would destroy a user's files: the filesystem root, the home folder, the
-    current folder or any folder above it (a run is written beside its folder and renamed into place)."""
-    where = Path(out).expanduser().resolve()
-    cwd = Path.cwd().resolve()
-    home = Path.home().resolve()
-    reasons = []
-    if where == Path(where.anchor):
-        reasons.append("it is the filesystem root")
-    if where == home:
-        reasons.append("it is your home folder")
-    if where == cwd or where in cwd.parents:
-        reasons.append("it is the current folder" if where == cwd else "it holds the current folder")
-    if reasons:
-        raise ConfigError(f"--out {out}: cannot be a run folder: {' and '.join(reasons)} ({where}). A run folder is replaced as a whole, "
-                          "so fmtune refuses it. Fix: name a new folder, e.g. --out runs/my-run.")
-
-
-def check_replaceable(out: Path) -> None:
-    """--overwrite replaces only what fmtune created: a finished run folder (its manifest.json) or an empty folder."""
-    if out.is_symlink() or not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is {'a symbolic link' if out.is_symlink() else 'not a folder'}; fmtune replaces only a run folder it wrote. "
-                          "Fix: pass --name/--out for a new run folder.")
-    if is_fmtune_run(out) or _is_empty_dir(out):
-        return
-    entries = sorted(p.name for p in out.iterdir())
-    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
-    raise ConfigError(f"--out {out}: --overwrite replaces only an fmtune run folder (one with fmtune's manifest.json) or an empty folder, "
-                      f"and {out} holds other files ({shown}). Nothing was deleted. Fix: pass --name/--out for a new run folder, "
-                      "or move those files away yourself.")
-
+# the runner's shared parts, named here too for the callers that import them from fmtune.pipeline
+from fmtune.runner.console import GateFailed, console, print_summary, progress_bar, raise_if_gate_failed, stage  # noqa: F401
+from fmtune.runner.folder import (  # noqa: F401
+    check_replaceable, check_run_target, disk_io, mark_interrupted, open_run_dir, partial_dir, record, replace_folder, run_name,
+)
+from fmtune.runner.ladder import PRIMARY, choose_max_length, classification_primary, classification_rung  # noqa: F401
+from fmtune.runner.report import finish
 
 MIN_TRAIN_STEPS = 300  # a small training set gets enough epochs for about this many optimizer steps (see max_epochs)
 MAX_DERIVED_EPOCHS = 30
@@ -264,15 +85,6 @@ def _head_learning_rate_why(train) -> str:
             f"a randomly initialised head at the encoder's rate learns too slowly, above all with many classes "
             f"(benchmarks/head_lr_sets.py, test macro-F1 over 3 seeds: +0.13 with 20 classes, +0.08 with 19, +0.04 with 9, +0.003 with 2). "
             f"Set --head-learning-rate to override")
-
-
-def _rung(name: str, description: str, y_true, y_pred, labels, boot, train_examples: int, train_seconds: float, primary: str = PRIMARY, **extra) -> tuple[dict, np.ndarray]:
-    from fmtune.evaluate import classification_metrics
-
-    m = classification_metrics(np.asarray(y_true), np.asarray(y_pred), labels, boot, primary)
-    boot_primary = m.pop("_boot_primary")
-    row = {"name": name, "description": description, **m, "train_examples": int(train_examples), "train_seconds": round(float(train_seconds), 3), **extra}
-    return row, boot_primary
 
 
 HEAD_LR_FACTOR = 30  # the new classifier head's learning rate over the encoder's (see _head_learning_rate_why)
@@ -362,7 +174,7 @@ def run(cfg: RunConfig, command: str = "fmtune run", show_summary: bool = True) 
         console.quiet = not world.main
     name = cfg.name or out.name
     if world.main:
-        _record(out, name, "running", work_dir=tmp)
+        record(out, name, "running", work_dir=tmp)
     try:
         encoder = models.load_encoder(model_path).to(device)
         bf16 = {"on": True, "off": False}.get(cfg.train.bf16, models.bf16_supported(device))
@@ -373,7 +185,7 @@ def run(cfg: RunConfig, command: str = "fmtune run", show_summary: bool = True) 
             tokenised = {s: tokens.tokenise(tokenizer, t, use_cache=cfg.train.token_cache) for s, t in texts.items()}
         with stage("audit data", log):
             lengths = {s: r.lengths for s, r in tokenised.items()}
-            limit = model_token_limit(encoder.config, tokenizer)
+            limit = models.model_token_limit(encoder.config, tokenizer)
             max_length, max_length_why = choose_max_length(lengths["train"], limit, cfg.model.max_length)
             audit = audit_mod.audit(splits, token_lengths=lengths, max_length=max_length, redacted=redacted, model_limit=limit)
             if "zero_shot" in cfg.eval.rungs:
@@ -394,7 +206,7 @@ def run(cfg: RunConfig, command: str = "fmtune run", show_summary: bool = True) 
         ids = {s: tokens.truncate(tokenizer, t, tokenised[s].ids, max_length) for s, t in texts.items()}  # what every model sees
 
         # ---- no-training rungs on frozen embeddings
-        with stage("embed texts with the base model", log), _progress() as prog:
+        with stage("embed texts with the base model", log), progress_bar() as prog:
             total = sum(len(t) for t in texts.values())
             task = prog.add_task("embedding", total=total, info="")
             t0 = time.perf_counter()
@@ -408,7 +220,7 @@ def run(cfg: RunConfig, command: str = "fmtune run", show_summary: bool = True) 
                 continue
             with stage(f"rung {rung_name}", log):
                 res = fn(embedded)
-                row, b = _rung(rung_name, res.description, y["test"], res.predictions, labels, boot, res.train_examples, res.train_seconds, primary)
+                row, b = classification_rung(rung_name, res.description, y["test"], res.predictions, labels, boot, res.train_examples, res.train_seconds, primary)
                 ladder.append(row)
                 boots[rung_name] = b
 
@@ -440,7 +252,7 @@ def run(cfg: RunConfig, command: str = "fmtune run", show_summary: bool = True) 
                     return result, np.asarray(saved_pred, dtype=np.int64), 0.0, len(idx)
                 _, pred = train.evaluate_split(model, ids["test"], y["test"], pad_id, cfg.eval.eval_batch_size, bf16)
                 return result, pred, 0.0, len(idx)
-            with _progress() as prog:
+            with progress_bar() as prog:
                 task = prog.add_task(label, total=len(idx) * train_cfg.epochs, info="")
 
                 def progress(n: int, row: dict) -> None:
@@ -478,7 +290,7 @@ def run(cfg: RunConfig, command: str = "fmtune run", show_summary: bool = True) 
         with stage(f"rung fine_tuned ({method})", log):
             ft, ft_pred, ft_eval_s, n = train_rung("fine-tuning", "fine_tuned", None, False, ft_lr, lora)
             desc = f"{'LoRA (r=' + str(train_cfg.lora_r) + ', merged)' if lora else 'full'} fine-tuning of the base FM on all training data, best validation epoch ({ft.best_epoch} of {ft.epochs_run})"
-            row, b = _rung("fine_tuned", desc, y["test"], ft_pred, labels, boot, n, ft.train_seconds, primary, eval_seconds=round(ft_eval_s, 3), history=ft.history, best_epoch=ft.best_epoch, stopped=ft.stopped, learning_rate=ft_lr, head_learning_rate=head_lr, method=method,
+            row, b = classification_rung("fine_tuned", desc, y["test"], ft_pred, labels, boot, n, ft.train_seconds, primary, eval_seconds=round(ft_eval_s, 3), history=ft.history, best_epoch=ft.best_epoch, stopped=ft.stopped, learning_rate=ft_lr, head_learning_rate=head_lr, method=method,
                           still_improving=_still_improving(ft, train_cfg))
             ladder.append(row)
             boots["fine_tuned"] = b
@@ -494,7 +306,7 @@ def run(cfg: RunConfig, command: str = "fmtune run", show_summary: bool = True) 
                 desc = (f"same architecture, random init, same data and budget (max {train_cfg.epochs} epochs, early stopping with patience "
                         f"{train_cfg.patience + SCRATCH_EXTRA_PATIENCE}: a random model often needs a few epochs to leave chance level), lr {train_cfg.scratch_learning_rate:g} "
                         f"warmed up over {max(train_cfg.warmup_ratio, SCRATCH_WARMUP):.0%} of the steps")
-                row, b = _rung("from_scratch", desc, y["test"], sc_pred, labels, boot, n, sc.train_seconds, primary, eval_seconds=round(sc_eval_s, 3), history=sc.history, best_epoch=sc.best_epoch, stopped=sc.stopped, learning_rate=train_cfg.scratch_learning_rate)
+                row, b = classification_rung("from_scratch", desc, y["test"], sc_pred, labels, boot, n, sc.train_seconds, primary, eval_seconds=round(sc_eval_s, 3), history=sc.history, best_epoch=sc.best_epoch, stopped=sc.stopped, learning_rate=train_cfg.scratch_learning_rate)
                 ladder.append(row)
                 boots["from_scratch"] = b
                 del sc
@@ -507,7 +319,7 @@ def run(cfg: RunConfig, command: str = "fmtune run", show_summary: bool = True) 
                 points, curve_boots = [], []
                 for frac, subset in learning_curve.nested_subsets(y["train"], cfg.evidence.curve_fractions, seed).items():
                     res, pred, _, n = train_rung(f"curve {frac:.1%}", f"curve-{frac:g}", subset, False, ft_lr, lora)
-                    row, b = _rung("curve", "", y["test"], pred, labels, boot, n, res.train_seconds, primary)
+                    row, b = classification_rung("curve", "", y["test"], pred, labels, boot, n, res.train_seconds, primary)
                     curve_seconds += res.train_seconds
                     points.append({"fraction": frac, "train_examples": n, "metric": row["metrics"][primary], "ci95": row["ci95"][primary], "train_seconds": row["train_seconds"], "epochs": res.epochs_run})
                     curve_boots.append(b)
@@ -561,7 +373,7 @@ def run(cfg: RunConfig, command: str = "fmtune run", show_summary: bool = True) 
         levers = {**ft.levers, "token_cache": {s: r.source for s, r in tokenised.items()} if train_cfg.token_cache else "off",
                   "tokenise_seconds": round(sum(r.seconds for r in tokenised.values()), 3)}
         report = {
-            "fmtune_version": fmtune.__version__,
+            "fmtune_version": __version__,
             "run": {"name": name, "status": "complete", "started_at": started.isoformat(timespec="seconds"), "finished_at": None,
                     "wall_seconds": None, "seed": seed, "command": command, "stages": log},
             "task": {"type": "classification", "primary_metric": primary, "labels": labels},
@@ -582,8 +394,8 @@ def run(cfg: RunConfig, command: str = "fmtune run", show_summary: bool = True) 
         finish(report, cfg, tmp, out, wall_start, model_path, io_start)
     except BaseException as exc:
         if world.main:
-            _mark_interrupted(tmp, out)
-            _record(out, name, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", work_dir=tmp)
+            mark_interrupted(tmp, out)
+            record(out, name, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", work_dir=tmp)
         raise
     if show_summary:
         print_summary(report, out)
@@ -591,130 +403,3 @@ def run(cfg: RunConfig, command: str = "fmtune run", show_summary: bool = True) 
     return out
 
 
-def disk_io() -> dict[str, int] | None:
-    """This process's bytes written so far: `write_bytes` reached the storage layer, `wchar` passed to write() (Linux)."""
-    try:
-        fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
-    except (OSError, ValueError):
-        return None
-    return {k: int(fields[k]) for k in ("write_bytes", "wchar", "cancelled_write_bytes") if k in fields}
-
-
-def _disk_line(io_start: dict[str, int] | None, tmp: Path) -> str:
-    """One line for logs/run.log: what the run wrote to disk, next to the size of what it keeps."""
-    folder = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file() and not p.is_symlink())
-    now = disk_io()
-    if now is None or io_start is None:
-        return f"disk: run folder {folder / 1e6:.1f} MB (bytes written not measured on this platform)"
-    written = {k: now[k] - io_start.get(k, 0) for k in now}
-    return (f"disk: {written['write_bytes'] / 1e6:.1f} MB written to storage by this run (/proc/self/io write_bytes; "
-            f"{written['wchar'] / 1e6:.1f} MB passed to write(), {written.get('cancelled_write_bytes', 0) / 1e6:.1f} MB cancelled before reaching disk); "
-            f"run folder {folder / 1e6:.1f} MB")
-
-
-def finish(report: dict, cfg: RunConfig, tmp: Path, out: Path, wall_start: float, model_path: Path, io_start: dict[str, int] | None = None) -> None:
-    """Write report.json, report.html, the model card and the manifest, then move the folder into place."""
-    from fmtune import lineage, models, registry
-
-    report["run"]["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    report["run"]["wall_seconds"] = round(time.perf_counter() - wall_start, 2)
-    shutil.rmtree(tmp / "checkpoints", ignore_errors=True)  # only needed to resume an unfinished run
-    lineage.write_json_atomic(tmp / "report.json", report)
-    try:
-        from fmtune import report_html
-
-        report_html.write_html(report, tmp / "report.html")
-        (tmp / "model" / "README.md").write_text(report_html.render_model_card(report))
-    except ImportError:  # pragma: no cover - the HTML report module ships with fmtune
-        pass
-    (tmp / "logs" / "run.log").write_text("\n".join(report["run"]["stages"] + [_disk_line(io_start, tmp)]) + "\n")
-    base_files = {p.name: lineage.sha256_file(p) for p in sorted(Path(model_path).glob("*.safetensors"))}
-    manifest = lineage.build_manifest(
-        config=cfg.model_dump(mode="json"), input_files={str(Path(p).resolve()): h for p, h in report["data"]["files"].items()}, data_sha256=report["data"]["sha256"],
-        base_model={"name": report["base_model"]["name"], "path": str(model_path), "files": base_files}, seed=cfg.seed, run_dir=tmp,
-        hardware=models.hardware_description(),
-    )
-    lineage.write_json_atomic(tmp / "manifest.json", manifest)
-    replace_folder(tmp, out)
-    try:
-        registry.record_run(out, report, "complete")
-    except Exception as exc:  # the registry is a convenience; it must never lose a run
-        console.print(f"[yellow]warning:[/] could not record the run in the registry ({exc}).")
-
-
-def replace_folder(tmp: Path, out: Path) -> None:
-    """Move the finished run into place; a folder already there is replaced only when fmtune wrote it (checked again
-    here: it may have changed since the run started). The old run is renamed aside first, so a failure never leaves
-    neither run in place."""
-    check_run_target(out)
-    if not (out.exists() or out.is_symlink()):
-        os.replace(tmp, out)
-        return
-    check_replaceable(out)
-    aside = out.parent / f".{out.name}.replaced-{os.getpid()}"
-    os.replace(out, aside)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(aside, out)
-        raise
-    shutil.rmtree(aside)
-
-
-def _record(run_dir: Path, name: str, status: str, work_dir: Path | None = None) -> None:
-    """The registry row of the run whose final folder is `run_dir`; `work_dir` is where its unfinished files are."""
-    from fmtune import registry
-
-    try:
-        registry.record_run(run_dir, {"run": {"name": name, "status": status}}, status, work_dir=work_dir)
-    except Exception as exc:  # the registry is a convenience; it must never lose a run
-        console.print(f"[yellow]warning:[/] could not record the run in the registry ({exc}).")
-
-
-def _mark_interrupted(tmp: Path, out: Path, resumable: bool = True) -> None:
-    """Leave the partial folder visibly unfinished, never in the final place, and say how to continue (causal-LM runs keep
-    no checkpoints: re-running starts them again)."""
-    if tmp.exists():
-        how = "Re-run the same command (or add --resume) to continue." if resumable else "Re-run the same command to start it again (causal-LM runs keep no checkpoints yet)."
-        (tmp / "STATUS").write_text(f"status: interrupted\nThis run did not finish; its outputs are incomplete. {how}\n")
-        console.print(f"[yellow]The run did not finish (status: interrupted); partial outputs are in {tmp}. "
-                      + ("Re-run the same command with --resume to continue from the last checkpoint.[/]" if resumable else f"{how}[/]"))
-
-
-def raise_if_gate_failed(report: dict, out: Path) -> None:
-    """After the summary is printed: GateFailed (exit 3) when the run failed a gate the user set (--max-forgetting)."""
-    from fmtune import retention
-
-    gates = report["verdict"].get("gates") or {}
-    if not gates.get("passed", True):
-        raise GateFailed(retention.gate_failure(report["retention"], gates["max_forgetting"], out))
-
-
-def print_audit_warnings(warnings: list[str], out_console: Console) -> None:
-    """Every audit finding (leakage, duplicates, personal data, unreadable or truncated texts, ...) in one block on the
-    console: a warning that lives only inside report.json is a warning nobody reads."""
-    if not warnings:
-        return
-    from rich.markup import escape
-
-    out_console.print(f"[bold yellow]Data audit: {len(warnings)} warning(s)[/] (details under data.audit in report.json)")
-    for w in warnings:
-        out_console.print(f"  [yellow]![/] {escape(w)}")
-
-
-def print_summary(report: dict, out: Path) -> None:
-    primary = report["task"]["primary_metric"]
-    second = next((m for m in ("accuracy", "token_f1", "exact_match", "perplexity") if m != primary and m in report["ladder"][0]["metrics"]), None)
-    table = Table(title=f"fmtune ladder — {report['run']['name']} (test n={report['data']['test']})")
-    for col in ("rung", primary, "95% CI", second or "", "train examples", "train s"):
-        table.add_column(col, justify="left" if col == "rung" else "right")
-    for r in report["ladder"]:
-        lo, hi = r["ci95"][primary]
-        other = f"{r['metrics'][second]:.3f}" if second and second in r["metrics"] else ""
-        table.add_row(r["name"], f"{r['metrics'][primary]:.3f}", f"{lo:.3f}–{hi:.3f}", other, str(r["train_examples"]), f"{r['train_seconds']:.1f}")
-    out_console = Console()
-    out_console.print(table)
-    print_audit_warnings(((report.get("data") or {}).get("audit") or {}).get("warnings") or [], out_console)
-    v = report["verdict"]
-    out_console.print(f"[bold]{'RECOMMEND' if v['recommend_fine_tuning'] else 'DO NOT RECOMMEND'} fine-tuning.[/] {v['headline']}")
-    out_console.print(f"Report: {out / 'report.html'}  ·  {out / 'report.json'}  ·  model: {out / 'model'}  (wall {report['run']['wall_seconds']:.0f} s)")

@@ -24,7 +24,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fmtune import __version__
+from fmtune.version import __version__
 from fmtune.errors import FmtuneError
 
 SCHEMA_VERSION = 2

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from fmtune import checkpoint, threads
+from fmtune.evaluate import batch_tensors, pad_table  # noqa: F401  (the batching the loop and evaluation share)
 from fmtune.config import TrainConfig
 from fmtune.distributed import World, all_sum, shard, sharded, unwrap, wrap, zero_loss
 from fmtune.models import with_lora
@@ -69,25 +70,6 @@ def class_weight_vector(y: np.ndarray, n_classes: int, mode: str) -> tuple[np.nd
     weights = counts.sum() / (n_classes * np.maximum(counts, 1.0))
     why = f"largest class is {ratio:.2f}x the smallest: balanced class weights (n / (k * count))" if mode == "auto" else "balanced (--class-weights balanced)"
     return weights, why
-
-
-def pad_table(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every text padded once to the longest: an (N, width) int64 table and the N lengths."""
-    lengths = np.fromiter((len(r) for r in ids), dtype=np.int64, count=len(ids))
-    table = np.full((len(ids), int(lengths.max(initial=1))), pad_id, dtype=np.int64)
-    for j, r in enumerate(ids):
-        table[j, : len(r)] = r
-    return table, lengths
-
-
-def batch_tensors(table: np.ndarray, lengths: np.ndarray, idx: np.ndarray, device, pad_to: int | None = None):
-    """input_ids and attention_mask of the rows `idx`, cut to their longest text (or padded to `pad_to`)."""
-    import torch
-
-    width = pad_to or int(lengths[idx].max())
-    rows = table[idx, :width]
-    mask = np.arange(width)[None, :] < lengths[idx, None]
-    return torch.from_numpy(rows).to(device, non_blocking=True), torch.from_numpy(mask.astype(np.int64)).to(device, non_blocking=True)
 
 
 def evaluate_split(model, ids: list[list[int]], y: np.ndarray, pad_id: int, batch_size: int, bf16: bool, class_weight=None) -> tuple[float, np.ndarray]:

@@ -330,39 +330,34 @@ def _count_phrase(counts: dict[str, int]) -> str:
     return ", ".join(f"{kind}: {n}" for kind, n in counts.items() if n)
 
 
-def audit(
-    splits: Splits,
-    token_lengths: dict[str, list[int]] | None = None,
-    max_length: int | None = None,
-    redacted: dict[str, int] | None = None,
-    model_limit: int | None = None,
-    classes: bool = True,
-) -> dict:
-    """The data.audit block of report.json: JSON-serialisable; counts, file:line locations and masked excerpts.
+@dataclasses.dataclass
+class _Repeats:
+    """Findings of the one pass over all examples in file order: duplicates, conflicting labels, PII by kind."""
 
-    `classes` False audits prompt/completion pairs (generation): no class balance, label or conflict findings, and the
-    warnings speak of training pairs.
+    duplicates: int
+    duplicates_normalised: int
+    duplicate_examples: list[dict]
+    normalised_examples: list[dict]
+    conflicts: int
+    conflict_examples: list[dict]
+    pii_found: Counter
 
-    `model_limit` is the most tokens the model reads (its position embeddings / tokenizer limit); when max_length is
-    already there, the truncation warning says so instead of suggesting a larger --max-length.
-    """
-    by_split = {"train": splits.train, "validation": splits.validation, "test": splits.test}
-    n_examples = {name: len(examples) for name, examples in by_split.items()}
-    n_total = sum(n_examples.values())
 
-    norms_of = {name: [normalise(ex.text) for ex in by_split[name]] for name in SPLIT_NAMES}
-    norm_sets = {name: set(norms) for name, norms in norms_of.items()}
-    # Splits are shuffled: walk the examples in file order (files as given, then line) so that "first" is the earliest line.
+def _in_file_order(splits: Splits, by_split: dict[str, list[Example]], norms_of: dict[str, list[str]]) -> list[tuple[Example, str]]:
+    """(example, normalised text) over all splits in file order (files as given, then line): splits are shuffled, and
+    the "first" of a duplicate is the earliest line."""
     source_rank = {source: i for i, source in enumerate(splits.files)}
     for name in SPLIT_NAMES:
         for ex in by_split[name]:
             source_rank.setdefault(ex.source, len(source_rank))
-    in_file_order = sorted(
+    return sorted(
         ((ex, norm) for name in SPLIT_NAMES for ex, norm in zip(by_split[name], norms_of[name])),
         key=lambda pair: (source_rank[pair[0].source], pair[0].row),
     )
 
-    # One pass over all examples: exact and normalised duplicates, labels per text, PII.
+
+def _repeats(in_file_order: list[tuple[Example, str]]) -> _Repeats:
+    """One pass over all examples: exact and normalised duplicates, labels per text, PII."""
     seen_exact: dict[str, Example] = {}
     seen_norm: dict[str, Example] = {}
     labels_of: dict[str, dict[str, Example]] = {}  # normalised text -> label -> first example with it
@@ -387,32 +382,46 @@ def audit(
         for kind, _, _ in find_pii(ex.text):
             pii_found[kind] += 1
 
-    conflicts = [(norm, by_label) for norm, by_label in labels_of.items() if len(by_label) > 1]
+    conflicts = [by_label for by_label in labels_of.values() if len(by_label) > 1]
     conflict_examples = [
         {
             "labels": sorted(by_label),
             "at": [_where(ex) for ex in by_label.values()],
             "text": _preview(by_label[next(iter(by_label))].text),
         }
-        for _, by_label in conflicts[:MAX_EXAMPLES]
+        for by_label in conflicts[:MAX_EXAMPLES]
     ]
+    return _Repeats(duplicates, duplicates_normalised, dup_examples, dup_norm_examples, len(conflicts), conflict_examples, pii_found)
 
-    def overlap(name: str, other: str) -> tuple[int, list[dict]]:
-        """The texts of split `name` whose normalised text is also in split `other`."""
+
+# Report key -> (split whose texts are counted, split they also appear in).
+_OVERLAPS = {
+    "train_test_overlap": ("test", "train"),
+    "train_validation_overlap": ("validation", "train"),
+    "validation_test_overlap": ("test", "validation"),
+}
+
+
+def _overlaps(by_split: dict[str, list[Example]], norms_of: dict[str, list[str]]) -> dict[str, tuple[int, list[dict]]]:
+    """For each pair in _OVERLAPS: how many texts of the one split have their normalised text in the other, and the
+    first few of them."""
+    norm_sets = {name: set(norms) for name, norms in norms_of.items()}
+    found = {}
+    for key, (name, other) in _OVERLAPS.items():
         count, examples = 0, []
         for ex, norm in zip(by_split[name], norms_of[name]):
             if norm in norm_sets[other]:
                 count += 1
                 if len(examples) < MAX_EXAMPLES:
                     examples.append({"at": _where(ex), "text": _preview(ex.text)})
-        return count, examples
+        found[key] = (count, examples)
+    return found
 
-    test_overlap, test_overlap_examples = overlap("test", "train")
-    validation_overlap, validation_overlap_examples = overlap("validation", "train")
-    validation_test_overlap, validation_test_overlap_examples = overlap("test", "validation")
 
-    # Class balance, over the declared labels so that a class missing from a split shows as 0.
-    labels = list(splits.labels) or sorted({ex.label for examples in by_split.values() for ex in examples})
+def _class_balance(labels: list[str], by_split: dict[str, list[Example]]) -> tuple[dict[str, dict[str, int]], float | None]:
+    """Examples per class in each split and in all, over the declared labels so that a class missing from a split shows
+    as 0; and the largest training class over the smallest (None when a class has no training example)."""
+    labels = list(labels) or sorted({ex.label for examples in by_split.values() for ex in examples})
     class_counts: dict[str, dict[str, int]] = {}
     for name in SPLIT_NAMES:
         counter = Counter(ex.label for ex in by_split[name])
@@ -424,8 +433,26 @@ def audit(
     train_counts = class_counts["train"]
     smallest = min(train_counts.values(), default=0)
     imbalance_ratio = round(max(train_counts.values()) / smallest, 3) if smallest > 0 else None
+    return class_counts, imbalance_ratio
 
-    # PII: what the data held, whether the audit runs before or after redaction (masked text is not found again).
+
+def _labels_normalised(by_split: dict[str, list[Example]]) -> tuple[dict, dict[str, Counter]]:
+    """The labels that normalising changed while loading (count and first few), and for each label used how often
+    each written form gave it."""
+    rewritten: list[Example] = []
+    written: dict[str, Counter] = {}
+    for name in SPLIT_NAMES:
+        for ex in by_split[name]:
+            if ex.raw_label is not None:
+                rewritten.append(ex)
+            written.setdefault(ex.label, Counter())[ex.raw_label if ex.raw_label is not None else ex.label] += 1
+    labels_normalised = {"count": len(rewritten), "examples": [{"at": _where(ex), "as_written": ex.raw_label, "used": ex.label} for ex in rewritten[:MAX_EXAMPLES]]}
+    return labels_normalised, written
+
+
+def _pii_counts(pii_found: Counter, redacted: dict[str, int] | None) -> tuple[dict[str, int], dict[str, int], str]:
+    """PII by kind as the data held it, whether the audit runs before or after redaction (masked text is not found
+    again); the counts masked by --redact-pii; and the plain-words note."""
     redacted_counts = {kind: int(n) for kind, n in (redacted or {}).items()}
     pii = {kind: max(pii_found[kind], redacted_counts.get(kind, 0)) for kind in PII_KINDS}
     pii_total = sum(pii.values())
@@ -442,37 +469,44 @@ def audit(
         )
     else:
         pii_note = f"No personal data found (checked: {', '.join(PII_KINDS)})."
+    return pii, redacted_counts, pii_note
 
-    length = None
-    truncated_train = 0
-    if token_lengths is not None and max_length is not None:
-        train_lengths = sorted(token_lengths.get("train", []))
-        truncated = {name: sum(1 for n in token_lengths.get(name, []) if n > max_length) for name in SPLIT_NAMES}
-        truncated_train = truncated["train"]
-        length = {
-            "max_length": max_length,
-            "p50": _percentile(train_lengths, 50),
-            "p95": _percentile(train_lengths, 95),
-            "p99": _percentile(train_lengths, 99),
-            "max": train_lengths[-1] if train_lengths else 0,
-            "truncated": truncated,
-        }
-        if model_limit is not None:
-            length["model_limit"] = model_limit
 
+def _length_block(token_lengths: dict[str, list[int]] | None, max_length: int | None, model_limit: int | None) -> dict | None:
+    """Token length percentiles of the training texts and the texts per split longer than max_length; None unless
+    both token_lengths and max_length are given."""
+    if token_lengths is None or max_length is None:
+        return None
+    train_lengths = sorted(token_lengths.get("train", []))
+    length = {
+        "max_length": max_length,
+        "p50": _percentile(train_lengths, 50),
+        "p95": _percentile(train_lengths, 95),
+        "p99": _percentile(train_lengths, 99),
+        "max": train_lengths[-1] if train_lengths else 0,
+        "truncated": {name: sum(1 for n in token_lengths.get(name, []) if n > max_length) for name in SPLIT_NAMES},
+    }
+    if model_limit is not None:
+        length["model_limit"] = model_limit
+    return length
+
+
+def _few_examples_warnings(n_train: int, classes: bool) -> list[str]:
+    if n_train >= 100:
+        return []
+    return [
+        f"Only {n_train} labeled training examples: fine-tuning usually needs hundreds to thousands of labeled "
+        "examples; expect a noisy result and compare with few_shot/head_only." if classes else
+        f"Only {n_train} training pairs: fine-tuning usually needs hundreds to thousands of examples; expect a noisy "
+        "result and compare with few_shot."
+    ]
+
+
+def _label_warnings(labels: list[str], class_counts: dict, written: dict[str, Counter], imbalance_ratio: float | None) -> list[str]:
+    """Labels that differ only in case or spacing, labels merged while loading, small classes, imbalance."""
     warnings: list[str] = []
-    n_train = n_examples["train"]
-    if n_train < 100:
-        warnings.append(
-            f"Only {n_train} labeled training examples: fine-tuning usually needs hundreds to thousands of labeled "
-            "examples; expect a noisy result and compare with few_shot/head_only." if classes else
-            f"Only {n_train} training pairs: fine-tuning usually needs hundreds to thousands of examples; expect a noisy "
-            "result and compare with few_shot."
-        )
-    if not classes:
-        train_counts, conflicts = {}, []
     variants: dict[str, list[str]] = {}
-    for label in splits.labels if classes else []:  # 'Food' and 'food ' are two classes to the model
+    for label in labels:  # 'Food' and 'food ' are two classes to the model
         variants.setdefault(normalise(str(label)), []).append(str(label))
     for group in [g for g in variants.values() if len(g) > 1][:5]:
         listed = ", ".join(f"'{label}' ({class_counts['all'].get(label, 0)})" for label in group)
@@ -480,22 +514,14 @@ def audit(
             f"Labels {listed} differ only in case, spacing or punctuation and are trained as separate classes; "
             "if they mean the same class, make them the same label in the data and run again."
         )
-    rewritten: list[Example] = []  # labels that normalising changed
-    written: dict[str, Counter] = {}  # label used -> how often each written form gave it
-    for name in SPLIT_NAMES:
-        for ex in by_split[name]:
-            if ex.raw_label is not None:
-                rewritten.append(ex)
-            written.setdefault(ex.label, Counter())[ex.raw_label if ex.raw_label is not None else ex.label] += 1
-    labels_normalised = {"count": len(rewritten), "examples": [{"at": _where(ex), "as_written": ex.raw_label, "used": ex.label} for ex in rewritten[:MAX_EXAMPLES]]}
-    merged = {label: forms for label, forms in written.items() if len(forms) > 1} if classes else {}
+    merged = {label: forms for label, forms in written.items() if len(forms) > 1}
     if merged:  # a file that writes every label as ' pos' or '1.0' merges nothing: no warning
         shown = "; ".join(f"{label!r} from " + ", ".join(f"{form!r} ({n})" for form, n in forms.most_common()) for label, forms in list(merged.items())[:5])
         warnings.append(
             f"Labels written in more than one form were merged into one class while loading (spaces around a label removed, numbers like "
             f"'1.0' read as '1'): {shown}{' ...' if len(merged) > 5 else ''}. If a form meant a different class, rename it in the data."
         )
-    small = [(label, n) for label, n in train_counts.items() if n < 10]
+    small = [(label, n) for label, n in class_counts["train"].items() if n < 10]
     if small:
         listed = ", ".join(f"'{label}' ({n})" for label, n in small[:10])
         more = f" and {len(small) - 10} more" if len(small) > 10 else ""
@@ -503,11 +529,20 @@ def audit(
             f"Classes with fewer than 10 training examples: {listed}{more}: the model sees too few of them to learn "
             "them reliably and their test scores are noisy; collect more examples or merge classes."
         )
-    if classes and imbalance_ratio is not None and imbalance_ratio > 3:
+    if imbalance_ratio is not None and imbalance_ratio > 3:
         warnings.append(
             f"Classes are imbalanced: the largest training class is {imbalance_ratio:g}x the smallest; macro-F1 "
             "(every class counts equally) is the primary metric for this reason."
         )
+    return warnings
+
+
+def _leakage_warnings(overlaps: dict[str, tuple[int, list[dict]]], repeats: _Repeats, n_total: int, classes: bool) -> list[str]:
+    """Texts shared between splits, duplicates over 1% of the rows, texts with more than one label."""
+    warnings: list[str] = []
+    test_overlap = overlaps["train_test_overlap"][0]
+    validation_overlap = overlaps["train_validation_overlap"][0]
+    validation_test_overlap = overlaps["validation_test_overlap"][0]
     if test_overlap:
         warnings.append(
             f"{test_overlap} test texts also appear in train: the test score is optimistic; deduplicate the data "
@@ -524,59 +559,93 @@ def audit(
             "were chosen on texts the test then scores, so the test score is optimistic; deduplicate the data across "
             "splits (same text after ignoring case, spacing and punctuation) and run again."
         )
+    duplicates_normalised = repeats.duplicates_normalised
     if n_total and duplicates_normalised > 0.01 * n_total:
         warnings.append(
             f"{duplicates_normalised} of {n_total} rows ({100 * duplicates_normalised / n_total:.1f}%) repeat an "
-            f"earlier text ({duplicates} exactly, the rest after ignoring case, spacing and punctuation): repeated "
+            f"earlier text ({repeats.duplicates} exactly, the rest after ignoring case, spacing and punctuation): repeated "
             "texts weigh more in training; remove the duplicates."
         )
-    if conflicts:
-        first = conflict_examples[0]
+    if classes and repeats.conflicts:
+        first = repeats.conflict_examples[0]
         warnings.append(
-            f"{len(conflicts)} texts appear with more than one label (e.g. {' and '.join(first['at'])}: "
+            f"{repeats.conflicts} texts appear with more than one label (e.g. {' and '.join(first['at'])}: "
             f"{', '.join(first['labels'])}): the labels contradict each other; fix or remove those rows."
         )
-    if length is not None and n_train and truncated_train > 0.05 * n_train:
-        share = f"{truncated_train} of {n_train} training texts ({100 * truncated_train / n_train:.1f}%)"
-        if model_limit is not None and max_length >= model_limit:
-            warnings.append(
-                f"{share} are longer than the model's limit of {model_limit} tokens and are cut off: the model never "
-                "sees their ends, and a larger max_length cannot help, since this model reads no more. If the end of a "
-                "text matters, use a base model with a longer context (--model) or split long documents into several rows."
-            )
-        else:
-            most = f" (up to the model's limit of {model_limit})" if model_limit is not None else ""
-            warnings.append(
-                f"{share} are longer than max_length={max_length} tokens and are cut off: the model never sees their "
-                f"ends; raise --max-length{most} if the end of a text matters."
-            )
-    if pii_total and not n_redacted:
+    return warnings
+
+
+def _truncation_warnings(length: dict | None, n_train: int) -> list[str]:
+    """Over 5% of the training texts longer than max_length: raise it, or, at the model's limit, change model."""
+    if length is None or not n_train or length["truncated"]["train"] <= 0.05 * n_train:
+        return []
+    truncated_train, max_length, model_limit = length["truncated"]["train"], length["max_length"], length.get("model_limit")
+    share = f"{truncated_train} of {n_train} training texts ({100 * truncated_train / n_train:.1f}%)"
+    if model_limit is not None and max_length >= model_limit:
+        return [
+            f"{share} are longer than the model's limit of {model_limit} tokens and are cut off: the model never "
+            "sees their ends, and a larger max_length cannot help, since this model reads no more. If the end of a "
+            "text matters, use a base model with a longer context (--model) or split long documents into several rows."
+        ]
+    most = f" (up to the model's limit of {model_limit})" if model_limit is not None else ""
+    return [
+        f"{share} are longer than max_length={max_length} tokens and are cut off: the model never sees their "
+        f"ends; raise --max-length{most} if the end of a text matters."
+    ]
+
+
+def _pii_and_dropped_warnings(pii: dict[str, int], redacted_counts: dict[str, int], dropped: dict[str, int]) -> list[str]:
+    """Personal data found and not masked; rows dropped while loading, by reason."""
+    warnings: list[str] = []
+    pii_total = sum(pii.values())
+    if pii_total and not sum(redacted_counts.values()):
         warnings.append(
             f"Found {pii_total} items of personal data ({_count_phrase(pii)}); they will be in the training data "
             "and can be memorised by the model: pass --redact-pii to mask them before training."
         )
-    n_dropped = sum(splits.dropped.values())
+    n_dropped = sum(dropped.values())
     if n_dropped:
-        reasons = ", ".join(
-            f"{n} {_DROP_REASONS.get(reason, reason.replace('_', ' '))}" for reason, n in splits.dropped.items() if n
-        )
+        reasons = ", ".join(f"{n} {_DROP_REASONS.get(reason, reason.replace('_', ' '))}" for reason, n in dropped.items() if n)
         warnings.append(f"{n_dropped} rows were dropped while loading the data: {reasons}.")
+    return warnings
 
+
+def audit(
+    splits: Splits,
+    token_lengths: dict[str, list[int]] | None = None,
+    max_length: int | None = None,
+    redacted: dict[str, int] | None = None,
+    model_limit: int | None = None,
+    classes: bool = True,
+) -> dict:
+    """The data.audit block of report.json: JSON-serialisable; counts, file:line locations and masked excerpts.
+
+    `classes` False audits prompt/completion pairs (generation): no class balance, label or conflict findings, and the
+    warnings speak of training pairs.
+
+    `model_limit` is the most tokens the model reads (its position embeddings / tokenizer limit); when max_length is
+    already there, the truncation warning says so instead of suggesting a larger --max-length.
+    """
+    by_split = {"train": splits.train, "validation": splits.validation, "test": splits.test}
+    n_examples = {name: len(examples) for name, examples in by_split.items()}
+    norms_of = {name: [normalise(ex.text) for ex in by_split[name]] for name in SPLIT_NAMES}
+    repeats = _repeats(_in_file_order(splits, by_split, norms_of))
+    overlaps = _overlaps(by_split, norms_of)
+    class_counts, imbalance_ratio = _class_balance(splits.labels, by_split)
+    labels_normalised, written = _labels_normalised(by_split)
+    pii, redacted_counts, pii_note = _pii_counts(repeats.pii_found, redacted)
+    length = _length_block(token_lengths, max_length, model_limit)
     block = {
         "n_examples": n_examples,
-        "duplicates": duplicates,
-        "duplicates_normalised": duplicates_normalised,
-        "conflicting_labels": len(conflicts),
-        "train_test_overlap": test_overlap,
-        "train_validation_overlap": validation_overlap,
-        "validation_test_overlap": validation_test_overlap,
+        "duplicates": repeats.duplicates,
+        "duplicates_normalised": repeats.duplicates_normalised,
+        "conflicting_labels": repeats.conflicts,
+        **{key: count for key, (count, _) in overlaps.items()},
         "examples": {
-            "duplicates": dup_examples,
-            "duplicates_normalised": dup_norm_examples,
-            "conflicting_labels": conflict_examples,
-            "train_test_overlap": test_overlap_examples,
-            "train_validation_overlap": validation_overlap_examples,
-            "validation_test_overlap": validation_test_overlap_examples,
+            "duplicates": repeats.duplicate_examples,
+            "duplicates_normalised": repeats.normalised_examples,
+            "conflicting_labels": repeats.conflict_examples,
+            **{key: examples for key, (_, examples) in overlaps.items()},
         },
         "class_counts": class_counts,
         "imbalance_ratio": imbalance_ratio,
@@ -586,7 +655,13 @@ def audit(
         "length": length,
         "dropped": dict(splits.dropped),
         "labels_normalised": labels_normalised,
-        "warnings": warnings,
+        "warnings": [
+            *_few_examples_warnings(n_examples["train"], classes),
+            *(_label_warnings(splits.labels, class_counts, written, imbalance_ratio) if classes else []),
+            *_leakage_warnings(overlaps, repeats, sum(n_examples.values()), classes),
+            *_truncation_warnings(length, n_examples["train"]),
+            *_pii_and_dropped_warnings(pii, redacted_counts, splits.dropped),
+        ],
     }
     if not classes:
         for key in ("class_counts", "imbalance_ratio", "conflicting_labels", "labels_normalised"):

@@ -4,7 +4,7 @@ from_scratch) -> learning curve, retention and domain shift as perplexity, cost 
 constrained scoring over the label set (fmtune.lm_classify), the same evidence.
 
 The same run folder and report.json contract as classification (fmtune.pipeline); its helpers are reused, not copied,
-and the stages both causal-LM runs share are the functions below run_generation.
+and the stages both causal-LM runs share follow each run's own stages (_gen_*, _cls_*).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -70,188 +71,334 @@ def choose_shots(tokenizer, train: list, test: list, k: int, budget: int, seed: 
 
 def run_generation(cfg: RunConfig, command: str = "fmtune run", show_summary: bool = True) -> Path:
     """Run the whole evidence pipeline for a generation task; returns the finished run folder."""
+    r = _gen_start(cfg, command)
+    try:
+        _gen_prepare(r)
+        _gen_no_training_rungs(r)
+        ft, ft_row = _gen_trained_rungs(r)
+        curve, curve_seconds = _gen_learning_curve(r, ft, ft_row)
+        with stage("retention and domain shift", r.log):
+            retention_, shift = perplexity_evidence(cfg, r.base, ft.model, r.tokenizer, [f"{p.prompt}\n{p.completion}" for p in r.pairs["train"]], r.bf16)
+        inf = _gen_save_and_measure(r, ft)
+        report = _gen_report(r, ft, curve, curve_seconds, retention_, shift, inf)
+        finish(report, cfg, r.tmp, r.out, r.wall_start, r.model_path, r.io_start)
+    except BaseException as exc:
+        mark_interrupted(r.tmp, r.out, resumable=False)
+        record(r.out, r.name, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", work_dir=r.tmp)
+        raise
+    return summarise(report, r.out, show_summary)
+
+
+@dataclass
+class _GenRun:
+    """What the stages of a generation run share: set by _gen_start and _gen_prepare, then read (the ladder, its
+    bootstrap draws and the generations grow as rungs finish)."""
+
+    cfg: RunConfig
+    command: str
+    primary: str
+    started: datetime
+    wall_start: float
+    io_start: dict | None
+    log: list[str]
+    name: str
+    out: Path
+    tmp: Path
+    device: Any
+    splits: Any = None
+    pairs: dict = field(default_factory=dict)
+    model_path: Path | None = None
+    model_name: str = ""
+    tokenizer: Any = None
+    base: Any = None
+    pad_id: int = 0
+    bf16: bool = False
+    limit: int = 0
+    max_length: int = 0
+    audit: dict = field(default_factory=dict)
+    enc: dict = field(default_factory=dict)
+    truncated: dict = field(default_factory=dict)
+    choices: list[dict] = field(default_factory=list)
+    references: list[str] = field(default_factory=list)
+    boot: Any = None
+    ladder: list[dict] = field(default_factory=list)
+    boots: dict = field(default_factory=dict)
+    generations: dict = field(default_factory=dict)
+    test_chats: list = field(default_factory=list)
+    shot_chats: list = field(default_factory=list)  # the few-shot prompts: also the break-even's
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.seed
+
+
+def _gen_start(cfg: RunConfig, command: str) -> _GenRun:
+    """The primary metric checked, the run folder opened (before any data is read)."""
     from transformers.utils import logging as hf_logging
 
-    from fmtune import audit as audit_mod
-    from fmtune import causal_lm, gen_data, models, verdict
-    from fmtune.evaluate import bootstrap_indices
-    from fmtune.gen_metrics import generation_metrics
+    from fmtune import models
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     primary = primary_metric(cfg)
     started, wall_start, io_start = datetime.now(timezone.utc), time.perf_counter(), disk_io()
     name, out, tmp = start_run(cfg)
-    log: list[str] = []
-    device = models.default_device()
-    seed = cfg.seed
-    try:
-        # ---- data, base model, audit
-        with stage("load and split data", log):
-            splits = gen_data.load_pairs(cfg.data, seed)
-            redacted: dict[str, int] = {}
-            if cfg.data.redact_pii:
-                splits, redacted = gen_data.redact(splits)
-        with stage("load the base model", log):
-            model_path, model_name, tokenizer, template_why, base = load_base(cfg, device)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        bf16 = {"on": True, "off": False}.get(cfg.train.bf16, models.bf16_supported(device))
-        pairs = {s: getattr(splits, s) for s in ("train", "validation", "test")}
-        with stage("audit data", log):
-            full = {s: [causal_lm.encode(tokenizer, p.chat(), p.completion) for p in ps] for s, ps in pairs.items()}
-            lengths = {s: [len(e.input_ids) for e in enc] for s, enc in full.items()}
-            limit = model_token_limit(base.config, tokenizer)
-            max_length, max_length_why = choose_max_length(lengths["train"], limit, cfg.model.max_length)
-            audit = audit_mod.audit(splits.for_audit(), token_lengths=lengths, max_length=max_length, redacted=redacted, model_limit=limit, classes=False)
-            audit = _generation_audit(audit, splits, gen_data.prompt_overlap(splits))
-        enc = {s: [causal_lm.encode(tokenizer, p.chat(), p.completion, max_length) for p in ps] for s, ps in pairs.items()}
-        truncated = {s: sum(e.truncated for e in rows) for s, rows in enc.items()}
-        choices = [
-            {"setting": "max_length", "value": max_length, "why": f"{max_length_why} (prompt + completion in the chat template; over it the prompt loses its start, the completion keeps at least half)"},
-            {"setting": "chat_template", "value": True, "why": template_why},
-            {"setting": "loss", "value": "completion tokens only", "why": "prompt and template tokens are masked (labels -100): the model learns the answers, not the questions"},
-            {"setting": "bf16", "value": bf16, "why": f"--bf16 {cfg.train.bf16}" + (" (hardware supports bf16)" if bf16 and cfg.train.bf16 == "auto" else " (no bf16 speed-up detected)" if cfg.train.bf16 == "auto" else "")},
-            {"setting": "primary_metric", "value": primary, "why": "--metric" if cfg.eval.metric else f"default for generation ({DEFAULT_METRIC}: longest-common-subsequence F1 on normalised words)"},
-        ]
-        references = [p.completion for p in pairs["test"]]
-        boot = bootstrap_indices(len(references), cfg.eval.bootstrap, seed)
-        ladder: list[dict] = []
-        boots: dict[str, np.ndarray] = {}
-        generations: dict[str, list[str]] = {}
-        new_tokens, bs = cfg.eval.max_new_tokens, cfg.eval.eval_batch_size
+    return _GenRun(cfg, command, primary, started, wall_start, io_start, [], name, out, tmp, models.default_device())
 
-        def rung(rung_name: str, description: str, model, conversations: list[list[dict]], scored: list, train_examples: int, train_seconds: float, **extra) -> dict:
-            with progress_bar() as prog:
-                task = prog.add_task(f"{rung_name}: generating", total=len(conversations), info="")
-                t0 = time.perf_counter()
-                preds = causal_lm.generate(model, tokenizer, conversations, new_tokens, bs, bf16, limit - new_tokens, lambda n: prog.advance(task, n))
-                gen_s = time.perf_counter() - t0
-            nll = causal_lm.completion_nll(model, scored, pad_id, bs, bf16)
-            m = generation_metrics(preds, references, nll, boot, primary)
-            boots[rung_name] = m.pop("_boot_primary")
-            generations[rung_name] = preds
-            row = {"name": rung_name, "description": description, **m, "train_examples": int(train_examples), "train_seconds": round(float(train_seconds), 3), "eval_seconds": round(gen_s, 3), **extra}
-            ladder.append(row)
-            return row
 
-        # ---- no-training rungs
-        test_chats = [p.chat() for p in pairs["test"]]
-        if "zero_shot" in cfg.eval.rungs:
-            with stage("rung zero_shot", log):
-                rung("zero_shot", "the base model answers the prompt alone (chat template, greedy decoding)", base, test_chats, enc["test"], 0, 0.0)
-        shots, shots_why = choose_shots(tokenizer, pairs["train"], pairs["test"], cfg.eval.few_shot_k, limit - new_tokens, seed)
-        shot_chats = [few_shot_conversation(shots, c) for c in test_chats]  # also the break-even's prompt
-        if "few_shot" in cfg.eval.rungs:
-            with stage("rung few_shot", log):
-                shot_scored = [causal_lm.encode(tokenizer, c, p.completion) for c, p in zip(shot_chats, pairs["test"])]
-                rung("few_shot", f"the base model with {len(shots)} training pairs as previous chat turns in every prompt", base, shot_chats, shot_scored, len(shots), 0.0)
-            choices.append({"setting": "few_shot_k", "value": len(shots), "why": shots_why})
+def _gen_prepare(r: _GenRun) -> None:
+    """Data, base model and audit; the pairs encoded at the chosen max_length; the first choices; the bootstrap draws."""
+    from fmtune import causal_lm, gen_data
+    from fmtune.evaluate import bootstrap_indices
 
-        # ---- trained rungs
-        lora = cfg.train.method in ("auto", "lora")  # auto = LoRA for causal LMs
-        method = "lora" if lora else "full"
-        ft_lr = (cfg.train.lora_learning_rate or cfg.train.learning_rate * 10) if lora else cfg.train.learning_rate
+    cfg = r.cfg
+    with stage("load and split data", r.log):
+        splits = gen_data.load_pairs(cfg.data, r.seed)
+        redacted: dict[str, int] = {}
+        if cfg.data.redact_pii:
+            splits, redacted = gen_data.redact(splits)
+    r.splits = splits
+    with stage("load the base model", r.log):
+        r.model_path, r.model_name, r.tokenizer, template_why, r.base = load_base(cfg, r.device)
+    r.pad_id, r.bf16 = _pad_and_bf16(cfg, r.tokenizer, r.device)
+    r.pairs = {s: getattr(splits, s) for s in ("train", "validation", "test")}
+    with stage("audit data", r.log):
+        max_length_why = _gen_audit(r, redacted)
+    r.enc = {s: [causal_lm.encode(r.tokenizer, p.chat(), p.completion, r.max_length) for p in ps] for s, ps in r.pairs.items()}
+    r.truncated = {s: sum(e.truncated for e in rows) for s, rows in r.enc.items()}
+    r.choices = [
+        {"setting": "max_length", "value": r.max_length, "why": f"{max_length_why} (prompt + completion in the chat template; over it the prompt loses its start, the completion keeps at least half)"},
+        {"setting": "chat_template", "value": True, "why": template_why},
+        {"setting": "loss", "value": "completion tokens only", "why": "prompt and template tokens are masked (labels -100): the model learns the answers, not the questions"},
+        _bf16_choice(cfg, r.bf16),
+        {"setting": "primary_metric", "value": r.primary, "why": "--metric" if cfg.eval.metric else f"default for generation ({DEFAULT_METRIC}: longest-common-subsequence F1 on normalised words)"},
+    ]
+    r.references = [p.completion for p in r.pairs["test"]]
+    r.boot = bootstrap_indices(len(r.references), cfg.eval.bootstrap, r.seed)
 
-        def train_rung(label: str, subset: np.ndarray | None, from_scratch: bool, lr: float, use_lora: bool):
-            idx = np.arange(len(enc["train"])) if subset is None else subset
-            return fit_rung(cfg, model_path, device, label, [enc["train"][i] for i in idx], enc["validation"], lr=lr, lora=use_lora,
-                            from_scratch=from_scratch, pad_id=pad_id, bf16=bf16), len(idx)
 
-        with stage(f"rung fine_tuned ({method})", log):
-            ft, n = train_rung("fine-tuning", None, False, ft_lr, lora)
-            desc = f"{'LoRA (r=' + str(cfg.train.lora_r) + ', merged)' if lora else 'full'} fine-tuning of the base model on all training pairs, loss on the completions, best validation-loss epoch ({ft.best_epoch} of {ft.epochs_run})"
-            ft_row = rung("fine_tuned", desc, ft.model, test_chats, enc["test"], n, ft.train_seconds, history=ft.history, best_epoch=ft.best_epoch, stopped=ft.stopped, learning_rate=ft_lr, method=method)
-            (tmp / "logs" / "history_fine_tuned.jsonl").write_text("".join(json.dumps(h) + "\n" for h in ft.history))
-        choices.append({"setting": "epochs", "value": ft.best_epoch, "why": f"{ft.stopped}; best validation loss at epoch {ft.best_epoch} (max {cfg.train.epochs}, patience {cfg.train.patience})"})
-        choices.append({"setting": "learning_rate", "value": ft_lr, "why": "LoRA default: 10x --learning-rate" if lora and not cfg.train.lora_learning_rate else "--lora-learning-rate" if lora else "--learning-rate"})
-        if "from_scratch" in cfg.eval.rungs:
-            with stage("rung from_scratch", log):
-                sc, n = train_rung("from scratch", None, True, cfg.train.scratch_learning_rate, False)
-                desc = f"same architecture, random init, same data and budget (max {cfg.train.epochs} epochs, early stopping), lr {cfg.train.scratch_learning_rate:g}"
-                rung("from_scratch", desc, sc.model, test_chats, enc["test"], n, sc.train_seconds, history=sc.history, best_epoch=sc.best_epoch, stopped=sc.stopped, learning_rate=cfg.train.scratch_learning_rate)
-                del sc
+def _gen_audit(r: _GenRun, redacted: dict[str, int]) -> str:
+    """Token lengths of whole pairs, the model's limit, max_length and the audit; returns why that max_length."""
+    from fmtune import audit as audit_mod
+    from fmtune import causal_lm, gen_data
 
-        # ---- learning curve (one group: nested random subsets)
-        curve, curve_seconds = learning_curve_evidence(
-            cfg, log, np.zeros(len(enc["train"]), dtype=np.int64), lambda label, subset: train_rung(label, subset, False, ft_lr, lora),
-            lambda model: generation_metrics(causal_lm.generate(model, tokenizer, test_chats, new_tokens, bs, bf16, limit - new_tokens), references, None, boot, primary),
-            ft_row, ft.epochs_run, boots["fine_tuned"], primary)
+    full = {s: [causal_lm.encode(r.tokenizer, p.chat(), p.completion) for p in ps] for s, ps in r.pairs.items()}
+    lengths = {s: [len(e.input_ids) for e in enc] for s, enc in full.items()}
+    r.limit = model_token_limit(r.base.config, r.tokenizer)
+    r.max_length, max_length_why = choose_max_length(lengths["train"], r.limit, r.cfg.model.max_length)
+    audit = audit_mod.audit(r.splits.for_audit(), token_lengths=lengths, max_length=r.max_length, redacted=redacted, model_limit=r.limit, classes=False)
+    r.audit = _generation_audit(audit, r.splits, gen_data.prompt_overlap(r.splits))
+    return max_length_why
 
-        # ---- retention and domain shift, as perplexity
-        tuned = ft.model
-        with stage("retention and domain shift", log):
-            retention_, shift = perplexity_evidence(cfg, base, tuned, tokenizer, [f"{p.prompt}\n{p.completion}" for p in pairs["train"]], bf16)
 
-        # ---- the model folder
-        with stage("save model", log):
-            model_dir = save_model(tmp, tuned, tokenizer, ft.adapter)
-            (tmp / "logs" / "generations.jsonl").write_text("".join(
-                json.dumps({"row": p.row, "prompt": p.prompt, "reference": p.completion, **{r: generations[r][i] for r in generations}}, ensure_ascii=False) + "\n"
-                for i, p in enumerate(pairs["test"])
-            ))
+def _gen_rung(r: _GenRun, rung_name: str, description: str, model, conversations: list[list[dict]], scored: list, train_examples: int, train_seconds: float,
+              **extra) -> dict:
+    """Generate answers to the test conversations, score them (and the completions' loss), add the row to the ladder."""
+    from fmtune import causal_lm
+    from fmtune.gen_metrics import generation_metrics
 
-        # ---- size, speed and cost per request
-        with stage("measure size, latency and cost per request", log):
-            inf = size_and_latency(cfg, base, tuned, tokenizer, model_path, model_dir, test_chats, max_length, bf16, lora)
-            k = max(1, min(LATENCY_REQUESTS, cfg.evidence.latency_repeats, len(test_chats)))
-            per_request = {
-                "few_shot": causal_lm.request_seconds(base, tokenizer, shot_chats[:k], new_tokens, bf16),
-                "fine_tuned": causal_lm.request_seconds(tuned, tokenizer, test_chats[:k], new_tokens, bf16),
-            }
-            inf["per_request"] = per_request
+    new_tokens, bs = r.cfg.eval.max_new_tokens, r.cfg.eval.eval_batch_size
+    with progress_bar() as prog:
+        task = prog.add_task(f"{rung_name}: generating", total=len(conversations), info="")
+        t0 = time.perf_counter()
+        preds = causal_lm.generate(model, r.tokenizer, conversations, new_tokens, bs, r.bf16, r.limit - new_tokens, lambda n: prog.advance(task, n))
+        gen_s = time.perf_counter() - t0
+    nll = causal_lm.completion_nll(model, scored, r.pad_id, bs, r.bf16)
+    m = generation_metrics(preds, r.references, nll, r.boot, r.primary)
+    r.boots[rung_name] = m.pop("_boot_primary")
+    r.generations[rung_name] = preds
+    row = {"name": rung_name, "description": description, **m, "train_examples": int(train_examples), "train_seconds": round(float(train_seconds), 3), "eval_seconds": round(gen_s, 3), **extra}
+    r.ladder.append(row)
+    return row
 
-        hardware = models.hardware_description()
-        cost_ = verdict.cost(ladder, hardware, os.cpu_count() or 1, cfg.evidence.price_per_hour, curve_seconds, "generation")
-        cost_.update(break_even(cost_, per_request))
-        verdict_ = verdict.verdict(ladder, boots, primary, retention_, audit, curve, cost_)
-        verdict_["gates"] = retention_gate(retention_, cfg.evidence.max_forgetting)
-        report = {
-            "fmtune_version": __version__,
-            "run": {"name": name, "status": "complete", "started_at": started.isoformat(timespec="seconds"), "finished_at": None,
-                    "wall_seconds": None, "seed": seed, "command": command, "stages": log},
-            "task": {"type": "generation", "primary_metric": primary, "max_new_tokens": new_tokens, "decoding": "greedy"},
-            "data": {"train": len(pairs["train"]), "validation": len(pairs["validation"]), "test": len(pairs["test"]), "sha256": splits.sha256,
-                     "files": splits.files, "dropped": splits.dropped, "truncated": truncated, "audit": audit},
-            "base_model": {"name": model_name, "path": str(model_path), "parameters": models.count_parameters(base),
-                           "sha256": models.weights_hash(model_path), "architecture": type(base).__name__, "max_length": max_length},
-            "choices": choices,
-            "levers": dict(ft.levers),
-            "ladder": ladder,
-            "retention": retention_,
-            "domain_shift": shift,
-            "learning_curve": curve,
-            "cost": cost_,
-            "inference": inf,
-            "verdict": verdict_,
+
+def _gen_no_training_rungs(r: _GenRun) -> None:
+    """zero_shot and few_shot: the base model prompted; the few-shot prompts are kept for the break-even."""
+    from fmtune import causal_lm
+
+    cfg, new_tokens = r.cfg, r.cfg.eval.max_new_tokens
+    r.test_chats = [p.chat() for p in r.pairs["test"]]
+    if "zero_shot" in cfg.eval.rungs:
+        with stage("rung zero_shot", r.log):
+            _gen_rung(r, "zero_shot", "the base model answers the prompt alone (chat template, greedy decoding)", r.base, r.test_chats, r.enc["test"], 0, 0.0)
+    shots, shots_why = choose_shots(r.tokenizer, r.pairs["train"], r.pairs["test"], cfg.eval.few_shot_k, r.limit - new_tokens, r.seed)
+    r.shot_chats = [few_shot_conversation(shots, c) for c in r.test_chats]
+    if "few_shot" in cfg.eval.rungs:
+        with stage("rung few_shot", r.log):
+            shot_scored = [causal_lm.encode(r.tokenizer, c, p.completion) for c, p in zip(r.shot_chats, r.pairs["test"])]
+            _gen_rung(r, "few_shot", f"the base model with {len(shots)} training pairs as previous chat turns in every prompt", r.base, r.shot_chats, shot_scored, len(shots), 0.0)
+        r.choices.append({"setting": "few_shot_k", "value": len(shots), "why": shots_why})
+
+
+def _gen_train(r: _GenRun, label: str, subset: np.ndarray | None, from_scratch: bool, lr: float, use_lora: bool):
+    """(TrainResult, n): the training pairs (all, or `subset`) fitted by fit_rung."""
+    idx = np.arange(len(r.enc["train"])) if subset is None else subset
+    return fit_rung(r.cfg, r.model_path, r.device, label, [r.enc["train"][i] for i in idx], r.enc["validation"], lr=lr, lora=use_lora,
+                    from_scratch=from_scratch, pad_id=r.pad_id, bf16=r.bf16), len(idx)
+
+
+def _gen_trained_rungs(r: _GenRun):
+    """(fine-tuning result, its ladder row): fine_tuned (LoRA by default) and, when asked, from_scratch."""
+    cfg = r.cfg
+    lora, method, ft_lr = _tuning_method(cfg)
+    with stage(f"rung fine_tuned ({method})", r.log):
+        ft, n = _gen_train(r, "fine-tuning", None, False, ft_lr, lora)
+        desc = f"{'LoRA (r=' + str(cfg.train.lora_r) + ', merged)' if lora else 'full'} fine-tuning of the base model on all training pairs, loss on the completions, best validation-loss epoch ({ft.best_epoch} of {ft.epochs_run})"
+        ft_row = _gen_rung(r, "fine_tuned", desc, ft.model, r.test_chats, r.enc["test"], n, ft.train_seconds, history=ft.history, best_epoch=ft.best_epoch, stopped=ft.stopped, learning_rate=ft_lr, method=method)
+        (r.tmp / "logs" / "history_fine_tuned.jsonl").write_text("".join(json.dumps(h) + "\n" for h in ft.history))
+    r.choices.append({"setting": "epochs", "value": ft.best_epoch, "why": f"{ft.stopped}; best validation loss at epoch {ft.best_epoch} (max {cfg.train.epochs}, patience {cfg.train.patience})"})
+    r.choices.append(_learning_rate_choice(cfg, lora, ft_lr))
+    if "from_scratch" in cfg.eval.rungs:
+        with stage("rung from_scratch", r.log):
+            sc, n = _gen_train(r, "from scratch", None, True, cfg.train.scratch_learning_rate, False)
+            desc = f"same architecture, random init, same data and budget (max {cfg.train.epochs} epochs, early stopping), lr {cfg.train.scratch_learning_rate:g}"
+            _gen_rung(r, "from_scratch", desc, sc.model, r.test_chats, r.enc["test"], n, sc.train_seconds, history=sc.history, best_epoch=sc.best_epoch, stopped=sc.stopped, learning_rate=cfg.train.scratch_learning_rate)
+            del sc
+    return ft, ft_row
+
+
+def _gen_learning_curve(r: _GenRun, ft, ft_row: dict) -> tuple[dict, float]:
+    """One group: nested random subsets, each fine-tuned like fine_tuned and scored on its generations."""
+    from fmtune import causal_lm
+    from fmtune.gen_metrics import generation_metrics
+
+    lora, _, ft_lr = _tuning_method(r.cfg)
+    new_tokens, bs = r.cfg.eval.max_new_tokens, r.cfg.eval.eval_batch_size
+    return learning_curve_evidence(
+        r.cfg, r.log, np.zeros(len(r.enc["train"]), dtype=np.int64), lambda label, subset: _gen_train(r, label, subset, False, ft_lr, lora),
+        lambda model: generation_metrics(causal_lm.generate(model, r.tokenizer, r.test_chats, new_tokens, bs, r.bf16, r.limit - new_tokens), r.references, None, r.boot, r.primary),
+        ft_row, ft.epochs_run, r.boots["fine_tuned"], r.primary)
+
+
+def _gen_save_and_measure(r: _GenRun, ft) -> dict:
+    """The model folder and the generations log; size, latency and per-request seconds (the `inference` block)."""
+    from fmtune import causal_lm
+
+    tuned, new_tokens = ft.model, r.cfg.eval.max_new_tokens
+    with stage("save model", r.log):
+        model_dir = save_model(r.tmp, tuned, r.tokenizer, ft.adapter)
+        (r.tmp / "logs" / "generations.jsonl").write_text("".join(
+            json.dumps({"row": p.row, "prompt": p.prompt, "reference": p.completion, **{g: r.generations[g][i] for g in r.generations}}, ensure_ascii=False) + "\n"
+            for i, p in enumerate(r.pairs["test"])
+        ))
+    with stage("measure size, latency and cost per request", r.log):
+        inf = size_and_latency(r.cfg, r.base, tuned, r.tokenizer, r.model_path, model_dir, r.test_chats, r.max_length, r.bf16, _tuning_method(r.cfg)[0])
+        k = max(1, min(LATENCY_REQUESTS, r.cfg.evidence.latency_repeats, len(r.test_chats)))
+        inf["per_request"] = {
+            "few_shot": causal_lm.request_seconds(r.base, r.tokenizer, r.shot_chats[:k], new_tokens, r.bf16),
+            "fine_tuned": causal_lm.request_seconds(tuned, r.tokenizer, r.test_chats[:k], new_tokens, r.bf16),
         }
-        finish(report, cfg, tmp, out, wall_start, model_path, io_start)
-    except BaseException as exc:
-        mark_interrupted(tmp, out, resumable=False)
-        record(out, name, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", work_dir=tmp)
-        raise
-    return summarise(report, out, show_summary)
+    return inf
+
+
+def _gen_report(r: _GenRun, ft, curve: dict, curve_seconds: float, retention_: dict, shift: dict, inf: dict) -> dict:
+    cost_, verdict_ = _cost_and_verdict(r, "generation", curve, curve_seconds, retention_, inf["per_request"])
+    return {
+        "fmtune_version": __version__,
+        "run": _run_block(r),
+        "task": {"type": "generation", "primary_metric": r.primary, "max_new_tokens": r.cfg.eval.max_new_tokens, "decoding": "greedy"},
+        "data": {"train": len(r.pairs["train"]), "validation": len(r.pairs["validation"]), "test": len(r.pairs["test"]), "sha256": r.splits.sha256,
+                 "files": r.splits.files, "dropped": r.splits.dropped, "truncated": r.truncated, "audit": r.audit},
+        "base_model": _base_model_block(r),
+        "choices": r.choices,
+        "levers": dict(ft.levers),
+        "ladder": r.ladder,
+        "retention": retention_,
+        "domain_shift": shift,
+        "learning_curve": curve,
+        "cost": cost_,
+        "inference": inf,
+        "verdict": verdict_,
+    }
 
 
 def run_lm_classification(cfg: RunConfig, command: str = "fmtune run", show_summary: bool = True) -> Path:
     """Classification with a causal LM: text/label data, each text a chat whose answer is its label word (LoRA by default),
     constrained scoring over the label set (fmtune.lm_classify). The classification metrics, CIs and verdict of
     fmtune.pipeline; retention, domain shift, cost per request and latency as in run_generation."""
+    r = _cls_start(cfg, command)
+    try:
+        _cls_prepare(r)
+        _cls_no_training_rungs(r)
+        ft, ft_row = _cls_trained_rungs(r)
+        curve, curve_seconds = _cls_learning_curve(r, ft, ft_row)
+        with stage("retention and domain shift", r.log):
+            retention_, shift = perplexity_evidence(cfg, r.base, ft.model, r.tokenizer, r.texts["train"], r.bf16)
+        inf = _cls_save_and_measure(r, ft)
+        report = _cls_report(r, ft, curve, curve_seconds, retention_, shift, inf)
+        finish(report, cfg, r.tmp, r.out, r.wall_start, r.model_path, r.io_start)
+    except BaseException as exc:
+        mark_interrupted(r.tmp, r.out, resumable=False)
+        record(r.out, r.name, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", work_dir=r.tmp)
+        raise
+    return summarise(report, r.out, show_summary)
+
+
+@dataclass
+class _ClsRun:
+    """What the stages of a causal-LM classification run share: set by _cls_start and _cls_prepare, then read (the
+    ladder, its bootstrap draws and the predictions grow as rungs finish)."""
+
+    cfg: RunConfig
+    command: str
+    primary: str
+    started: datetime
+    wall_start: float
+    io_start: dict | None
+    log: list[str]
+    splits: Any
+    redacted: dict[str, int]
+    name: str
+    out: Path
+    tmp: Path
+    device: Any
+    model_path: Path | None = None
+    model_name: str = ""
+    tokenizer: Any = None
+    base: Any = None
+    pad_id: int = 0
+    bf16: bool = False
+    texts: dict = field(default_factory=dict)  # cut to max_length once it is chosen
+    y: dict = field(default_factory=dict)
+    limit: int = 0
+    max_length: int = 0
+    audit: dict = field(default_factory=dict)
+    prompt: Any = None
+    truncated: dict = field(default_factory=dict)
+    class_weight: Any = None
+    choices: list[dict] = field(default_factory=list)
+    boot: Any = None
+    ladder: list[dict] = field(default_factory=list)
+    boots: dict = field(default_factory=dict)
+    predictions: dict = field(default_factory=dict)
+    shots: list = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)
+    rows: dict = field(default_factory=dict)  # training and validation rows: the label word as the answer
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.seed
+
+    @property
+    def labels(self) -> list[str]:
+        return self.splits.labels
+
+
+def _cls_start(cfg: RunConfig, command: str) -> _ClsRun:
+    """Data loaded and checked (input problems stop the run before any folder is created), then the run folder opened."""
     from transformers.utils import logging as hf_logging
 
     from fmtune import audit as audit_mod
-    from fmtune import causal_lm, data, lm_classify, models, train, verdict
-    from fmtune.evaluate import bootstrap_indices, classification_metrics
-    from fmtune.runner.ladder import classification_primary, classification_rung
+    from fmtune import data, models
+    from fmtune.runner.ladder import classification_primary
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     primary = classification_primary(cfg)
     started, wall_start, io_start = datetime.now(timezone.utc), time.perf_counter(), disk_io()
     log: list[str] = []
-    seed = cfg.seed
-    # input problems stop the run before any folder is created
     with stage("load and split data", log):
-        splits = data.load_splits(cfg.data, seed)
+        splits = data.load_splits(cfg.data, cfg.seed)
         redacted: dict[str, int] = {}
         if cfg.data.redact_pii:
             splits, redacted = audit_mod.redact_splits(splits)
@@ -260,178 +407,250 @@ def run_lm_classification(cfg: RunConfig, command: str = "fmtune run", show_summ
         if unknown:
             raise ConfigError(f"--label-descriptions names label(s) {unknown} that the data does not have; labels are {labels}.")
     name, out, tmp = start_run(cfg)
-    device = models.default_device()
-    try:
-        with stage("load the base model", log):
-            model_path, model_name, tokenizer, template_why, base = load_base(cfg, device)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        bf16 = {"on": True, "off": False}.get(cfg.train.bf16, models.bf16_supported(device))
-        bs = cfg.eval.eval_batch_size
-        texts = {s: [e.text for e in getattr(splits, s)] for s in ("train", "validation", "test")}
-        label_index = {lab: i for i, lab in enumerate(labels)}
-        y = {s: np.array([label_index[e.label] for e in getattr(splits, s)], dtype=np.int64) for s in texts}
-        with stage("audit data", log):
-            lengths = {s: [len(ids) for ids in tokenizer(t, add_special_tokens=False)["input_ids"]] if t else [] for s, t in texts.items()}
-            limit = model_token_limit(base.config, tokenizer)
-            bare = lm_classify.LabelPrompt(tuple(labels), dict(cfg.data.label_descriptions))
-            overhead = max(len(causal_lm.encode(tokenizer, bare.messages(""), lab).input_ids) for lab in labels)
-            if limit - overhead < 8:
-                raise ConfigError(f"the instruction, the {len(labels)} labels and the chat template take {overhead} of the model's {limit} tokens, leaving no room "
-                                  "for the text. Fix: shorter --label-descriptions, or a model with a longer context.")
-            max_length, max_length_why = choose_max_length(lengths["train"], limit - overhead, cfg.model.max_length)
-            audit = audit_mod.audit(splits, token_lengths=lengths, max_length=max_length, redacted=redacted, model_limit=limit - overhead)
-        prompt = lm_classify.LabelPrompt(tuple(labels), dict(cfg.data.label_descriptions), max_length)
-        cut = {s: [lm_classify.cut(tokenizer, t, max_length) for t in ts] for s, ts in texts.items()}
-        truncated = {s: sum(c for _, c in rows) for s, rows in cut.items()}
-        texts = {s: [t for t, _ in rows] for s, rows in cut.items()}
-        class_weight, cw_why = train.class_weight_vector(y["train"], len(labels), cfg.train.class_weights)
-        choices = [
-            {"setting": "max_length", "value": max_length, "why": f"{max_length_why} (tokens of the text alone; the instruction, label list and chat template add up to {overhead}; a longer text keeps its start)"},
-            {"setting": "formulation", "value": "label word as the chat answer", "why": f"a causal LM classifies by answering: the user turn names the task and lists the labels as they appear in the data ({prompt.instruction()!r}), then the text; the answer is the label word"},
-            {"setting": "scoring", "value": "constrained", "why": f"{lm_classify.SCORING}; no free generation, so every prediction is one of the labels"},
-            {"setting": "chat_template", "value": True, "why": template_why},
-            {"setting": "loss", "value": "label tokens only", "why": "prompt and template tokens are masked (labels -100): the model learns to answer with the label"},
-            {"setting": "class_weights", "value": None if class_weight is None else [round(float(w), 4) for w in class_weight],
-             "why": cw_why + ("; each training example's loss is weighted by its class's weight" if class_weight is not None else "")},
-            {"setting": "bf16", "value": bf16, "why": f"--bf16 {cfg.train.bf16}" + (" (hardware supports bf16)" if bf16 and cfg.train.bf16 == "auto" else " (no bf16 speed-up detected)" if cfg.train.bf16 == "auto" else "")},
-        ]
-        boot = bootstrap_indices(len(y["test"]), cfg.eval.bootstrap, seed)
-        ladder: list[dict] = []
-        boots: dict[str, np.ndarray] = {}
-        predictions: dict[str, np.ndarray] = {}
+    return _ClsRun(cfg, command, primary, started, wall_start, io_start, log, splits, redacted, name, out, tmp, models.default_device())
 
-        def rung(rung_name: str, description: str, model, shots: list, train_examples: int, train_seconds: float, calibrated: bool = False, **extra) -> dict:
-            """Scores the test split; with `calibrated` (the no-training rungs) the content-free texts and the validation split
-            first, to choose raw or calibrated scores on validation (lm_classify.fit_calibration)."""
-            calibration = None
-            with progress_bar() as prog:
-                if calibrated:
-                    n_cal = len(lm_classify.CONTENT_FREE) + len(texts["validation"])
-                    task = prog.add_task(f"{rung_name}: content-free and validation texts (calibration)", total=n_cal, info="")
-                    t0 = time.perf_counter()
-                    calibration = lm_classify.fit_calibration(model, tokenizer, prompt, shots, texts["validation"], y["validation"], bs, bf16, lambda n: prog.advance(task, n))
-                    extra["calibration"] = {**calibration.to_dict(labels), "seconds": round(time.perf_counter() - t0, 3)}
-                    choices.append({"setting": f"calibration_{rung_name}", "value": "calibrated" if calibration.applied else "raw", "why": calibration.why})
-                    if calibration.applied:
-                        description += "; contextually calibrated (each label's log-probability minus its mean after content-free texts, chosen on validation)"
-                task = prog.add_task(f"{rung_name}: scoring the labels", total=len(texts["test"]), info="")
-                t0 = time.perf_counter()
-                scores = lm_classify.label_scores(model, tokenizer, prompt, texts["test"], shots, bs, bf16, lambda n: prog.advance(task, n))
-                eval_s = time.perf_counter() - t0
-            if calibration is not None:
-                scores = calibration.apply(scores)
-            predictions[rung_name] = scores.argmax(1)
-            row, boots[rung_name] = classification_rung(rung_name, description, y["test"], predictions[rung_name], labels, boot, train_examples, train_seconds, primary, eval_seconds=round(eval_s, 3), **extra)
-            ladder.append(row)
-            return row
 
-        # ---- no-training rungs: prompting the base model
-        if "zero_shot" in cfg.eval.rungs:
-            with stage("rung zero_shot", log):
-                rung("zero_shot", "the base model, no labeled examples: the instruction and the label list, constrained scoring of the labels", base, [], 0, 0.0, calibrated=True)
-        shots, per_class, shots_why = lm_classify.choose_shots(tokenizer, prompt, texts["train"], y["train"], texts["test"] + texts["validation"], cfg.eval.few_shot_k, limit, seed)
-        if "few_shot" in cfg.eval.rungs:
-            with stage("rung few_shot", log):
-                rung("few_shot", f"the base model with {per_class} labeled examples per class ({len(shots)} in all) as previous chat turns in every prompt, constrained scoring",
-                     base, shots, len(shots), 0.0, calibrated=True, shots_per_class=per_class)
-            choices.append({"setting": "few_shot_k", "value": per_class, "why": shots_why})
-        skipped = {}
-        if "head_only" in cfg.eval.rungs:
-            skipped["head_only"] = ("not run for a causal LM: head_only is a linear head on a frozen encoder's embeddings; here the no-training rungs are the "
-                                    "same model prompted (zero_shot, few_shot), and the report contract makes head_only optional")
+def _cls_prepare(r: _ClsRun) -> None:
+    """Base model and audit; the texts cut to the chosen max_length; the prompt, class weights, first choices, bootstrap draws."""
+    from fmtune import lm_classify, train
+    from fmtune.evaluate import bootstrap_indices
 
-        # ---- trained rungs: the label word as the answer, loss on its tokens
-        lora = cfg.train.method in ("auto", "lora")  # auto = LoRA for causal LMs
-        method = "lora" if lora else "full"
-        ft_lr = (cfg.train.lora_learning_rate or cfg.train.learning_rate * 10) if lora else cfg.train.learning_rate
-        weights = None if class_weight is None else class_weight[y["train"]]
-        rows = {"train": lm_classify.training_rows(tokenizer, prompt, texts["train"], [labels[i] for i in y["train"]], weights),
-                "validation": lm_classify.training_rows(tokenizer, prompt, texts["validation"], [labels[i] for i in y["validation"]])}
+    cfg, labels = r.cfg, r.labels
+    with stage("load the base model", r.log):
+        r.model_path, r.model_name, r.tokenizer, template_why, r.base = load_base(cfg, r.device)
+    r.pad_id, r.bf16 = _pad_and_bf16(cfg, r.tokenizer, r.device)
+    texts = {s: [e.text for e in getattr(r.splits, s)] for s in ("train", "validation", "test")}
+    label_index = {lab: i for i, lab in enumerate(labels)}
+    r.y = {s: np.array([label_index[e.label] for e in getattr(r.splits, s)], dtype=np.int64) for s in texts}
+    with stage("audit data", r.log):
+        overhead, max_length_why = _cls_audit(r, texts)
+    r.prompt = lm_classify.LabelPrompt(tuple(labels), dict(cfg.data.label_descriptions), r.max_length)
+    cut = {s: [lm_classify.cut(r.tokenizer, t, r.max_length) for t in ts] for s, ts in texts.items()}
+    r.truncated = {s: sum(c for _, c in rows) for s, rows in cut.items()}
+    r.texts = {s: [t for t, _ in rows] for s, rows in cut.items()}
+    r.class_weight, cw_why = train.class_weight_vector(r.y["train"], len(labels), cfg.train.class_weights)
+    r.choices = [
+        {"setting": "max_length", "value": r.max_length, "why": f"{max_length_why} (tokens of the text alone; the instruction, label list and chat template add up to {overhead}; a longer text keeps its start)"},
+        {"setting": "formulation", "value": "label word as the chat answer", "why": f"a causal LM classifies by answering: the user turn names the task and lists the labels as they appear in the data ({r.prompt.instruction()!r}), then the text; the answer is the label word"},
+        {"setting": "scoring", "value": "constrained", "why": f"{lm_classify.SCORING}; no free generation, so every prediction is one of the labels"},
+        {"setting": "chat_template", "value": True, "why": template_why},
+        {"setting": "loss", "value": "label tokens only", "why": "prompt and template tokens are masked (labels -100): the model learns to answer with the label"},
+        {"setting": "class_weights", "value": None if r.class_weight is None else [round(float(w), 4) for w in r.class_weight],
+         "why": cw_why + ("; each training example's loss is weighted by its class's weight" if r.class_weight is not None else "")},
+        _bf16_choice(cfg, r.bf16),
+    ]
+    r.boot = bootstrap_indices(len(r.y["test"]), cfg.eval.bootstrap, r.seed)
 
-        def train_rung(label: str, subset: np.ndarray | None, from_scratch: bool, lr: float, use_lora: bool):
-            idx = np.arange(len(rows["train"])) if subset is None else subset
-            return fit_rung(cfg, model_path, device, label, [rows["train"][i] for i in idx], rows["validation"], lr=lr, lora=use_lora,
-                            from_scratch=from_scratch, pad_id=pad_id, bf16=bf16), len(idx)
 
-        with stage(f"rung fine_tuned ({method})", log):
-            ft, n = train_rung("fine-tuning", None, False, ft_lr, lora)
-            desc = f"{'LoRA (r=' + str(cfg.train.lora_r) + ', merged)' if lora else 'full'} fine-tuning of the base model to answer with the label word, loss on the label tokens, best validation-loss epoch ({ft.best_epoch} of {ft.epochs_run}); zero-shot prompt, constrained scoring"
-            ft_row = rung("fine_tuned", desc, ft.model, [], n, ft.train_seconds, history=ft.history, best_epoch=ft.best_epoch, stopped=ft.stopped, learning_rate=ft_lr, method=method)
-            (tmp / "logs" / "history_fine_tuned.jsonl").write_text("".join(json.dumps(h) + "\n" for h in ft.history))
-        choices.append({"setting": "epochs", "value": ft.best_epoch, "why": f"{ft.stopped}; best validation loss (label tokens) at epoch {ft.best_epoch} (max {cfg.train.epochs}, patience {cfg.train.patience})"})
-        choices.append({"setting": "learning_rate", "value": ft_lr, "why": "LoRA default: 10x --learning-rate" if lora and not cfg.train.lora_learning_rate else "--lora-learning-rate" if lora else "--learning-rate"})
-        if "from_scratch" in cfg.eval.rungs:
-            with stage("rung from_scratch", log):
-                sc, n = train_rung("from scratch", None, True, cfg.train.scratch_learning_rate, False)
-                desc = f"same architecture, random init, same data and budget (max {cfg.train.epochs} epochs, early stopping), lr {cfg.train.scratch_learning_rate:g}; constrained scoring"
-                rung("from_scratch", desc, sc.model, [], n, sc.train_seconds, history=sc.history, best_epoch=sc.best_epoch, stopped=sc.stopped, learning_rate=cfg.train.scratch_learning_rate)
-                del sc
+def _cls_audit(r: _ClsRun, texts: dict) -> tuple[int, str]:
+    """Token lengths of the texts, the tokens the prompt takes, max_length and the audit; returns (that overhead, why that max_length)."""
+    from fmtune import audit as audit_mod
+    from fmtune import causal_lm, lm_classify
 
-        # ---- learning curve (stratified nested subsets)
-        curve, curve_seconds = learning_curve_evidence(
-            cfg, log, y["train"], lambda label, subset: train_rung(label, subset, False, ft_lr, lora),
-            lambda model: classification_metrics(y["test"], lm_classify.label_scores(model, tokenizer, prompt, texts["test"], [], bs, bf16).argmax(1), labels, boot, primary),
-            ft_row, ft.epochs_run, boots["fine_tuned"], primary)
+    tokenizer, labels = r.tokenizer, r.labels
+    lengths = {s: [len(ids) for ids in tokenizer(t, add_special_tokens=False)["input_ids"]] if t else [] for s, t in texts.items()}
+    limit = r.limit = model_token_limit(r.base.config, tokenizer)
+    bare = lm_classify.LabelPrompt(tuple(labels), dict(r.cfg.data.label_descriptions))
+    overhead = max(len(causal_lm.encode(tokenizer, bare.messages(""), lab).input_ids) for lab in labels)
+    if limit - overhead < 8:
+        raise ConfigError(f"the instruction, the {len(labels)} labels and the chat template take {overhead} of the model's {limit} tokens, leaving no room "
+                          "for the text. Fix: shorter --label-descriptions, or a model with a longer context.")
+    r.max_length, max_length_why = choose_max_length(lengths["train"], limit - overhead, r.cfg.model.max_length)
+    r.audit = audit_mod.audit(r.splits, token_lengths=lengths, max_length=r.max_length, redacted=r.redacted, model_limit=limit - overhead)
+    return overhead, max_length_why
 
-        # ---- retention and domain shift, as perplexity
-        tuned = ft.model
-        with stage("retention and domain shift", log):
-            retention_, shift = perplexity_evidence(cfg, base, tuned, tokenizer, texts["train"], bf16)
 
-        # ---- the model folder: the merged model and how to prompt and score it
-        with stage("save model", log):
-            model_dir = save_model(tmp, tuned, tokenizer, ft.adapter)
-            prompt.save(model_dir)
-            (tmp / "logs" / "predictions.jsonl").write_text("".join(
-                json.dumps({"row": e.row, "text": e.text, "label": e.label, **{r: labels[predictions[r][i]] for r in predictions}}, ensure_ascii=False) + "\n"
-                for i, e in enumerate(splits.test)
-            ))
+def _cls_rung(r: _ClsRun, rung_name: str, description: str, model, shots: list, train_examples: int, train_seconds: float, calibrated: bool = False, **extra) -> dict:
+    """Scores the test split; with `calibrated` (the no-training rungs) the content-free texts and the validation split
+    first, to choose raw or calibrated scores on validation (lm_classify.fit_calibration)."""
+    from fmtune import lm_classify
+    from fmtune.runner.ladder import classification_rung
 
-        # ---- size, speed and cost per request
-        with stage("measure size, latency and cost per request", log):
-            test_chats = [prompt.messages(t) for t in texts["test"]]
-            inf = size_and_latency(cfg, base, tuned, tokenizer, model_path, model_dir, test_chats, limit, bf16, lora)
-            k = max(1, min(LATENCY_REQUESTS, cfg.evidence.latency_repeats, len(test_chats)))
-            per_request = {
-                "few_shot": lm_classify.request_seconds(base, tokenizer, prompt, texts["test"][:k], shots, bf16),
-                "fine_tuned": lm_classify.request_seconds(tuned, tokenizer, prompt, texts["test"][:k], [], bf16),
-            }
-            inf["per_request"] = per_request
+    bs, texts, y = r.cfg.eval.eval_batch_size, r.texts, r.y
+    calibration = None
+    with progress_bar() as prog:
+        if calibrated:
+            n_cal = len(lm_classify.CONTENT_FREE) + len(texts["validation"])
+            task = prog.add_task(f"{rung_name}: content-free and validation texts (calibration)", total=n_cal, info="")
+            t0 = time.perf_counter()
+            calibration = lm_classify.fit_calibration(model, r.tokenizer, r.prompt, shots, texts["validation"], y["validation"], bs, r.bf16, lambda n: prog.advance(task, n))
+            extra["calibration"] = {**calibration.to_dict(r.labels), "seconds": round(time.perf_counter() - t0, 3)}
+            r.choices.append({"setting": f"calibration_{rung_name}", "value": "calibrated" if calibration.applied else "raw", "why": calibration.why})
+            if calibration.applied:
+                description += "; contextually calibrated (each label's log-probability minus its mean after content-free texts, chosen on validation)"
+        task = prog.add_task(f"{rung_name}: scoring the labels", total=len(texts["test"]), info="")
+        t0 = time.perf_counter()
+        scores = lm_classify.label_scores(model, r.tokenizer, r.prompt, texts["test"], shots, bs, r.bf16, lambda n: prog.advance(task, n))
+        eval_s = time.perf_counter() - t0
+    if calibration is not None:
+        scores = calibration.apply(scores)
+    r.predictions[rung_name] = scores.argmax(1)
+    row, r.boots[rung_name] = classification_rung(rung_name, description, y["test"], r.predictions[rung_name], r.labels, r.boot, train_examples, train_seconds, r.primary,
+                                                  eval_seconds=round(eval_s, 3), **extra)
+    r.ladder.append(row)
+    return row
 
-        hardware = models.hardware_description()
-        cost_ = verdict.cost(ladder, hardware, os.cpu_count() or 1, cfg.evidence.price_per_hour, curve_seconds, "classification")
-        cost_.update(break_even(cost_, per_request))
-        verdict_ = verdict.verdict(ladder, boots, primary, retention_, audit, curve, cost_)
-        verdict_["gates"] = retention_gate(retention_, cfg.evidence.max_forgetting)
-        report = {
-            "fmtune_version": __version__,
-            "run": {"name": name, "status": "complete", "started_at": started.isoformat(timespec="seconds"), "finished_at": None,
-                    "wall_seconds": None, "seed": seed, "command": command, "stages": log},
-            "task": {"type": "classification", "primary_metric": primary, "labels": labels, "model_kind": "causal_lm", "prompt": prompt.to_dict()},
-            "data": {"train": len(y["train"]), "validation": len(y["validation"]), "test": len(y["test"]), "sha256": splits.sha256,
-                     "files": splits.files, "dropped": splits.dropped, "truncated": truncated, "audit": audit},
-            "base_model": {"name": model_name, "path": str(model_path), "parameters": models.count_parameters(base),
-                           "sha256": models.weights_hash(model_path), "architecture": type(base).__name__, "max_length": max_length},
-            "choices": choices,
-            "levers": dict(ft.levers),
-            "ladder": ladder,
-            "skipped_rungs": skipped,
-            "retention": retention_,
-            "domain_shift": shift,
-            "learning_curve": curve,
-            "cost": cost_,
-            "inference": inf,
-            "verdict": verdict_,
+
+def _cls_no_training_rungs(r: _ClsRun) -> None:
+    """zero_shot and few_shot: the base model prompted (shots kept for the break-even); head_only noted as skipped."""
+    from fmtune import lm_classify
+
+    cfg, texts = r.cfg, r.texts
+    if "zero_shot" in cfg.eval.rungs:
+        with stage("rung zero_shot", r.log):
+            _cls_rung(r, "zero_shot", "the base model, no labeled examples: the instruction and the label list, constrained scoring of the labels", r.base, [], 0, 0.0, calibrated=True)
+    r.shots, per_class, shots_why = lm_classify.choose_shots(r.tokenizer, r.prompt, texts["train"], r.y["train"], texts["test"] + texts["validation"], cfg.eval.few_shot_k, r.limit, r.seed)
+    if "few_shot" in cfg.eval.rungs:
+        with stage("rung few_shot", r.log):
+            _cls_rung(r, "few_shot", f"the base model with {per_class} labeled examples per class ({len(r.shots)} in all) as previous chat turns in every prompt, constrained scoring",
+                      r.base, r.shots, len(r.shots), 0.0, calibrated=True, shots_per_class=per_class)
+        r.choices.append({"setting": "few_shot_k", "value": per_class, "why": shots_why})
+    if "head_only" in cfg.eval.rungs:
+        r.skipped["head_only"] = ("not run for a causal LM: head_only is a linear head on a frozen encoder's embeddings; here the no-training rungs are the "
+                                  "same model prompted (zero_shot, few_shot), and the report contract makes head_only optional")
+
+
+def _cls_train(r: _ClsRun, label: str, subset: np.ndarray | None, from_scratch: bool, lr: float, use_lora: bool):
+    """(TrainResult, n): the training rows (all, or `subset`) fitted by fit_rung."""
+    idx = np.arange(len(r.rows["train"])) if subset is None else subset
+    return fit_rung(r.cfg, r.model_path, r.device, label, [r.rows["train"][i] for i in idx], r.rows["validation"], lr=lr, lora=use_lora,
+                    from_scratch=from_scratch, pad_id=r.pad_id, bf16=r.bf16), len(idx)
+
+
+def _cls_trained_rungs(r: _ClsRun):
+    """(fine-tuning result, its ladder row): the label word as the answer, loss on its tokens; fine_tuned and, when asked, from_scratch."""
+    from fmtune import lm_classify
+
+    cfg, labels, y = r.cfg, r.labels, r.y
+    lora, method, ft_lr = _tuning_method(cfg)
+    weights = None if r.class_weight is None else r.class_weight[y["train"]]
+    r.rows = {"train": lm_classify.training_rows(r.tokenizer, r.prompt, r.texts["train"], [labels[i] for i in y["train"]], weights),
+              "validation": lm_classify.training_rows(r.tokenizer, r.prompt, r.texts["validation"], [labels[i] for i in y["validation"]])}
+    with stage(f"rung fine_tuned ({method})", r.log):
+        ft, n = _cls_train(r, "fine-tuning", None, False, ft_lr, lora)
+        desc = f"{'LoRA (r=' + str(cfg.train.lora_r) + ', merged)' if lora else 'full'} fine-tuning of the base model to answer with the label word, loss on the label tokens, best validation-loss epoch ({ft.best_epoch} of {ft.epochs_run}); zero-shot prompt, constrained scoring"
+        ft_row = _cls_rung(r, "fine_tuned", desc, ft.model, [], n, ft.train_seconds, history=ft.history, best_epoch=ft.best_epoch, stopped=ft.stopped, learning_rate=ft_lr, method=method)
+        (r.tmp / "logs" / "history_fine_tuned.jsonl").write_text("".join(json.dumps(h) + "\n" for h in ft.history))
+    r.choices.append({"setting": "epochs", "value": ft.best_epoch, "why": f"{ft.stopped}; best validation loss (label tokens) at epoch {ft.best_epoch} (max {cfg.train.epochs}, patience {cfg.train.patience})"})
+    r.choices.append(_learning_rate_choice(cfg, lora, ft_lr))
+    if "from_scratch" in cfg.eval.rungs:
+        with stage("rung from_scratch", r.log):
+            sc, n = _cls_train(r, "from scratch", None, True, cfg.train.scratch_learning_rate, False)
+            desc = f"same architecture, random init, same data and budget (max {cfg.train.epochs} epochs, early stopping), lr {cfg.train.scratch_learning_rate:g}; constrained scoring"
+            _cls_rung(r, "from_scratch", desc, sc.model, [], n, sc.train_seconds, history=sc.history, best_epoch=sc.best_epoch, stopped=sc.stopped, learning_rate=cfg.train.scratch_learning_rate)
+            del sc
+    return ft, ft_row
+
+
+def _cls_learning_curve(r: _ClsRun, ft, ft_row: dict) -> tuple[dict, float]:
+    """Stratified nested subsets, each fine-tuned like fine_tuned and scored with the zero-shot prompt."""
+    from fmtune import lm_classify
+    from fmtune.evaluate import classification_metrics
+
+    lora, _, ft_lr = _tuning_method(r.cfg)
+    bs = r.cfg.eval.eval_batch_size
+    return learning_curve_evidence(
+        r.cfg, r.log, r.y["train"], lambda label, subset: _cls_train(r, label, subset, False, ft_lr, lora),
+        lambda model: classification_metrics(r.y["test"], lm_classify.label_scores(model, r.tokenizer, r.prompt, r.texts["test"], [], bs, r.bf16).argmax(1), r.labels, r.boot, r.primary),
+        ft_row, ft.epochs_run, r.boots["fine_tuned"], r.primary)
+
+
+def _cls_save_and_measure(r: _ClsRun, ft) -> dict:
+    """The model folder (the merged model and how to prompt and score it) and the predictions log; size, latency and
+    per-request seconds (the `inference` block)."""
+    from fmtune import lm_classify
+
+    tuned, texts, labels = ft.model, r.texts, r.labels
+    with stage("save model", r.log):
+        model_dir = save_model(r.tmp, tuned, r.tokenizer, ft.adapter)
+        r.prompt.save(model_dir)
+        (r.tmp / "logs" / "predictions.jsonl").write_text("".join(
+            json.dumps({"row": e.row, "text": e.text, "label": e.label, **{p: labels[r.predictions[p][i]] for p in r.predictions}}, ensure_ascii=False) + "\n"
+            for i, e in enumerate(r.splits.test)
+        ))
+    with stage("measure size, latency and cost per request", r.log):
+        test_chats = [r.prompt.messages(t) for t in texts["test"]]
+        inf = size_and_latency(r.cfg, r.base, tuned, r.tokenizer, r.model_path, model_dir, test_chats, r.limit, r.bf16, _tuning_method(r.cfg)[0])
+        k = max(1, min(LATENCY_REQUESTS, r.cfg.evidence.latency_repeats, len(test_chats)))
+        inf["per_request"] = {
+            "few_shot": lm_classify.request_seconds(r.base, r.tokenizer, r.prompt, texts["test"][:k], r.shots, r.bf16),
+            "fine_tuned": lm_classify.request_seconds(tuned, r.tokenizer, r.prompt, texts["test"][:k], [], r.bf16),
         }
-        finish(report, cfg, tmp, out, wall_start, model_path, io_start)
-    except BaseException as exc:
-        mark_interrupted(tmp, out, resumable=False)
-        record(out, name, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", work_dir=tmp)
-        raise
-    return summarise(report, out, show_summary)
+    return inf
+
+
+def _cls_report(r: _ClsRun, ft, curve: dict, curve_seconds: float, retention_: dict, shift: dict, inf: dict) -> dict:
+    cost_, verdict_ = _cost_and_verdict(r, "classification", curve, curve_seconds, retention_, inf["per_request"])
+    return {
+        "fmtune_version": __version__,
+        "run": _run_block(r),
+        "task": {"type": "classification", "primary_metric": r.primary, "labels": r.labels, "model_kind": "causal_lm", "prompt": r.prompt.to_dict()},
+        "data": {"train": len(r.y["train"]), "validation": len(r.y["validation"]), "test": len(r.y["test"]), "sha256": r.splits.sha256,
+                 "files": r.splits.files, "dropped": r.splits.dropped, "truncated": r.truncated, "audit": r.audit},
+        "base_model": _base_model_block(r),
+        "choices": r.choices,
+        "levers": dict(ft.levers),
+        "ladder": r.ladder,
+        "skipped_rungs": r.skipped,
+        "retention": retention_,
+        "domain_shift": shift,
+        "learning_curve": curve,
+        "cost": cost_,
+        "inference": inf,
+        "verdict": verdict_,
+    }
 
 
 # ---------------------------------------------------------------- stages both causal-LM runs share
+
+
+def _pad_and_bf16(cfg: RunConfig, tokenizer, device) -> tuple[int, bool]:
+    """The padding id (0 when the tokenizer has none) and whether to run in bf16 (--bf16, or what the hardware supports)."""
+    from fmtune import models
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return pad_id, {"on": True, "off": False}.get(cfg.train.bf16, models.bf16_supported(device))
+
+
+def _bf16_choice(cfg: RunConfig, bf16: bool) -> dict:
+    return {"setting": "bf16", "value": bf16, "why": f"--bf16 {cfg.train.bf16}" + (" (hardware supports bf16)" if bf16 and cfg.train.bf16 == "auto" else " (no bf16 speed-up detected)" if cfg.train.bf16 == "auto" else "")}
+
+
+def _tuning_method(cfg: RunConfig) -> tuple[bool, str, float]:
+    """(LoRA?, method name, fine-tuning learning rate): auto = LoRA for causal LMs, at 10x --learning-rate unless --lora-learning-rate."""
+    lora = cfg.train.method in ("auto", "lora")
+    ft_lr = (cfg.train.lora_learning_rate or cfg.train.learning_rate * 10) if lora else cfg.train.learning_rate
+    return lora, "lora" if lora else "full", ft_lr
+
+
+def _learning_rate_choice(cfg: RunConfig, lora: bool, ft_lr: float) -> dict:
+    return {"setting": "learning_rate", "value": ft_lr, "why": "LoRA default: 10x --learning-rate" if lora and not cfg.train.lora_learning_rate else "--lora-learning-rate" if lora else "--learning-rate"}
+
+
+def _cost_and_verdict(r, task_type: str, curve: dict, curve_seconds: float, retention_: dict, per_request: dict) -> tuple[dict, dict]:
+    """The cost block (with the break-even against few-shot prompting) and the verdict with its --max-forgetting gate;
+    `r` is a _GenRun or a _ClsRun."""
+    from fmtune import models, verdict
+
+    hardware = models.hardware_description()
+    cost_ = verdict.cost(r.ladder, hardware, os.cpu_count() or 1, r.cfg.evidence.price_per_hour, curve_seconds, task_type)
+    cost_.update(break_even(cost_, per_request))
+    verdict_ = verdict.verdict(r.ladder, r.boots, r.primary, retention_, r.audit, curve, cost_)
+    verdict_["gates"] = retention_gate(retention_, r.cfg.evidence.max_forgetting)
+    return cost_, verdict_
+
+
+def _run_block(r) -> dict:
+    """report["run"] before finish() fills in the end time; `r` is a _GenRun or a _ClsRun."""
+    return {"name": r.name, "status": "complete", "started_at": r.started.isoformat(timespec="seconds"), "finished_at": None,
+            "wall_seconds": None, "seed": r.seed, "command": r.command, "stages": r.log}
+
+
+def _base_model_block(r) -> dict:
+    from fmtune import models
+
+    return {"name": r.model_name, "path": str(r.model_path), "parameters": models.count_parameters(r.base),
+            "sha256": models.weights_hash(r.model_path), "architecture": type(r.base).__name__, "max_length": r.max_length}
 
 
 def start_run(cfg: RunConfig) -> tuple[str, Path, Path]:

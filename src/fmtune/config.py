@@ -113,7 +113,7 @@ class TrainConfig(_Group):
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Multi-process strategy under torchrun / accelerate launch / --nproc: ddp (a full model copy per process, gradients averaged) or fsdp (parameters, gradients and optimizer state sharded across processes, for models that do not fit one device).")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N optimizer steps and at every epoch end. 0 (default): checkpoint by time instead, see --checkpoint-seconds. Checkpoints let --resume continue mid-epoch; Ctrl-C always writes one.")
-    checkpoint_seconds: float = Field(300, ge=0, description="With --checkpoint-every 0: write a checkpoint when this many seconds of training have passed since the last one (so a kill loses at most that much), not after every cheap epoch: a checkpoint holds the weights and twice their size of optimizer state. 0 = at every epoch end.")
+    checkpoint_seconds: float = Field(600, ge=0, description="With --checkpoint-every 0: write a checkpoint when this many seconds of training have passed since the last one (so a kill loses at most that much; Ctrl-C always checkpoints), not after every cheap epoch: a checkpoint holds the weights and twice their size of optimizer state. 0 = at every epoch end.")
 
 
 class EvalConfig(_Group):

@@ -155,8 +155,9 @@ class Policy:
     """When to write a checkpoint. Every `every` steps and at every epoch end when the user set --checkpoint-every;
     otherwise by time: when `seconds` of training have passed since the last checkpoint, at any step, so a kill loses at
     most that much and a cheap epoch writes nothing (a checkpoint is the weights plus twice their size of AdamW state:
-    one per epoch wrote 14 GB for an 88 MB run). `deterministic` (FSDP, where every rank must take part in the same
-    saves) keeps the epoch ends, which all ranks reach together."""
+    one per epoch wrote 14 GB for an 88 MB run). `deterministic` (several processes: each rank has its own clock, but
+    all ranks must agree on every save, whose loss sum is a collective and, under FSDP, whose gather is one) keeps the
+    epoch ends, which all ranks reach together."""
 
     def __init__(self, every: int, seconds: float, deterministic: bool = False) -> None:
         import time
@@ -228,9 +229,9 @@ def _save(folder: Path, model, optimizer, state: TrainState, best: dict | None, 
         shutil.rmtree(tmp)
     tmp.mkdir()
     write_safetensors(weights, tmp / "trainable.safetensors")
-    if best_file is not None and _link(best_file, tmp / "best.safetensors"):
-        pass  # the best weights are already on disk (train.BestWeights): a second name for the same bytes, nothing written
-    else:
+    # the best weights already on disk (train.BestWeights) get a second name for the same bytes: nothing written
+    linked = best_file is not None and _link(best_file, tmp / "best.safetensors")
+    if not linked:
         if best is None and best_file is not None and best_file.is_file():
             from safetensors.torch import load_file
 
@@ -242,7 +243,7 @@ def _save(folder: Path, model, optimizer, state: TrainState, best: dict | None, 
     body = dict(state.__dict__, optimizer=opt_meta)
     _write_json(tmp / "state.json", body)
     for f in tmp.iterdir():
-        if f.name == "best.safetensors" and best_file is not None:
+        if linked and f.name == "best.safetensors":
             continue  # a link to a file fsynced when it was written
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())

@@ -26,7 +26,7 @@ from fmtune.errors import ConfigError
 from fmtune.retention import gate as retention_gate
 from fmtune.models import model_token_limit
 from fmtune.runner.console import console, print_summary, progress_bar, raise_if_gate_failed, stage
-from fmtune.runner.folder import disk_io, mark_interrupted, open_run_dir, record, run_name
+from fmtune.runner.folder import disk_io, marked_on_failure, open_run_dir, record, run_name
 from fmtune.runner.ladder import choose_max_length
 from fmtune.runner.report import finish
 
@@ -72,7 +72,7 @@ def choose_shots(tokenizer, train: list, test: list, k: int, budget: int, seed: 
 def run_generation(cfg: RunConfig, command: str = "fmtune run", show_summary: bool = True) -> Path:
     """Run the whole evidence pipeline for a generation task; returns the finished run folder."""
     r = _gen_start(cfg, command)
-    try:
+    with marked_on_failure(r.out, r.tmp, r.name, resumable=False):
         _gen_prepare(r)
         _gen_no_training_rungs(r)
         ft, ft_row = _gen_trained_rungs(r)
@@ -82,10 +82,6 @@ def run_generation(cfg: RunConfig, command: str = "fmtune run", show_summary: bo
         inf = _gen_save_and_measure(r, ft)
         report = _gen_report(r, ft, curve, curve_seconds, retention_, shift, inf)
         finish(report, cfg, r.tmp, r.out, r.wall_start, r.model_path, r.io_start)
-    except BaseException as exc:
-        mark_interrupted(r.tmp, r.out, resumable=False)
-        record(r.out, r.name, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", work_dir=r.tmp)
-        raise
     return summarise(report, r.out, show_summary)
 
 
@@ -317,7 +313,7 @@ def run_lm_classification(cfg: RunConfig, command: str = "fmtune run", show_summ
     constrained scoring over the label set (fmtune.lm_classify). The classification metrics, CIs and verdict of
     fmtune.pipeline; retention, domain shift, cost per request and latency as in run_generation."""
     r = _cls_start(cfg, command)
-    try:
+    with marked_on_failure(r.out, r.tmp, r.name, resumable=False):
         _cls_prepare(r)
         _cls_no_training_rungs(r)
         ft, ft_row = _cls_trained_rungs(r)
@@ -327,10 +323,6 @@ def run_lm_classification(cfg: RunConfig, command: str = "fmtune run", show_summ
         inf = _cls_save_and_measure(r, ft)
         report = _cls_report(r, ft, curve, curve_seconds, retention_, shift, inf)
         finish(report, cfg, r.tmp, r.out, r.wall_start, r.model_path, r.io_start)
-    except BaseException as exc:
-        mark_interrupted(r.tmp, r.out, resumable=False)
-        record(r.out, r.name, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", work_dir=r.tmp)
-        raise
     return summarise(report, r.out, show_summary)
 
 

@@ -23,7 +23,7 @@ from fmtune.errors import ConfigError, FmtuneError
 # the runner's shared parts, named here too for the callers that import them from fmtune.pipeline
 from fmtune.runner.console import GateFailed, console, print_summary, progress_bar, raise_if_gate_failed, stage  # noqa: F401
 from fmtune.runner.folder import (  # noqa: F401
-    check_replaceable, check_run_target, disk_io, mark_interrupted, open_run_dir, partial_dir, record, replace_folder, run_name,
+    check_replaceable, check_run_target, disk_io, marked_on_failure, open_run_dir, partial_dir, record, replace_folder, run_name,
 )
 from fmtune.runner.ladder import PRIMARY, choose_max_length, classification_primary, classification_rung  # noqa: F401
 from fmtune.runner.report import finish
@@ -134,7 +134,7 @@ def run(cfg: RunConfig, command: str = "fmtune run", show_summary: bool = True) 
 
         return run_lm_classification(cfg, command, show_summary)
     r = _start(cfg, command)
-    try:
+    with marked_on_failure(r.out, r.tmp, r.name, main=r.world.main):
         _prepare(r)
         emb = _no_training_rungs(r)
         ft = _trained_rungs(r)
@@ -145,11 +145,6 @@ def run(cfg: RunConfig, command: str = "fmtune run", show_summary: bool = True) 
         inf = _save_and_measure(r, ft.model)
         report = _report(r, ft, curve, curve_seconds, retention_, shift, inf)
         finish(report, cfg, r.tmp, r.out, r.wall_start, r.model_path, r.io_start)
-    except BaseException as exc:
-        if r.world.main:
-            mark_interrupted(r.tmp, r.out)
-            record(r.out, r.name, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", work_dir=r.tmp)
-        raise
     if show_summary:
         print_summary(report, r.out)
     raise_if_gate_failed(report, r.out)

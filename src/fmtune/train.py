@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from fmtune import checkpoint, threads
-from fmtune.evaluate import batch_tensors, pad_table  # noqa: F401  (the batching the loop and evaluation share)
+from fmtune.evaluate import batch_tensors, pad_table  # the batching the loop and evaluation share
 from fmtune.config import TrainConfig
 from fmtune.distributed import World, all_sum, shard, sharded, unwrap, wrap, zero_loss
 from fmtune.models import with_lora
@@ -362,7 +362,7 @@ def fit(
     real_tokens = 0
     start = time.perf_counter() - state.start_seconds
 
-    policy = checkpoint.Policy(cfg.checkpoint_every, cfg.checkpoint_seconds, deterministic=sharded(model))
+    policy = checkpoint.Policy(cfg.checkpoint_every, cfg.checkpoint_seconds, deterministic=world.distributed)
 
     def save(epoch: int, batch: int, epoch_rng: dict, loss_total: float) -> None:
         if checkpoint_dir is None or not (world.main or sharded(model)):  # FSDP: every rank gathers its shards, rank 0 writes

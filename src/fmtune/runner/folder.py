@@ -4,6 +4,7 @@ the interrupted marker, and the bytes a run wrote."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -36,30 +37,28 @@ def partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
-def find_resumable(cfg: RunConfig) -> Path | None:
+def saved_config(folder: Path) -> RunConfig | None:
+    """The configuration an unfinished run folder was started with (its config.yaml), or None when it holds none."""
     import yaml
 
+    try:
+        return RunConfig.model_validate(yaml.safe_load((folder / "config.yaml").read_text()))
+    except Exception:
+        return None
+
+
+def find_resumable(cfg: RunConfig) -> Path | None:
     root = Path(cfg.out).parent if cfg.out else Path("runs")
     candidates = sorted(root.glob(".*.partial"), key=lambda p: p.stat().st_mtime, reverse=True)
     for folder in candidates:
-        try:
-            saved = RunConfig.model_validate(yaml.safe_load((folder / "config.yaml").read_text()))
-        except Exception:
-            continue
-        if comparable(saved) == comparable(cfg):
+        saved = saved_config(folder)
+        if saved is not None and comparable(saved) == comparable(cfg):
             return folder.parent / folder.name[1 : -len(".partial")]
     return None
 
 
-def prepare_out_dir(cfg: RunConfig, name: str) -> Path:
-    """The final run folder (kept for callers that manage their own temporary folder)."""
-    return open_run_dir(cfg, name)[0]
-
-
 def open_run_dir(cfg: RunConfig, name: str) -> tuple[Path, Path, bool]:
     """(final folder, partial folder, resuming?) after checking what is already on disk."""
-    import yaml
-
     out = Path(cfg.out) if cfg.out else Path("runs") / name
     if cfg.resume and not (cfg.name or cfg.out):
         found = find_resumable(cfg)
@@ -74,12 +73,9 @@ def open_run_dir(cfg: RunConfig, name: str) -> tuple[Path, Path, bool]:
         check_replaceable(out)
     resuming = False
     if partial.exists() or partial.is_symlink():
-        try:
-            saved = RunConfig.model_validate(yaml.safe_load((partial / "config.yaml").read_text()))
-            same = comparable(saved) == comparable(cfg)
-            ours = True
-        except Exception:
-            same, ours = False, False
+        saved = saved_config(partial)
+        ours = saved is not None
+        same = ours and comparable(saved) == comparable(cfg)
         if same and not cfg.overwrite:
             resuming = True
         elif cfg.overwrite:
@@ -197,3 +193,16 @@ def mark_interrupted(tmp: Path, out: Path, resumable: bool = True) -> None:
         (tmp / "STATUS").write_text(f"status: interrupted\nThis run did not finish; its outputs are incomplete. {how}\n")
         console.print(f"[yellow]The run did not finish (status: interrupted); partial outputs are in {tmp}. "
                       + ("Re-run the same command with --resume to continue from the last checkpoint.[/]" if resumable else f"{how}[/]"))
+
+
+@contextlib.contextmanager
+def marked_on_failure(out: Path, tmp: Path, name: str, resumable: bool = True, main: bool = True):
+    """Around a run's work: on any exception (Ctrl-C included) the partial folder is marked interrupted and the registry
+    row says interrupted or failed (rank 0 only); the exception goes on."""
+    try:
+        yield
+    except BaseException as exc:
+        if main:
+            mark_interrupted(tmp, out, resumable)
+            record(out, name, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", work_dir=tmp)
+        raise

@@ -83,7 +83,9 @@ def fine_tune(path: Path, seed: int, head_factor: float) -> dict:
     import numpy as np
     import torch
 
-    from fmtune import data, models, pipeline, tokens, train
+    from fmtune import data, models, tokens, train
+    from fmtune.runner.ladder import choose_max_length
+    from fmtune.tasks.encoder import max_epochs
     from fmtune.config import RunConfig
     from fmtune.evaluate import macro_f1
 
@@ -97,10 +99,10 @@ def fine_tune(path: Path, seed: int, head_factor: float) -> dict:
     y = {s: np.array([index[e.label] for e in getattr(splits, s)], dtype=np.int64) for s in texts}
     tokenised = {s: tokens.tokenise(tokenizer, t) for s, t in texts.items()}
     encoder = models.load_encoder(model_path)
-    max_length, _ = pipeline.choose_max_length(tokenised["train"].lengths, pipeline.model_token_limit(encoder.config, tokenizer), None)
+    max_length, _ = choose_max_length(tokenised["train"].lengths, models.model_token_limit(encoder.config, tokenizer), None)
     ids = {s: tokens.truncate(tokenizer, t, tokenised[s].ids, max_length) for s, t in texts.items()}
     class_weight, _ = train.class_weight_vector(y["train"], len(labels), cfg.train.class_weights)
-    epochs, _ = pipeline.max_epochs(len(y["train"]), cfg.train)
+    epochs, _ = max_epochs(len(y["train"]), cfg.train)
     train_cfg = cfg.train.model_copy(update={"epochs": epochs})
     bf16 = models.bf16_supported(torch.device("cpu"))
     torch.manual_seed(seed)
@@ -120,7 +122,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "head_lr_sets.json")
     args = parser.parse_args()
     from fmtune.models import hardware_description
-    from fmtune.pipeline import HEAD_LR_FACTOR
+    from fmtune.tasks.encoder import HEAD_LR_FACTOR
 
     factors = (1.0, float(HEAD_LR_FACTOR))
     started = datetime.datetime.now(datetime.timezone.utc)

@@ -83,7 +83,7 @@ def run_fmtune(recipe: str, cfg: dict, split: dict, model_path: Path, tokenizer)
 
     from fmtune import models, train
     from fmtune.config import TrainConfig
-    from fmtune.pipeline import HEAD_LR_FACTOR
+    from fmtune.tasks.encoder import HEAD_LR_FACTOR
 
     bf16_measure_start = time.perf_counter()
     bf16 = recipe != "fmtune_fp32" and models.bf16_supported(torch.device("cpu"))

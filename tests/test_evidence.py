@@ -8,7 +8,7 @@ import pytest
 from fmtune import learning_curve, retention, verdict
 from fmtune.domain_shift import domain_shift
 from fmtune.evaluate import bootstrap_indices, classification_metrics, macro_f1
-from fmtune.pipeline import choose_max_length
+from fmtune.runner.ladder import choose_max_length
 
 
 def test_nested_subsets_are_nested_and_stratified():
@@ -149,7 +149,7 @@ def test_max_length_from_token_lengths():
 
 def test_learning_rate_choice_says_whether_it_is_the_default_or_a_flag():
     from fmtune.config import TrainConfig
-    from fmtune.pipeline import _learning_rate_why
+    from fmtune.runner.pipeline import learning_rate_why as _learning_rate_why
 
     assert _learning_rate_why(TrainConfig(), lora=False).startswith("default (5e-05")
     assert _learning_rate_why(TrainConfig(learning_rate=1e-4), lora=False) == "--learning-rate"
@@ -161,7 +161,7 @@ def test_epochs_choice_warns_when_validation_was_still_improving_at_the_last_epo
     from types import SimpleNamespace
 
     from fmtune.config import TrainConfig
-    from fmtune.pipeline import _still_improving, _undertrained_caveat
+    from fmtune.runner.pipeline import still_improving as _still_improving, undertrained_caveat as _undertrained_caveat
 
     cfg = TrainConfig(epochs=8)
     assert _still_improving(SimpleNamespace(epochs_run=8, best_epoch=8), cfg) is True
@@ -172,7 +172,7 @@ def test_epochs_choice_warns_when_validation_was_still_improving_at_the_last_epo
 
 def test_max_epochs_is_raised_for_small_training_sets_only_when_epochs_was_left_at_its_default():
     from fmtune.config import TrainConfig
-    from fmtune.pipeline import MAX_DERIVED_EPOCHS, MIN_TRAIN_STEPS, max_epochs
+    from fmtune.tasks.encoder import MAX_DERIVED_EPOCHS, MIN_TRAIN_STEPS, max_epochs
 
     assert MIN_TRAIN_STEPS == 300
     epochs, why = max_epochs(489, TrainConfig())  # 16 steps an epoch
@@ -183,7 +183,7 @@ def test_max_epochs_is_raised_for_small_training_sets_only_when_epochs_was_left_
 
 
 def test_bare_number_labels_without_descriptions_get_a_zero_shot_warning():
-    from fmtune.pipeline import _meaningless_label_names
+    from fmtune.tasks.encoder import meaningless_label_names as _meaningless_label_names
 
     [warning] = _meaningless_label_names(["0", "1", "2"], {"2": "sports news"})
     assert warning.startswith("Labels '0', '1' are bare numbers") and "--label-descriptions '0=<what 0 means>;1=<what 1 means>'" in warning

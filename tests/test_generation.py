@@ -289,7 +289,7 @@ def fmtune(*args, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_llama):
     from fmtune.config import build_config
-    from fmtune.gen_pipeline import run_generation
+    from fmtune.runner.pipeline import run as run_generation
 
     work = tmp_path_factory.mktemp("gen-e2e")
     with pytest.MonkeyPatch.context() as mp:  # module scope: conftest's per-test isolation is not active yet
@@ -344,15 +344,6 @@ def test_lora_moved_the_weights_lowered_the_loss_and_reloads_with_plain_transfor
     assert model.config.vocab_size == len(json.loads((base_dir / "tokenizer.json").read_text())["model"]["vocab"])
 
 
-def _dispatch_wired() -> bool:
-    import inspect
-
-    from fmtune import pipeline
-
-    return "run_generation" in inspect.getsource(pipeline.run)
-
-
-@pytest.mark.skipif(not _dispatch_wired(), reason="fmtune.pipeline.run does not dispatch generation data to gen_pipeline.run_generation yet")
 def test_generation_run_through_the_cli(tmp_path, tiny_llama):
     data = write_jsonl(tmp_path / "colours.jsonl", colour_pairs(40))
     proc = fmtune("run", "--data", data, "--model", tiny_llama, "--task", "generation", "--out", tmp_path / "runs" / "cli", "--epochs", "1", "--bootstrap", "100",
@@ -373,9 +364,9 @@ def test_generation_predictor_from_run(finished_run):
 
 def test_causal_lm_runs_refuse_more_than_one_process(tmp_path, monkeypatch):
     """Under torchrun every rank would run a causal-LM pipeline and write the same folder: refused before any work."""
-    from fmtune import pipeline
     from fmtune.config import build_config
     from fmtune.errors import FmtuneError
+    from fmtune.runner import pipeline
 
     data = write_jsonl(tmp_path / "qa.jsonl", colour_pairs(20))
     monkeypatch.setenv("WORLD_SIZE", "2")

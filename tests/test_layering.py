@@ -22,10 +22,11 @@ LAYERS = {
         "fmtune.gen_metrics", "fmtune.verdict",  # evidence
         "fmtune.predict", "fmtune.serve", "fmtune.report_html",  # serving and reports
         "fmtune.lineage", "fmtune.registry",  # store
+        "fmtune.runner.console", "fmtune.runner.ladder",
     },
-    "runner": {"fmtune.runner", "fmtune.runner.console", "fmtune.runner.folder", "fmtune.runner.ladder", "fmtune.runner.report"},
-    "tasks": {"fmtune.pipeline", "fmtune.gen_pipeline"},
-    "entry": {"fmtune", "fmtune.cli", "fmtune.api", "fmtune.__main__"},  # the package root is the API's facade (fmtune.run, fmtune.load)
+    "tasks": {"fmtune.tasks", "fmtune.tasks.base", "fmtune.tasks.causal", "fmtune.tasks.encoder", "fmtune.tasks.generation", "fmtune.tasks.lm_classification"},
+    "runner": {"fmtune.runner", "fmtune.runner.folder", "fmtune.runner.report", "fmtune.runner.pipeline"},
+    "entry": {"fmtune", "fmtune.cli", "fmtune.api", "fmtune.__main__", "fmtune.pipeline"},  # the package root is the API's facade (fmtune.run, fmtune.load)
 }
 ORDER = list(LAYERS)
 

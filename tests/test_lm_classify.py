@@ -208,7 +208,7 @@ def test_the_pipeline_chooses_calibration_on_validation_never_on_test(tmp_path, 
     points the right way or, for 'raw', the wrong way, so the zero_shot and few_shot rungs take whatever validation
     prefers and the test split's own answer plays no part. fine_tuned is never calibrated: it stays all 'blue'."""
     from fmtune.config import build_config
-    from fmtune.pipeline import run
+    from fmtune.runner.pipeline import run
 
     def fake_scores(model, tokenizer, prompt, texts, shots=(), batch_size=32, bf16=False, progress=None):
         labels = list(prompt.labels)  # ["blue", "red"]
@@ -357,7 +357,7 @@ def test_serve_predicts_with_the_same_predictor(finished_run):
 def test_full_fine_tuning_through_the_dispatch(tmp_path, tiny_llama):
     """--method full on a balanced three-label set (no class weights), no curve, no from_scratch rung."""
     from fmtune.config import build_config
-    from fmtune.pipeline import run
+    from fmtune.runner.pipeline import run
 
     data = write_csv(tmp_path / "c.csv", colour_rows(45, colours=tuple(COLOURS[:3])))
     cfg = build_config(None, {"data": data, "model": str(tiny_llama), "out": tmp_path / "runs" / "full", "method": "full", "epochs": 1, "bootstrap": 100,
@@ -377,7 +377,7 @@ def test_smollm2_classifies_rotten_tomatoes_snippets(tmp_path, monkeypatch):
     """--model smollm2 on text/label data: a tiny real run (56 training snippets, 1 epoch of LoRA) through the dispatch;
     the tuned model puts more probability on the true labels of the test snippets than the base model does."""
     from fmtune.config import build_config
-    from fmtune.pipeline import run
+    from fmtune.runner.pipeline import run
     from fmtune.predict import Predictor
     from fmtune.quickstart import QUICKSTART_DESCRIPTIONS, rotten_tomatoes_csv
 

@@ -146,7 +146,9 @@ def test_from_scratch_rung_warms_up_longer_than_the_fine_tune(tmp_path, tiny_ber
     _sys.path.insert(0, str(Path(__file__).parent))
     from conftest import make_reviews, write_csv
 
-    from fmtune import pipeline, train
+    from fmtune import train
+    from fmtune.runner import pipeline
+    from fmtune.tasks.encoder import SCRATCH_EXTRA_PATIENCE, SCRATCH_WARMUP
     from fmtune.config import build_config
 
     seen = []
@@ -157,7 +159,7 @@ def test_from_scratch_rung_warms_up_longer_than_the_fine_tune(tmp_path, tiny_ber
                             "curve": False, "epochs": 1, "batch_size": 16, "bootstrap": 100, "latency_repeats": 3})
     pipeline.run(cfg)
     tuned, scratch = seen
-    assert tuned.warmup_ratio == cfg.train.warmup_ratio == 0.06 and scratch.warmup_ratio == pipeline.SCRATCH_WARMUP == 0.2
-    assert scratch.patience == tuned.patience + pipeline.SCRATCH_EXTRA_PATIENCE
+    assert tuned.warmup_ratio == cfg.train.warmup_ratio == 0.06 and scratch.warmup_ratio == SCRATCH_WARMUP == 0.2
+    assert scratch.patience == tuned.patience + SCRATCH_EXTRA_PATIENCE
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert "warmed up over 20% of the steps" in next(r["description"] for r in report["ladder"] if r["name"] == "from_scratch")

@@ -53,7 +53,7 @@ def test_verdict_with_head_only_as_the_only_baseline():
 
 def test_generation_runs_honour_rungs(tmp_path, tiny_llama, monkeypatch):
     from fmtune.config import build_config
-    from fmtune.gen_pipeline import run_generation
+    from fmtune.runner.pipeline import run as run_generation
 
     monkeypatch.chdir(tmp_path)
     cfg = build_config(None, {"data": _tiny_generation_data(tmp_path), "model": str(tiny_llama), "out": tmp_path / "runs" / "g", "epochs": 1, "curve": False,
@@ -70,7 +70,7 @@ def accuracy_run(tmp_path_factory, tiny_bert):
     from conftest import make_reviews, write_csv
 
     from fmtune.config import build_config
-    from fmtune.pipeline import run
+    from fmtune.runner.pipeline import run
 
     work = tmp_path_factory.mktemp("metric")
     data = write_csv(work / "d.csv", make_reviews(120))
@@ -101,7 +101,7 @@ def test_a_classification_run_refuses_a_generation_metric(tmp_path, tiny_bert):
     from conftest import make_reviews, write_csv
 
     from fmtune.config import build_config
-    from fmtune.pipeline import run
+    from fmtune.runner.pipeline import run
 
     cfg = build_config(None, {"data": write_csv(tmp_path / "d.csv", make_reviews(40)), "model": str(tiny_bert), "out": tmp_path / "r", "metric": "rouge_l"})
     with pytest.raises(ConfigError, match="not a classification metric"):
@@ -111,7 +111,7 @@ def test_a_classification_run_refuses_a_generation_metric(tmp_path, tiny_bert):
 
 def test_explicit_epochs_equal_to_the_default_are_kept():
     from fmtune.config import build_config
-    from fmtune.pipeline import max_epochs
+    from fmtune.tasks.encoder import max_epochs
 
     given = build_config(None, {"data": Path(__file__), "epochs": 8}).train
     assert max_epochs(100, given) == (8, "--epochs (8 epochs of 4 steps; early stopping may end sooner)")
@@ -129,11 +129,11 @@ def test_one_gate_for_every_retention_probe(higher_is_better, change, passed):
     probe = {"probe": "p", "base": 1.0, "fine_tuned": 1.0 + change, "relative_change": change, "higher_is_better": higher_is_better}
     assert retention.gate(probe, 0.2) == {"max_forgetting": 0.2, "passed": passed}
     assert retention.gate(probe, None)["passed"] is True
-    assert retention.forgetting(probe) == pytest.approx(-change if higher_is_better else change)
+    assert retention.forgetting(probe["relative_change"], probe["higher_is_better"]) == pytest.approx(-change if higher_is_better else change)
 
 
 def test_gate_failure_names_the_probe_and_its_direction(tmp_path):
-    from fmtune.pipeline import GateFailed, raise_if_gate_failed
+    from fmtune.runner.console import GateFailed, raise_if_gate_failed
 
     report = {"verdict": {"gates": {"max_forgetting": 0.1, "passed": False}},
               "retention": {"probe": "perplexity on general text", "base": 10.0, "fine_tuned": 13.0, "relative_change": 0.3, "higher_is_better": False}}
@@ -147,28 +147,29 @@ def test_gate_failure_names_the_probe_and_its_direction(tmp_path):
 
 
 def test_an_interrupted_causal_lm_run_is_started_again_in_its_partial_folder(tmp_path, tiny_llama, monkeypatch):
-    from fmtune import gen_pipeline
+    from fmtune.runner.pipeline import run
+    from fmtune.tasks.causal import CausalTask
     from fmtune.config import build_config
 
     monkeypatch.chdir(tmp_path)
     settings = {"data": _tiny_generation_data(tmp_path), "model": str(tiny_llama), "out": tmp_path / "runs" / "g", "epochs": 1, "curve": False,
                 "max_new_tokens": 3, "few_shot_k": 1, "rungs": ["zero_shot", "fine_tuned"], **FAST}
-    real_fit = gen_pipeline.fit_rung
+    real_fit = CausalTask.fit_rows
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gen_pipeline, "fit_rung", interrupted)
+    monkeypatch.setattr(CausalTask, "fit_rows", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        gen_pipeline.run_generation(build_config(None, settings), "test")
+        run(build_config(None, settings), "test")
     partial = tmp_path / "runs" / ".g.partial"
     assert "start it again" in (partial / "STATUS").read_text()
     assert not list((tmp_path / "runs").glob(".g.tmp-*"))
-    monkeypatch.setattr(gen_pipeline, "fit_rung", real_fit)
-    out = gen_pipeline.run_generation(build_config(None, {**settings, "resume": True}), "test")
+    monkeypatch.setattr(CausalTask, "fit_rows", real_fit)
+    out = run(build_config(None, {**settings, "resume": True}), "test")
     assert (out / "report.json").is_file() and not partial.exists()
     with pytest.raises(ConfigError, match="no unfinished run"):
-        gen_pipeline.run_generation(build_config(None, {**settings, "out": tmp_path / "runs" / "other", "resume": True}), "test")
+        run(build_config(None, {**settings, "out": tmp_path / "runs" / "other", "resume": True}), "test")
 
 
 # ---- the generation audit rewrote the classification audit's English warnings with str.replace

@@ -45,7 +45,7 @@ def test_overwrite_on_the_current_folder_is_refused_and_deletes_nothing(tmp_path
 
 @pytest.mark.parametrize("where", ["root", "home", "parent"])
 def test_root_home_and_parents_of_the_current_folder_are_refused(tmp_path, monkeypatch, where):
-    from fmtune.pipeline import check_run_target
+    from fmtune.runner.folder import check_run_target
 
     project = tmp_path / "home" / "me" / "project"
     project.mkdir(parents=True)
@@ -60,7 +60,7 @@ def test_root_home_and_parents_of_the_current_folder_are_refused(tmp_path, monke
 def test_overwrite_of_a_folder_with_user_files_is_refused(tmp_path, monkeypatch):
     """`--out precious --overwrite` replaced a thesis with the run."""
     from fmtune.config import build_config
-    from fmtune.pipeline import open_run_dir
+    from fmtune.runner.folder import open_run_dir
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data.csv").write_text("text,label\na,b\n")
@@ -76,7 +76,7 @@ def test_overwrite_of_a_folder_with_user_files_is_refused(tmp_path, monkeypatch)
 
 def test_overwrite_replaces_an_empty_folder_or_an_fmtune_run_only(tmp_path, monkeypatch):
     from fmtune.config import build_config
-    from fmtune.pipeline import check_replaceable, replace_folder
+    from fmtune.runner.folder import check_replaceable, replace_folder
 
     monkeypatch.chdir(tmp_path)
     empty = tmp_path / "empty"
@@ -106,7 +106,7 @@ def test_overwrite_replaces_an_empty_folder_or_an_fmtune_run_only(tmp_path, monk
 
 def test_a_stranger_in_the_partial_folders_place_is_not_deleted(tmp_path, monkeypatch):
     from fmtune.config import build_config
-    from fmtune.pipeline import open_run_dir, partial_dir
+    from fmtune.runner.folder import open_run_dir, partial_dir
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data.csv").write_text("text,label\na,b\n")
@@ -204,7 +204,7 @@ def recorded_run(tmp_path_factory, tiny_bert):
 
     from fmtune import checkpoint
     from fmtune.config import build_config
-    from fmtune.pipeline import run
+    from fmtune.runner.pipeline import run
 
     work = tmp_path_factory.mktemp("trust")
     rows = make_reviews(200)
@@ -294,7 +294,7 @@ def test_lora_adapter_is_the_fine_tunes_not_the_last_curve_points(tmp_path, tiny
 
     from fmtune import train
     from fmtune.config import build_config
-    from fmtune.pipeline import run
+    from fmtune.runner.pipeline import run
 
     adapters = []
     real_fit = train.fit

@@ -245,7 +245,7 @@ def choose_shots(tokenizer, prompt: LabelPrompt, train_texts: list[str], y_train
 
 def request_seconds(model, tokenizer, prompt: LabelPrompt, texts: list[str], shots: list[tuple[str, str]] | tuple, bf16: bool) -> dict:
     """Wall time of one classification request at batch 1 (every label scored), per text, after a warm-up; the same
-    shape as fmtune.causal_lm.request_seconds so that fmtune.gen_pipeline.break_even reads it."""
+    shape as fmtune.causal_lm.request_seconds so that fmtune.verdict.break_even reads it."""
     label_scores(model, tokenizer, prompt, texts[:1], shots, 1, bf16)
     times = []
     for t in texts:

@@ -61,16 +61,15 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
     return float(num / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
 
 
-def forgetting(retention_: dict) -> float:
+def forgetting(relative_change: float, higher_is_better: bool = True) -> float:
     """The share of general knowledge the fine-tune lost, positive when it got worse, for every probe: a drop of a
     higher-is-better score (recall) or a rise of a lower-is-better one (perplexity)."""
-    change = retention_["relative_change"]
-    return -change if retention_.get("higher_is_better", True) else change
+    return -relative_change if higher_is_better else relative_change
 
 
 def gate(retention_: dict, max_forgetting: float | None) -> dict:
     """The --max-forgetting gate: passed unless set and the probe lost more than it allows."""
-    return {"max_forgetting": max_forgetting, "passed": max_forgetting is None or forgetting(retention_) <= max_forgetting}
+    return {"max_forgetting": max_forgetting, "passed": max_forgetting is None or forgetting(retention_["relative_change"], retention_.get("higher_is_better", True)) <= max_forgetting}
 
 
 def gate_failure(retention_: dict, max_forgetting: float, out) -> str:
@@ -84,7 +83,7 @@ def retention(base_emb: np.ndarray, tuned_emb: np.ndarray, owners: np.ndarray, s
     tuned = same_document_recall(tuned_emb, owners)
     rel = (tuned - base) / base if base > 0 else 0.0
     threshold = max_forgetting if max_forgetting is not None else DEFAULT_THRESHOLD
-    flag = forgetting({"relative_change": rel, "higher_is_better": True}) > threshold
+    flag = forgetting(rel) > threshold
     cka = linear_cka(base_emb, tuned_emb)
     explanation = (
         f"Probe: for {len(owners)} general-domain sentences ({source}), how often each sentence's nearest neighbour in the "

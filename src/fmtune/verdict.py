@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 # Stated defaults, not measurements: typical on-demand cloud prices. Users pass --price-per-hour for their own.
 PRICE_PER_VCPU_HOUR = 0.048
 PRICE_GPU_HOUR = 2.50
@@ -105,3 +107,26 @@ def verdict(ladder: list[dict], boots: dict, primary: str, retention: dict | Non
     else:
         headline = f"Fine-tuning is not recommended on this evidence: {gain_words}."
     return {"recommend_fine_tuning": bool(recommend), "gain": gain, "gain_ci95": ci, "baseline": baseline, "headline": headline, "reasons": reasons}
+
+
+def break_even(cost_: dict, per_request: dict) -> dict:
+    """Requests after which training paid for itself: train_cost / (cost per few-shot request - cost per tuned request)."""
+    price_s = cost_["price_per_hour"] / 3600
+    few, tuned = per_request["few_shot"]["mean_s"] * price_s, per_request["fine_tuned"]["mean_s"] * price_s
+    out = {"cost_per_request_few_shot": few, "cost_per_request_fine_tuned": tuned}
+    saving = few - tuned
+    if saving <= 0:
+        out["break_even_requests"] = None
+        out["break_even_reason"] = (
+            f"no saving per request: a few-shot request took {per_request['few_shot']['mean_s']:.3f} s and a fine-tuned one "
+            f"{per_request['fine_tuned']['mean_s']:.3f} s (batch 1, mean of {per_request['fine_tuned']['requests']}), so the shorter "
+            "prompts do not pay the training back; its value is the quality gain"
+        )
+    else:
+        out["break_even_requests"] = float(np.ceil(cost_["train_cost"] / saving))
+        out["break_even_reason"] = (
+            f"few-shot prompts average {per_request['few_shot']['mean_prompt_tokens']:.0f} tokens against {per_request['fine_tuned']['mean_prompt_tokens']:.0f} "
+            f"for the tuned model: {per_request['few_shot']['mean_s']:.3f} s vs {per_request['fine_tuned']['mean_s']:.3f} s per request (batch 1), "
+            f"so training cost ${cost_['train_cost']:.4f} is recovered after about {int(out['break_even_requests'])} requests"
+        )
+    return out

@@ -1,0 +1,322 @@
+"""The one runner: data -> audit -> no-training rungs -> fine_tuned, from_scratch -> learning curve -> retention and
+domain shift -> model, size and latency -> cost and verdict -> run folder. The same for every task kind; what differs
+lives in the task (fmtune.tasks), which returns data: only this module builds the ladder and the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fmtune.config import RunConfig, TrainConfig, to_yaml
+from fmtune.runner.console import console, print_summary, raise_if_gate_failed, stage
+from fmtune.runner.folder import disk_io, marked_on_failure, open_run_dir, record, run_name
+from fmtune.runner.report import finish
+from fmtune.tasks.base import Context, Prepared, Rung, Scored, check_supported
+from fmtune.version import __version__
+
+
+def run(cfg: RunConfig, command: str = "fmtune run", show_summary: bool = True) -> Path:
+    """Run the whole evidence pipeline; returns the finished run folder. `show_summary` prints the ladder, the audit
+    warnings and the verdict on stdout at the end; a failed --max-forgetting gate raises GateFailed once it is written."""
+    r = _start(cfg, command)
+    with marked_on_failure(r.out, r.tmp, r.name, resumable=r.task.supports.resume, main=r.world.main):
+        _prepare(r)
+        _no_training_rungs(r)
+        ft = _trained_rungs(r)
+        curve, curve_seconds = _learning_curve(r, ft)
+        if not r.world.main:  # the other ranks only take part in training; rank 0 measures and writes the rest
+            return r.out
+        with stage("retention and domain shift", r.log):
+            retention_, shift = r.task.probes(r.ctx, ft.model)
+        inf = _save_and_measure(r, ft)
+        report = _report(r, ft, curve, curve_seconds, retention_, shift, inf)
+        finish(report, cfg, r.tmp, r.out, r.wall_start, r.prepared.model_path, r.io_start)
+    if show_summary:
+        print_summary(report, r.out)
+    raise_if_gate_failed(report, r.out)
+    return r.out
+
+
+@dataclass
+class _Run:
+    """What the runner's stages share; the ladder and its bootstrap draws grow as rungs finish."""
+
+    cfg: RunConfig
+    command: str
+    task: Any
+    ctx: Context
+    started: datetime
+    wall_start: float
+    io_start: dict | None
+    out: Path
+    tmp: Path
+    name: str
+    prepared: Prepared | None = None
+    ladder: list[dict] = field(default_factory=list)
+    boots: dict = field(default_factory=dict)
+
+    @property
+    def log(self) -> list[str]:
+        return self.ctx.log
+
+    @property
+    def world(self):
+        return self.ctx.world
+
+    @property
+    def train_cfg(self) -> TrainConfig:
+        return self.prepared.train_cfg or self.cfg.train
+
+    @property
+    def method(self) -> str:
+        """full or lora: --method, or what the task trains by default (full for an encoder, LoRA for a causal LM)."""
+        return self.task.supports.default_method if self.cfg.train.method == "auto" else self.cfg.train.method
+
+    @property
+    def lora(self) -> bool:
+        return self.method == "lora"
+
+    @property
+    def learning_rate(self) -> float:
+        t = self.train_cfg
+        return (t.lora_learning_rate or t.learning_rate * 10) if self.lora else t.learning_rate
+
+    def add(self, rung: Rung, **extra) -> dict:
+        """The rung's report row, added to the ladder (its bootstrap draws kept for the verdict)."""
+        s = rung.scored
+        row = {"name": rung.name, "description": rung.description, **s.fields, "train_examples": int(rung.train_examples),
+               "train_seconds": round(float(rung.train_seconds), 3), **s.extra, **extra}
+        self.ladder.append(row)
+        self.boots[rung.name] = s.boot
+        return row
+
+
+def _start(cfg: RunConfig, command: str) -> _Run:
+    """Pick the task kind and check what it supports, load the data (input problems stop the run before any folder is
+    created), then open the run folder (rank 0 writes; every rank reads rank 0's checkpoints)."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from fmtune import distributed, models, tasks
+
+    hf_logging.disable_progress_bar()  # fmtune shows its own progress
+    hf_logging.set_verbosity_error()
+    task_kind = tasks.for_config(cfg)
+    primary = task_kind.primary_metric(cfg)
+    check_supported(task_kind, cfg, distributed.world())
+    _note_unused_settings(cfg, task_kind)
+    device = models.default_device()
+    world = distributed.init(device.type)
+    started, wall_start, io_start = datetime.now(timezone.utc), time.perf_counter(), disk_io()
+    if world.distributed and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    ctx = Context(cfg, [], device, world, primary)
+    task = task_kind()
+    task.load(ctx)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    out, tmp = _open_folder(cfg, world, task_kind.supports.resume)
+    ctx.tmp = tmp
+    name = cfg.name or out.name
+    if world.main:
+        record(out, name, "running", work_dir=tmp)
+    return _Run(cfg, command, task, ctx, started, wall_start, io_start, out, tmp, name)
+
+
+def _note_unused_settings(cfg: RunConfig, task_kind) -> None:
+    s = task_kind.supports
+    lora = (s.default_method if cfg.train.method == "auto" else cfg.train.method) == "lora"
+    if cfg.train.head_learning_rate and (not s.new_head or lora):
+        console.print("[yellow]note:[/] --head-learning-rate applies to full fine-tuning of an encoder classifier (its new head); this run "
+                      + ("uses LoRA, whose head trains at the LoRA rate" if s.new_head else "trains a causal LM, which answers with the label word and has no new head")
+                      + ", so it is not used.")
+
+
+def _open_folder(cfg: RunConfig, world, resumable: bool) -> tuple[Path, Path]:
+    out = tmp = None
+    if world.main:
+        out, tmp, resuming = open_run_dir(cfg, run_name(cfg))
+        if resuming and resumable:
+            console.print(f"[cyan]Resuming the unfinished run in {tmp}[/] (finished rungs are reused; training continues from the last checkpoint).")
+            (tmp / "STATUS").unlink(missing_ok=True)
+        elif resuming:  # an unfinished run of this configuration (its config.yaml matched) whose task keeps no checkpoints
+            console.print(f"[yellow]note:[/] {tmp} holds an unfinished run of this configuration; this task kind keeps no checkpoints, so it starts again from the beginning.")
+            shutil.rmtree(tmp)
+        (tmp / "logs").mkdir(parents=True, exist_ok=True)
+        (tmp / "config.yaml").write_text(to_yaml(cfg))
+    if world.distributed:  # every rank reads checkpoints from rank 0's folder; only rank 0 writes
+        import torch.distributed as dist
+
+        paths = [str(out), str(tmp)] if world.main else [None, None]
+        dist.broadcast_object_list(paths, src=0)
+        out, tmp = Path(paths[0]), Path(paths[1])
+        console.quiet = not world.main
+    return out, tmp
+
+
+def _prepare(r: _Run) -> None:
+    """The task encodes and audits its data and makes its choices; the test split's bootstrap draws."""
+    from fmtune.evaluate import bootstrap_indices
+
+    r.prepared = r.task.prepare(r.ctx)
+    r.ctx.boot = bootstrap_indices(r.prepared.counts["test"], r.cfg.eval.bootstrap, r.cfg.seed)
+
+
+def _no_training_rungs(r: _Run) -> None:
+    for name, score in r.task.no_training_rungs(r.ctx).items():
+        with stage(f"rung {name}", r.log):
+            r.add(score())
+
+
+def _trained_rungs(r: _Run):
+    """fine_tuned (full or LoRA) and from_scratch, with the choices the fine-tune made. Returns the fine-tune's TrainResult."""
+    t, lr = r.train_cfg, r.learning_rate
+    with stage(f"rung fine_tuned ({r.method})", r.log):
+        ft, scored, n = _fit_rung(r, "fine-tuning", "fine_tuned", None, False, lr, r.lora)
+        row = r.add(Rung("fine_tuned", r.task.describe("fine_tuned", ft, r.method), scored, n, ft.train_seconds), history=ft.history, best_epoch=ft.best_epoch,
+                    stopped=ft.stopped, learning_rate=lr, method=r.method, still_improving=still_improving(ft, t))
+        if r.world.main:
+            (r.tmp / "logs" / "history_fine_tuned.jsonl").write_text("".join(json.dumps(h) + "\n" for h in ft.history))
+    r.ctx.choose("epochs", ft.best_epoch, f"{ft.stopped}; best {r.task.selection} at epoch {ft.best_epoch} (max {t.epochs}, patience {t.patience})"
+                 + (undertrained_caveat(t) if row["still_improving"] else ""))
+    r.ctx.choose("learning_rate", lr, learning_rate_why(t, r.lora))
+    row.update(r.task.tuning_choices(r.ctx, r.lora))  # e.g. the new head's learning rate
+    if "from_scratch" in r.cfg.eval.rungs:
+        with stage("rung from_scratch", r.log):
+            sc, scored, n = _fit_rung(r, "from scratch", "from_scratch", None, True, t.scratch_learning_rate, False)
+            r.add(Rung("from_scratch", r.task.describe("from_scratch", sc, "full"), scored, n, sc.train_seconds), history=sc.history, best_epoch=sc.best_epoch,
+                  stopped=sc.stopped, learning_rate=t.scratch_learning_rate)
+            del sc
+    return ft
+
+
+def _fit_rung(r: _Run, label: str, key: str, subset: np.ndarray | None, from_scratch: bool, lr: float, lora: bool):
+    """Train one rung (or reuse it, finished, from an interrupted run) and score it on the test split:
+    (TrainResult, Scored, training examples). Only the fine-tune keeps its model; other rungs keep their score."""
+    from fmtune import checkpoint, train
+
+    ckpt = r.tmp / "checkpoints" / key
+    n = len(r.prepared.strata) if subset is None else len(subset)
+    finished = checkpoint.load_done(ckpt) if r.task.supports.resume else None
+    if finished is not None:  # a resumed run: this rung finished before the interruption
+        info, weights = finished
+        saved = info.pop("scored", None)
+        model = r.task.restore(r.ctx, weights, from_scratch) if weights is not None or saved is None else None
+        console.print(f"  {label}: reusing the finished rung from the interrupted run")
+        result = train.TrainResult(model, **info)
+        return result, Scored.from_json(saved) if saved is not None else r.task.score(r.ctx, key, model), n
+    result, n = r.task.fit(r.ctx, label, subset, from_scratch, lr, lora, ckpt if r.task.supports.resume else None)
+    scored = r.task.score(r.ctx, key, result.model)
+    if r.world.main:
+        keep_model = key == "fine_tuned"  # the only rung whose model is used after scoring (saved, probed, timed)
+        if keep_model and result.adapter is not None:  # written now: a resumed run reuses the model, not its adapter
+            _save_adapter(result.adapter, r.tmp / "adapter")
+        if r.task.supports.resume:
+            info = {k: getattr(result, k) for k in ("history", "best_epoch", "epochs_run", "steps", "train_seconds", "stopped", "levers", "real_tokens")}
+            checkpoint.mark_done(ckpt, result.model if keep_model else None, info if keep_model else {**info, "scored": scored.to_json()})
+    return result, scored, n
+
+
+def _save_adapter(adapter: dict, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    adapter["config"].save_pretrained(folder)
+    save_file(adapter["state"], str(folder / "adapter_model.safetensors"))
+
+
+def _learning_curve(r: _Run, ft) -> tuple[dict, float]:
+    """The fine-tune on nested subsets of the training data (stratified as the task says), plus the full run as the last
+    point, with a forecast."""
+    from fmtune import learning_curve
+
+    primary = r.ctx.primary
+    if not r.cfg.evidence.curve:
+        return {"metric": primary, "points": [], "skipped": "turned off with --no-curve"}, 0.0
+    ft_row = next(row for row in r.ladder if row["name"] == "fine_tuned")
+    seconds, points, curve_boots = 0.0, [], []
+    with stage("learning curve", r.log):
+        for frac, subset in learning_curve.nested_subsets(r.prepared.strata, r.cfg.evidence.curve_fractions, r.cfg.seed).items():
+            res, scored, n = _fit_rung(r, f"curve {frac:.1%}", f"curve-{frac:g}", subset, False, r.learning_rate, r.lora)
+            seconds += res.train_seconds
+            points.append({"fraction": frac, "train_examples": n, "metric": scored.fields["metrics"][primary], "ci95": scored.fields["ci95"][primary],
+                           "train_seconds": round(float(res.train_seconds), 3), "epochs": res.epochs_run})
+            curve_boots.append(scored.boot)
+            del res
+        points.append({"fraction": 1.0, "train_examples": ft_row["train_examples"], "metric": ft_row["metrics"][primary], "ci95": ft_row["ci95"][primary],
+                       "train_seconds": ft_row["train_seconds"], "epochs": ft.epochs_run})
+        curve_boots.append(r.boots["fine_tuned"])
+    return {"metric": primary, "points": points, "forecast": learning_curve.forecast(points, curve_boots, r.cfg.evidence.target_metric)}, seconds
+
+
+def _save_and_measure(r: _Run, ft) -> dict:
+    """The model folder, then size and latency of the base and the tuned model on the same inputs (the `inference` block)."""
+    with stage("save model", r.log):
+        model_dir = r.tmp / "model"
+        r.task.save(r.ctx, ft.model, model_dir)
+    with stage(f"measure {r.task.measures}", r.log):
+        return r.task.measure(r.ctx, ft.model, model_dir, r.lora)
+
+
+def _report(r: _Run, ft, curve: dict, curve_seconds: float, retention_: dict, shift: dict, inf: dict) -> dict:
+    """The report.json dict (contract: shared/report.schema.json), cost and verdict included."""
+    from fmtune import models, retention, verdict
+
+    cfg, p, kind = r.cfg, r.prepared, r.task.supports.kind
+    cost_ = verdict.cost(r.ladder, models.hardware_description(), os.cpu_count() or 1, cfg.evidence.price_per_hour, curve_seconds, kind)
+    if "per_request" in inf:
+        cost_.update(verdict.break_even(cost_, inf["per_request"]))
+    verdict_ = verdict.verdict(r.ladder, r.boots, r.ctx.primary, retention_, p.audit, curve, cost_)
+    verdict_["gates"] = retention.gate(retention_, cfg.evidence.max_forgetting)
+    data = {**p.counts, "sha256": p.splits.sha256, "files": p.splits.files, "dropped": p.splits.dropped}
+    if p.truncated is not None:
+        data["truncated"] = p.truncated
+    report = {
+        "fmtune_version": __version__,
+        "run": {"name": r.name, "status": "complete", "started_at": r.started.isoformat(timespec="seconds"), "finished_at": None,
+                "wall_seconds": None, "seed": cfg.seed, "command": r.command, "stages": r.log},
+        "task": {"type": kind, "primary_metric": r.ctx.primary, **p.task_block},
+        "data": {**data, "audit": p.audit},
+        "base_model": {"name": p.model_name, "path": str(p.model_path), "parameters": models.count_parameters(p.base),
+                       "sha256": models.weights_hash(p.model_path), "architecture": type(p.base).__name__, "max_length": p.max_length},
+        "choices": r.ctx.choices,
+        "levers": {**ft.levers, **r.task.levers()},
+        "ladder": r.ladder,
+        "retention": retention_,
+        "domain_shift": shift,
+        "learning_curve": curve,
+        "cost": cost_,
+        "inference": inf,
+        "verdict": verdict_,
+    }
+    skipped = r.task.skipped_rungs(cfg)
+    if skipped is not None:
+        report["skipped_rungs"] = skipped
+    return report
+
+
+def still_improving(result, train) -> bool:
+    """Whether training ran out of epochs while validation was still getting better (best epoch = the last allowed)."""
+    return result.epochs_run >= train.epochs and result.best_epoch == result.epochs_run
+
+
+def undertrained_caveat(train) -> str:
+    return (f"; validation was still improving at the last epoch, so the model is probably undertrained: "
+            f"raise --epochs (now {train.epochs}) or --learning-rate (now {train.learning_rate:g})")
+
+
+def learning_rate_why(train, lora: bool) -> str:
+    """Where the fine-tune's learning rate came from: a flag, or the default (LoRA: 10x the full fine-tuning rate)."""
+    if lora and train.lora_learning_rate:
+        return "--lora-learning-rate"
+    default = TrainConfig.model_fields["learning_rate"].default
+    given = "--learning-rate" if train.learning_rate != default else f"default ({default:g}, the usual peak rate for fine-tuning a pre-trained model; set --learning-rate)"
+    return f"LoRA: 10x the fine-tuning rate, {given}" if lora else given

@@ -39,15 +39,62 @@ def test_run_validates_options_like_the_cli(tmp_path):
         fmtune.run(data=tmp_path / "missing.csv", epochs=3)
 
 
-def test_the_fmtune_logger_level_silences_the_console(tmp_path, tiny_bert, monkeypatch, capsys):
+TINY = dict(epochs=1, curve=False, rungs=["zero_shot", "fine_tuned"], bootstrap=100, latency_repeats=3)
+
+
+def fmtune_logger_state() -> tuple:
+    lg = logging.getLogger("fmtune")
+    return lg.handlers[:], lg.level, lg.propagate
+
+
+def test_the_fmtune_logger_level_silences_the_console(tmp_path, tiny_bert, monkeypatch, capfd):
     from conftest import make_reviews, write_csv
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(logging.getLogger("fmtune"), "level", logging.WARNING)
     data = write_csv(tmp_path / "reviews.csv", make_reviews(80))
-    fmtune.run(data=data, model=str(tiny_bert), out="runs/q", epochs=1, curve=False, rungs=["zero_shot", "fine_tuned"], bootstrap=100, latency_repeats=3)
+    fmtune.run(data=data, model=str(tiny_bert), out="runs/q", **TINY)
+    captured = capfd.readouterr()  # the file descriptors: nothing from fmtune, a progress bar or the ladder table
+    assert captured.out == "" and captured.err == "", captured
+
+
+def test_by_default_the_stage_lines_reach_stderr_and_the_logger_is_left_as_it_was(tmp_path, tiny_bert, monkeypatch, capsys):
+    from conftest import make_reviews, write_csv
+
+    monkeypatch.chdir(tmp_path)
+    before = fmtune_logger_state()
+    assert not before[0], "another test left a handler on the fmtune logger"
+    data = write_csv(tmp_path / "reviews.csv", make_reviews(80))
+    fmtune.run(data=data, model=str(tiny_bert), out="runs/d", **TINY)
     captured = capsys.readouterr()
-    assert captured.out == "" and "rung" not in captured.err
+    assert "✓ rung fine_tuned" in captured.err and "> save model ..." in captured.err, captured.err
+    assert "[green]" not in captured.err and "rung fine_tuned" not in captured.out
+    assert "fmtune ladder" in captured.out and "RECOMMEND" in captured.out
+    assert fmtune_logger_state() == before, "the console handler fmtune.run attached is taken off afterwards"
+
+
+def test_a_handler_of_your_own_receives_plain_text_and_nothing_is_printed(tmp_path, tiny_bert, monkeypatch, capsys):
+    from conftest import make_reviews, write_csv
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.lines: list[str] = []
+
+        def emit(self, record):
+            self.lines.append(self.format(record))
+
+    monkeypatch.chdir(tmp_path)
+    lg, mine = logging.getLogger("fmtune"), Collect()
+    monkeypatch.setattr(lg, "level", logging.INFO)
+    monkeypatch.setattr(lg, "propagate", False)
+    monkeypatch.setattr(lg, "handlers", [mine])
+    data = write_csv(tmp_path / "reviews.csv", make_reviews(80))
+    fmtune.run(data=data, model=str(tiny_bert), out="runs/h", **TINY)
+    assert lg.handlers == [mine], "fmtune.run adds no handler next to yours"
+    assert any(line.startswith("✓ rung fine_tuned") for line in mine.lines), mine.lines
+    assert not [line for line in mine.lines if "[/]" in line or "[cyan]" in line], "markup is stripped for plain handlers"
+    assert "rung" not in capsys.readouterr().err
 
 
 @pytest.mark.integration

@@ -131,3 +131,75 @@ def test_serve_on_a_generation_run_answers_v1_generate(generation_run, tmp_path,
         assert r.status_code == 404 and r.json()["detail"] == "this run is a generation model; use /v1/generate"
         info = client.get("/v1/model", headers=AUTH).json()
         assert info["task"] == "generation" and info["primary_metric"] == json.loads((generation_run / "report.json").read_text())["task"]["primary_metric"]
+
+
+# --------------------------------------------------------------------------- console output: the "fmtune" logger
+def test_a_cli_run_shows_its_stage_lines_on_stderr_and_the_ladder_on_stdout(tmp_path, tiny_bert):
+    from conftest import make_reviews, write_csv
+
+    data = write_csv(tmp_path / "reviews.csv", make_reviews(80))
+    env = {**os.environ, "FMTUNE_REGISTRY": str(tmp_path / "registry.sqlite")}
+    proc = subprocess.run([sys.executable, "-m", "fmtune.cli", "run", "--data", str(data), "--model", str(tiny_bert), "--out", "runs/c",
+                           "--epochs", "1", "--no-curve", "--rungs", "zero_shot,fine_tuned", "--bootstrap", "100", "--latency-repeats", "3"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "> rung fine_tuned (full) ..." in proc.stderr and "✓ rung fine_tuned (full):" in proc.stderr, proc.stderr
+    assert "[cyan]" not in proc.stderr and "INFO" not in proc.stderr, "rendered as before: no markup, no level, no time"
+    assert "rung fine_tuned" not in proc.stdout and "fmtune ladder" in proc.stdout and "Report:" in proc.stdout
+
+
+@pytest.fixture()
+def fmtune_logger():
+    """The "fmtune" logger with no handler of its own, put back as it was afterwards."""
+    lg = logging.getLogger("fmtune")
+    saved = lg.handlers[:], lg.level, lg.propagate
+    lg.handlers[:] = []
+    try:
+        yield lg
+    finally:
+        lg.handlers[:], lg.level, lg.propagate = saved
+
+
+def test_console_print_logs_plain_text_with_its_markup_for_the_rich_handler(fmtune_logger, caplog):
+    from rich.console import Console
+
+    from fmtune.runner.console import ConsoleHandler, console
+
+    caplog.set_level(logging.INFO, logger="fmtune")
+    console.print("[yellow]note:[/] a [bold]thing[/] [1] in runs/a[0-9]")  # [1] and [0-9]: not markup; a plain handler keeps them
+    console.print("[yellow]warning:[/] could not record the run in the registry (disk full).")
+    record, warning = caplog.records
+    assert record.getMessage() == "note: a thing [1] in runs/a[0-9]" and record.levelno == logging.INFO
+    assert warning.levelno == logging.WARNING and warning.getMessage().startswith("warning: could not record")
+    shown = Console(record=True, width=200, color_system=None)
+    ConsoleHandler(shown).handle(record)
+    assert shown.export_text() == "note: a thing [1] in runs/a[0-9]\n"
+
+
+def test_quiet_and_a_silenced_logger_print_nothing_and_draw_no_bar(fmtune_logger, capsys):
+    from rich.progress import Progress
+
+    from fmtune.runner.console import NoProgress, console, install_console_handler, progress_bar
+
+    assert isinstance(progress_bar(), NoProgress), "no rich handler: nobody would see the bar"
+    install_console_handler()
+    assert fmtune_logger.propagate is False and fmtune_logger.level == logging.INFO
+    assert isinstance(progress_bar(), Progress)
+    console.print("[cyan]>[/] shown")
+    fmtune_logger.setLevel(logging.WARNING)
+    console.print("[cyan]>[/] silenced")
+    with progress_bar() as prog:  # the calls the tasks make, on the bar nobody sees
+        assert isinstance(prog, NoProgress)
+        task = prog.add_task("training", total=3, info="")
+        prog.advance(task, 1)
+        prog.update(task, info="epoch 1")
+        prog.console.print("  epoch 1 val macro-F1 0.5")
+    fmtune_logger.setLevel(logging.INFO)
+    console.quiet = True
+    try:
+        console.print("[cyan]>[/] quiet")
+        assert isinstance(progress_bar(), NoProgress)
+    finally:
+        console.quiet = False
+    err = capsys.readouterr().err
+    assert "> shown" in err and "silenced" not in err and "epoch 1" not in err and "quiet" not in err, err

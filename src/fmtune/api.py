@@ -3,9 +3,10 @@
 
 `fmtune.run` takes the same options as `fmtune run` (flag names with underscores: `text_column="review"`, `epochs=4`,
 `rungs=["zero_shot", "fine_tuned"]`), validates them the same way and keeps the same defaults, the thread choice
-included. Console output (stage lines, progress bars, the ladder table) goes to the terminal as in the CLI; pass
-`quiet=True`, or set the `fmtune` logger above INFO (`logging.getLogger("fmtune").setLevel(logging.WARNING)`), to
-silence it.
+included. Stage lines and progress bars are records of the `fmtune` logger: with no handler of yours on it, they go
+to stderr as in the CLI (and the ladder table to stdout); pass `quiet=True`, or set the logger above INFO
+(`logging.getLogger("fmtune").setLevel(logging.WARNING)`), to silence them, or add your own handler to receive them
+as plain text.
 """
 
 from __future__ import annotations
@@ -93,14 +94,26 @@ def _silenced(quiet: bool) -> bool:
 
 @contextlib.contextmanager
 def _console(quiet: bool):
-    from fmtune import pipeline
+    """For one run: nothing shown when quiet; else, when nobody gave the "fmtune" logger a handler (or silenced it),
+    the CLI's console handler on it (stage lines and progress bars on stderr, as in the CLI), taken off afterwards."""
+    from fmtune.runner.console import ConsoleHandler, console
 
-    before = pipeline.console.quiet
-    pipeline.console.quiet = before or _silenced(quiet)
+    before = (console.quiet, log.level, log.propagate)
+    console.quiet = before[0] or quiet
+    handler = None
+    if not _silenced(quiet) and not log.handlers:
+        handler = ConsoleHandler()
+        log.addHandler(handler)
+        log.setLevel(log.level or logging.INFO)
+        log.propagate = False  # not also to the root logger's handlers (a notebook's basicConfig would print it twice)
     try:
         yield
     finally:
-        pipeline.console.quiet = before
+        console.quiet = before[0]
+        if handler is not None:
+            log.removeHandler(handler)
+            log.setLevel(before[1])
+            log.propagate = before[2]
 
 
 def _configure_threads() -> None:

@@ -296,9 +296,13 @@ def _main_group() -> click.Group:
 
 def main() -> None:
     """Run the command line. Usage errors (a missing argument, an unknown command or option) print the usage and one
-    `Error:` line and exit 2; fmtune's own errors print one `error:` line and exit 2 (3 for a failed gate)."""
+    `Error:` line and exit 2; fmtune's own errors print one `error:` line and exit 2 (3 for a failed gate). Stage lines
+    and progress bars are the "fmtune" logger's, shown on stderr by the handler installed here."""
     from rich.console import Console
 
+    from fmtune.runner.console import install_console_handler
+
+    install_console_handler()
     err = Console(stderr=True)
     try:
         code = _main_group()(standalone_mode=False)  # without standalone mode click returns exit codes (e.g. 130 on Ctrl-C)

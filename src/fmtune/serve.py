@@ -19,6 +19,7 @@ import os
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Callable
 
 from fmtune.errors import ConfigError, FmtuneError
@@ -255,24 +256,32 @@ def model_info(predictor: Any) -> dict:
 
 def create_app(predictor: Any, cfg: ServeConfig) -> "fastapi.FastAPI":
     """The API for `predictor` (a fmtune.predict.Predictor, or anything with .predict / .generate and .report)."""
-    from typing import Annotated, Literal
-
-    from fastapi import FastAPI, HTTPException, Request, Security
-    from fastapi.encoders import jsonable_encoder
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi import Security
     from fastapi.security import HTTPBearer
-    from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
     check_config(cfg)
-    can_classify = callable(getattr(predictor, "predict", None))
-    can_generate = callable(getattr(predictor, "generate", None))
-    name = run_name(predictor)
     info = model_info(predictor)
+    schemas = _schemas(cfg, tuple(info["labels"]))
+    runner, generator = _runners(predictor, cfg)
+    app = _new_app(cfg, runner, generator)
+    # Declares the scheme in /openapi.json; KeyGate has already checked the key before the request got here.
+    bearer = HTTPBearer(auto_error=False, description="An API key from FMTUNE_API_KEYS or --api-key-file.")
+    auth = [] if cfg.no_auth else [Security(bearer)]
+    errors = _error_responses(cfg, schemas.Error)
+    _add_info_routes(app, schemas, info, auth, errors)
+    _add_predict_route(app, schemas, run_name(predictor), auth, errors, runner if callable(getattr(predictor, "predict", None)) else None)
+    _add_generate_route(app, schemas, run_name(predictor), auth, errors, generator if callable(getattr(predictor, "generate", None)) else None)
+    return app
+
+
+def _schemas(cfg: ServeConfig, labels: tuple[str, ...]) -> SimpleNamespace:
+    """The request and response models (their class names are the schema names in /openapi.json), sized by `cfg`."""
+    from typing import Annotated, Literal
+
+    from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
     # pattern: at least one non-space character (the CLI refuses blank texts too); documented in /openapi.json
     Text = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_text_chars, pattern=r"\S")]
-    labels = tuple(info["labels"])
     # answers are checked against the run's labels, but the public /openapi.json shows a plain string (labels need a key)
     Label = Annotated[Literal[labels], WithJsonSchema({"type": "string"})] if labels else str  # type: ignore[valid-type]
 
@@ -312,14 +321,23 @@ def create_app(predictor: Any, cfg: ServeConfig) -> "fastapi.FastAPI":
     class Error(BaseModel):
         detail: str
 
-    errors = {
-        400: {"model": Error, "description": "The body could not be read (not UTF-8 JSON, or a bad Content-Length)."},
-        401: {"model": Error, "description": "Missing or wrong bearer key."},
-        413: {"model": Error, "description": f"Request body over {cfg.max_body_bytes} bytes."},
-        503: {"model": Error, "description": "Too many texts waiting; retry after the Retry-After seconds.",
+    return SimpleNamespace(PredictRequest=PredictRequest, PredictResponse=PredictResponse, GenerateRequest=GenerateRequest,
+                           GenerateResponse=GenerateResponse, ModelInfo=ModelInfo, Health=Health, Error=Error)
+
+
+def _error_responses(cfg: ServeConfig, error: type) -> dict[int, dict]:
+    """The errors every /v1 call can answer, as documented in /openapi.json."""
+    return {
+        400: {"model": error, "description": "The body could not be read (not UTF-8 JSON, or a bad Content-Length)."},
+        401: {"model": error, "description": "Missing or wrong bearer key."},
+        413: {"model": error, "description": f"Request body over {cfg.max_body_bytes} bytes."},
+        503: {"model": error, "description": "Too many texts waiting; retry after the Retry-After seconds.",
               "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}}},
     }
 
+
+def _runners(predictor: Any, cfg: ServeConfig) -> tuple[MicroBatcher | Serial, Serial]:
+    """What queues the work: classification through the micro-batcher (or one request at a time), generation serially."""
     if cfg.micro_batching:
         runner: MicroBatcher | Serial = MicroBatcher(
             lambda texts: predictor.predict(texts, batch_size=cfg.max_batch_size), cfg.max_batch_size, cfg.max_wait_ms, cfg.max_queue
@@ -327,6 +345,16 @@ def create_app(predictor: Any, cfg: ServeConfig) -> "fastapi.FastAPI":
     else:
         runner = Serial(lambda texts: predictor.predict(texts, batch_size=cfg.max_batch_size), cfg.max_queue)
     generator = Serial(lambda prompts, max_new_tokens: predictor.generate(prompts, max_new_tokens=max_new_tokens), cfg.max_queue)
+    return runner, generator
+
+
+def _new_app(cfg: ServeConfig, runner: MicroBatcher | Serial, generator: Serial) -> "fastapi.FastAPI":
+    """The app without its /v1 routes: the runners started and stopped with it, the key gate and body limit around it,
+    validation errors that name the limit hit, and the self-contained /docs page."""
+    from fastapi import FastAPI, Request
+    from fastapi.encoders import jsonable_encoder
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -353,10 +381,6 @@ def create_app(predictor: Any, cfg: ServeConfig) -> "fastapi.FastAPI":
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
     app.add_middleware(KeyGate, keys=[] if cfg.no_auth else cfg.api_keys)  # added last = runs first: before BodyLimit
 
-    # Declares the scheme in /openapi.json; KeyGate has already checked the key before the request got here.
-    bearer = HTTPBearer(auto_error=False, description="An API key from FMTUNE_API_KEYS or --api-key-file.")
-    auth = [] if cfg.no_auth else [Security(bearer)]
-
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": jsonable_encoder([_explain(e, cfg) for e in exc.errors()])})
@@ -365,44 +389,65 @@ def create_app(predictor: Any, cfg: ServeConfig) -> "fastapi.FastAPI":
     async def docs() -> HTMLResponse:
         return HTMLResponse(docs_page(app.openapi()))
 
-    async def answer(runner: MicroBatcher | Serial, items: list[str], **kwargs: Any) -> list[Any]:
-        """The runner's results, or the HTTP error a client can act on."""
-        try:
-            return await runner.submit(items, **kwargs)
-        except Busy as exc:
-            raise HTTPException(503, f"busy: {exc}; retry after {RETRY_AFTER_SECONDS} s",
-                                headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
-        except Exception:  # the runner logged it with its traceback
-            raise HTTPException(500, "the model failed on this request; the server log has the details") from None
+    return app
 
-    @app.get("/healthz", response_model=Health, tags=["health"])
+
+async def _answer(runner: MicroBatcher | Serial, items: list[str], **kwargs: Any) -> list[Any]:
+    """The runner's results, or the HTTP error a client can act on."""
+    from fastapi import HTTPException
+
+    try:
+        return await runner.submit(items, **kwargs)
+    except Busy as exc:
+        raise HTTPException(503, f"busy: {exc}; retry after {RETRY_AFTER_SECONDS} s",
+                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+    except Exception:  # the runner logged it with its traceback
+        raise HTTPException(500, "the model failed on this request; the server log has the details") from None
+
+
+def _add_info_routes(app: "fastapi.FastAPI", schemas: SimpleNamespace, info: dict, auth: list, errors: dict) -> None:
+    """GET /healthz (no key) and GET /v1/model (what is being served)."""
+
+    @app.get("/healthz", response_model=schemas.Health, tags=["health"])
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/v1/model", response_model=ModelInfo, dependencies=auth, responses={401: errors[401]}, tags=["model"])
+    @app.get("/v1/model", response_model=schemas.ModelInfo, dependencies=auth, responses={401: errors[401]}, tags=["model"])
     async def model() -> dict:
         return info
 
-    if can_classify:
-        @app.post("/v1/predict", response_model=PredictResponse, dependencies=auth, responses=errors, tags=["predict"])
+
+def _add_predict_route(app: "fastapi.FastAPI", schemas: SimpleNamespace, name: str, auth: list, errors: dict,
+                       runner: MicroBatcher | Serial | None) -> None:
+    """POST /v1/predict: through `runner`, or 404 pointing to /v1/generate when the run is not a classifier (None)."""
+    from fastapi.responses import JSONResponse
+
+    PredictRequest = schemas.PredictRequest  # a plain name: FastAPI reads the body's model from the annotation
+    if runner is not None:
+        @app.post("/v1/predict", response_model=schemas.PredictResponse, dependencies=auth, responses=errors, tags=["predict"])
         async def predict(body: PredictRequest) -> dict:
-            return {"predictions": await answer(runner, body.texts), "model": name}
+            return {"predictions": await _answer(runner, body.texts), "model": name}
     else:
-        @app.post("/v1/predict", dependencies=auth, responses={401: errors[401], 404: {"model": Error}}, tags=["predict"])
+        @app.post("/v1/predict", dependencies=auth, responses={401: errors[401], 404: {"model": schemas.Error}}, tags=["predict"])
         async def predict() -> JSONResponse:
             return JSONResponse(status_code=404, content={"detail": "this run is a generation model; use /v1/generate"})
 
-    if can_generate:
-        @app.post("/v1/generate", response_model=GenerateResponse, dependencies=auth, responses=errors, tags=["generate"])
+
+def _add_generate_route(app: "fastapi.FastAPI", schemas: SimpleNamespace, name: str, auth: list, errors: dict,
+                        generator: Serial | None) -> None:
+    """POST /v1/generate: through `generator`, or 404 pointing to /v1/predict when the run does not generate (None)."""
+    from fastapi.responses import JSONResponse
+
+    GenerateRequest = schemas.GenerateRequest  # a plain name: FastAPI reads the body's model from the annotation
+    if generator is not None:
+        @app.post("/v1/generate", response_model=schemas.GenerateResponse, dependencies=auth, responses=errors, tags=["generate"])
         async def generate(body: GenerateRequest) -> dict:
-            completions = await answer(generator, body.prompts, max_new_tokens=body.max_new_tokens)
+            completions = await _answer(generator, body.prompts, max_new_tokens=body.max_new_tokens)
             return {"completions": [str(c) for c in completions], "model": name}
     else:
-        @app.post("/v1/generate", dependencies=auth, responses={401: errors[401], 404: {"model": Error}}, tags=["generate"])
+        @app.post("/v1/generate", dependencies=auth, responses={401: errors[401], 404: {"model": schemas.Error}}, tags=["generate"])
         async def generate() -> JSONResponse:
             return JSONResponse(status_code=404, content={"detail": "this run is a classification model; use /v1/predict"})
-
-    return app
 
 
 def _explain(error: dict, cfg: ServeConfig) -> dict:

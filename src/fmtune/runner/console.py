@@ -1,29 +1,151 @@
 """What a run shows on the console: stage lines with their times, progress bars, the summary at the end (ladder,
-audit warnings, verdict), and the gate that can fail a finished run."""
+audit warnings, verdict), and the gate that can fail a finished run.
+
+Everything but the summary goes through the standard `logging` logger "fmtune", so a library user silences it with
+`logging.getLogger("fmtune").setLevel(logging.WARNING)` or routes it to their own handlers. `console.print(markup)`
+logs one record: its message is the plain text (for any handler), the rich markup rides along for ConsoleHandler,
+which the CLI (and a default fmtune.run) puts on the logger to show the lines as rich text on stderr. The summary is
+the command's output, on stdout (print_summary)."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
 from fmtune.errors import FmtuneError
 
-console = Console(stderr=True)
+logger = logging.getLogger("fmtune")
 
 
 class GateFailed(FmtuneError):
     """The run finished but failed a gate the user set (e.g. --max-forgetting)."""
 
 
-def progress_bar() -> Progress:
+class ConsoleLog:
+    """`console.print(...)` as the stages call it, with rich markup, logged on "fmtune": INFO, or WARNING for a line
+    whose text starts with "warning:". `quiet` (other ranks than the main one; fmtune.run(quiet=True)) drops it all."""
+
+    def __init__(self) -> None:
+        self.quiet = False
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        if self.quiet or not logger.isEnabledFor(logging.WARNING):
+            return
+        text = _plain(objects)
+        level = logging.WARNING if text.lstrip().lower().startswith("warning:") else logging.INFO
+        logger.log(level, text, extra={"rich_objects": objects, "rich_kwargs": kwargs}, stacklevel=2)
+
+
+console = ConsoleLog()
+
+
+def _plain(objects: tuple[Any, ...]) -> str:
+    """What `objects` say without their markup, for handlers that are not rich (a file, a notebook's own logging)."""
+    import io
+
+    from rich.errors import MarkupError
+    from rich.text import Text
+
+    parts = []
+    for obj in objects:
+        if isinstance(obj, str):
+            try:
+                parts.append(Text.from_markup(obj).plain)
+            except MarkupError:
+                parts.append(obj)
+        else:  # a table or panel: its text, as a plain 100-column console draws it
+            plain = Console(file=io.StringIO(), width=100, color_system=None)
+            plain.print(obj)
+            parts.append(plain.file.getvalue().rstrip("\n"))
+    return " ".join(parts)
+
+
+class ConsoleHandler(logging.Handler):
+    """Shows the "fmtune" records as rich text on stderr, without time or level: as the console has always looked. A
+    record logged without markup (say fmtune.report_html's) shows its message, after "warning:" at WARNING and above."""
+
+    def __init__(self, out: Console | None = None) -> None:
+        super().__init__()
+        self.console = out or Console(stderr=True)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from rich.errors import MarkupError
+        from rich.markup import escape
+
+        try:
+            objects = getattr(record, "rich_objects", None)
+            if objects is not None:
+                try:
+                    return self.console.print(*objects, **getattr(record, "rich_kwargs", {}))
+                except MarkupError:  # a bracket in a path or message that is not markup: the plain text instead
+                    return self.console.print(escape(record.getMessage()), highlight=False)
+            prefix = f"[yellow]{record.levelname.lower()}:[/] " if record.levelno >= logging.WARNING else ""
+            self.console.print(prefix + escape(self.format(record)), highlight=False)
+        except Exception:
+            self.handleError(record)
+
+
+def install_console_handler() -> ConsoleHandler:
+    """The CLI's console: a ConsoleHandler on "fmtune" at INFO, not also passed on to the root logger's handlers."""
+    handler = next((h for h in logger.handlers if isinstance(h, ConsoleHandler)), None) or ConsoleHandler()
+    if handler not in logger.handlers:
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return handler
+
+
+def _live_console() -> Console | None:
+    """The rich console that shows fmtune's INFO lines (a ConsoleHandler's or a rich.logging.RichHandler's), if any:
+    a live progress bar draws there, and only there."""
+    if console.quiet or not logger.isEnabledFor(logging.INFO):
+        return None
+    current: logging.Logger | None = logger
+    while current is not None:
+        for h in current.handlers:
+            if h.level <= logging.INFO and isinstance(getattr(h, "console", None), Console):
+                return h.console
+        current = current.parent if current.propagate else None
+    return None
+
+
+class NoProgress:
+    """A progress bar nobody sees (quiet, silenced, or no rich handler): takes the same calls and draws nothing.
+    `.console.print` still logs, like console.print."""
+
+    console = console
+
+    def __enter__(self) -> "NoProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def add_task(self, description: str, total: float | None = 100.0, **fields: Any) -> int:
+        return 0
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        return None
+
+    def update(self, task_id: int, **kwargs: Any) -> None:
+        return None
+
+
+def progress_bar():
+    """A live rich Progress on the console that shows fmtune's lines; a NoProgress when no such console is listening."""
+    out = _live_console()
+    if out is None:
+        return NoProgress()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+        TimeElapsedColumn(), TimeRemainingColumn(), console=out, transient=True,
     )
 
 
@@ -60,6 +182,9 @@ def print_audit_warnings(warnings: list[str], out_console: Console) -> None:
 
 
 def print_summary(report: dict, out: Path) -> None:
+    """The ladder table, the audit warnings and the verdict on stdout: the command's output, not a log line."""
+    from rich.table import Table
+
     primary = report["task"]["primary_metric"]
     second = next((m for m in ("accuracy", "token_f1", "exact_match", "perplexity") if m != primary and m in report["ladder"][0]["metrics"]), None)
     table = Table(title=f"fmtune ladder — {report['run']['name']} (test n={report['data']['test']})")

@@ -362,8 +362,9 @@ def test_generation_predictor_from_run(finished_run):
     assert predictor.report["task"]["type"] == "generation" and predictor.run_dir == run
 
 
-def test_causal_lm_runs_refuse_more_than_one_process(tmp_path, monkeypatch):
-    """Under torchrun every rank would run a causal-LM pipeline and write the same folder: refused before any work."""
+def test_causal_lm_runs_refuse_fsdp_before_any_work(tmp_path, monkeypatch):
+    """Causal-LM runs train under torchrun with DDP (tests/test_distributed_generation.py); FSDP, whose root module the
+    completion loss bypasses, is refused once, before any folder exists."""
     from fmtune.config import build_config
     from fmtune.errors import FmtuneError
     from fmtune.runner import pipeline
@@ -371,7 +372,7 @@ def test_causal_lm_runs_refuse_more_than_one_process(tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "qa.jsonl", colour_pairs(20))
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    cfg = build_config({}, {"data": str(data), "out": str(tmp_path / "run")})
-    with pytest.raises(FmtuneError, match="one process"):
+    cfg = build_config({}, {"data": str(data), "out": str(tmp_path / "run"), "distributed": "fsdp"})
+    with pytest.raises(FmtuneError, match="DDP only"):
         pipeline.run(cfg)
     assert not (tmp_path / "run").exists()

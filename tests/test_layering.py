@@ -16,7 +16,7 @@ LAYERS = {
     "stages": {
         "fmtune.data", "fmtune.gen_data", "fmtune.audit", "fmtune.tokens", "fmtune.quickstart",  # data
         "fmtune.models", "fmtune.causal_lm", "fmtune.lm_classify",  # models
-        "fmtune.train", "fmtune.checkpoint", "fmtune.mixed_precision", "fmtune.fast_dropout", "fmtune.cpu_kernels", "fmtune.threads",
+        "fmtune.train", "fmtune.loop", "fmtune.checkpoint", "fmtune.mixed_precision", "fmtune.fast_dropout", "fmtune.cpu_kernels", "fmtune.threads",
         "fmtune.distributed",  # training
         "fmtune.evaluate", "fmtune.baselines", "fmtune.retention", "fmtune.domain_shift", "fmtune.learning_curve", "fmtune.inference",
         "fmtune.gen_metrics", "fmtune.verdict",  # evidence

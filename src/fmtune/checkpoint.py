@@ -35,7 +35,7 @@ class TrainState:
     batch: int = 0  # batches of this epoch already done
     epoch_rng: dict = field(default_factory=dict)  # numpy bit-generator state at the start of this epoch
     scheduler: dict = field(default_factory=dict)
-    best_key: list = field(default_factory=lambda: [-1.0, float("inf")])
+    best_key: list = field(default_factory=lambda: [-float("inf"), float("inf")])  # (score, validation loss) of the best epoch
     best_epoch: int = 0
     bad_epochs: int = 0
     history: list = field(default_factory=list)

@@ -186,10 +186,10 @@ def record(run_dir: Path, name: str, status: str, work_dir: Path | None = None) 
 
 
 def mark_interrupted(tmp: Path, out: Path, resumable: bool = True) -> None:
-    """Leave the partial folder visibly unfinished, never in the final place, and say how to continue (causal-LM runs keep
-    no checkpoints: re-running starts them again)."""
+    """Leave the partial folder visibly unfinished, never in the final place, and say how to continue (a task kind that
+    keeps no checkpoints, Supports.resume False, starts again when re-run)."""
     if tmp.exists():
-        how = "Re-run the same command (or add --resume) to continue." if resumable else "Re-run the same command to start it again (causal-LM runs keep no checkpoints yet)."
+        how = "Re-run the same command (or add --resume) to continue." if resumable else "Re-run the same command to start it again (this task kind keeps no checkpoints)."
         (tmp / "STATUS").write_text(f"status: interrupted\nThis run did not finish; its outputs are incomplete. {how}\n")
         console.print(f"[yellow]The run did not finish (status: interrupted); partial outputs are in {tmp}. "
                       + ("Re-run the same command with --resume to continue from the last checkpoint.[/]" if resumable else f"{how}[/]"))

@@ -21,6 +21,7 @@ class Supports:
     default_method: str  # what --method auto trains: "full" or "lora"
     resume: bool = True  # finished rungs reused and training continued from checkpoints after an interruption
     distributed: bool = True  # training in several processes (--nproc, torchrun, accelerate launch)
+    fsdp: bool = True  # --distributed fsdp (sharded parameters); else DDP only
     new_head: bool = False  # fine-tuning adds parameters the base model lacks (a classifier head): --head-learning-rate applies
     no_training_rungs: tuple[str, ...] = ("zero_shot", "few_shot")  # the rungs run without training, in ladder order
 
@@ -119,6 +120,9 @@ def check_supported(task: type, cfg: RunConfig, world) -> None:
     if world.distributed and not s.distributed:
         raise FmtuneError(f"{task.__name__} runs train in one process: multi-process training (--nproc, torchrun, accelerate launch) is not supported for them. "
                           "Fix: run the same command without --nproc / the launcher.")
+    if world.distributed and cfg.train.distributed == "fsdp" and not s.fsdp:
+        raise FmtuneError(f"--distributed fsdp: {task.__name__} runs train under DDP only (the loss calls the decoder and the output layer "
+                          "directly, outside FSDP's root module). Fix: --distributed ddp, or --method lora to fit a larger model per process.")
     if not set(s.no_training_rungs) & set(cfg.eval.rungs):
         raise ConfigError(f"--rungs {','.join(cfg.eval.rungs)}: the verdict compares fine_tuned with a rung that needs no training; include "
                           f"{' or '.join(s.no_training_rungs)}" + ("" if "head_only" in s.no_training_rungs else

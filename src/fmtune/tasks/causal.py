@@ -60,9 +60,8 @@ class CausalTask:
                 if row:
                     prog.update(task, info=f"epoch {row['epoch']} val loss {row['val_loss']:.3f}")
 
-            extra = {"checkpoint_dir": checkpoint_dir, "world": ctx.world} if self.supports.resume else {}
             return causal_lm.fit(model, train, validation, cfg.train, pad_id=self.pad_id, learning_rate=lr, seed=cfg.seed, bf16=self.bf16, lora=lora,
-                                 eval_batch_size=cfg.eval.eval_batch_size, progress=progress, **extra)
+                                 eval_batch_size=cfg.eval.eval_batch_size, progress=progress, checkpoint_dir=checkpoint_dir, world=ctx.world)
 
     def _model(self, ctx: Context, from_scratch: bool):
         import torch

@@ -71,7 +71,7 @@ def generation_audit(audit: dict, splits, prompt_overlap: int) -> dict:
 class GenerationTask(CausalTask):
     """Generation with a causal LM: the completion is the answer, the loss is on its tokens."""
 
-    supports = Supports(kind="generation", default_method="lora", resume=False, distributed=False)
+    supports = Supports(kind="generation", default_method="lora", fsdp=False)
     primary_metric = staticmethod(primary_metric)
     selection = "validation loss"
 

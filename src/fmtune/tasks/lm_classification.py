@@ -23,7 +23,7 @@ HEAD_ONLY_SKIPPED = ("not run for a causal LM: head_only is a linear head on a f
 class LMClassification(CausalTask):
     """The label word as the chat answer, loss on its tokens, every prediction one of the labels."""
 
-    supports = Supports(kind="classification", default_method="lora", resume=False, distributed=False)
+    supports = Supports(kind="classification", default_method="lora", fsdp=False)
     primary_metric = staticmethod(classification_primary)
     selection = "validation loss (label tokens)"
 

@@ -4,9 +4,9 @@ model (SmolLM2-135M-Instruct), data, LoRA settings and hyperparameters.
     .venv/bin/python benchmarks/gen_train_speed.py                       # 3 interleaved repeats (~10 minutes, 2 cores)
     .venv/bin/python benchmarks/gen_train_speed.py --repeats 1 --quick   # smoke run
 
-Data: question -> answer pairs from chatterbot-corpus (fmtune.gen_data.chatterbot_jsonl), rendered with the model's chat
+Data: question -> answer pairs from chatterbot-corpus (fmtune.data.pairs.chatterbot_jsonl), rendered with the model's chat
 template, loss on the answer tokens only (both recipes get the very same token ids and labels). `fmtune` calls
-fmtune.causal_lm.fit (length-bucketed dynamic padding, bf16 where the CPU supports it, fused AdamW, the output layer
+fmtune.training.causal.fit (length-bucketed dynamic padding, bf16 where the CPU supports it, fused AdamW, the output layer
 run only on scored positions, fast CPU dropout); `trainer_peft` is Trainer on the same peft LoraConfig with
 DataCollatorForSeq2Seq (dynamic padding), group_by_length and bf16 on the same CPUs. Every run is a fresh subprocess;
 repeats are interleaved in a rotated order; medians are reported. "Equal loss" is checked on held-out pairs: the mean
@@ -52,11 +52,12 @@ CONFIG = {
 
 
 def load_rows(cfg: dict) -> tuple[dict, object]:
-    from fmtune import causal_lm, gen_data
+    from fmtune.data import pairs
+    from fmtune.models import causal_lm
 
     path, _ = causal_lm.resolve_model(cfg["model"])
     tokenizer = causal_lm.load_tokenizer(path)
-    jsonl = gen_data.chatterbot_jsonl(cfg["seed"], examples=cfg["examples"])
+    jsonl = pairs.chatterbot_jsonl(cfg["seed"], examples=cfg["examples"])
     examples = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
     rows = [causal_lm.encode(tokenizer, [{"role": "user", "content": e["prompt"]}], e["completion"], cfg["max_length"]) for e in examples]
     a, b = cfg["train_examples"], cfg["train_examples"] + cfg["validation_examples"]
@@ -67,21 +68,22 @@ def load_rows(cfg: dict) -> tuple[dict, object]:
 def bf16_ok() -> bool:
     import torch
 
-    from fmtune import models
+    from fmtune.models import loading
 
-    return models.bf16_supported(torch.device("cpu"))
+    return loading.bf16_supported(torch.device("cpu"))
 
 
 def run_fmtune(cfg: dict, split: dict, tokenizer, bf16: bool, recipe: str = "fmtune"):
-    from fmtune import causal_lm
     from fmtune.config import TrainConfig
+    from fmtune.models import causal_lm
+    from fmtune.training import causal
 
     path, _ = causal_lm.resolve_model(cfg["model"])
     model = causal_lm.load_model(path)
     tc = TrainConfig(epochs=cfg["epochs"], patience=cfg["epochs"], batch_size=cfg["batch_size"], weight_decay=cfg["weight_decay"], warmup_ratio=cfg["warmup_ratio"],
                      lora_r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"], class_weights="none",
                      length_bucketing=recipe == "fmtune", packing=recipe == "fmtune_packing")
-    result = causal_lm.fit(model, split["train"], split["validation"], tc, pad_id=tokenizer.pad_token_id or 0, learning_rate=cfg["learning_rate"],
+    result = causal.fit(model, split["train"], split["validation"], tc, pad_id=tokenizer.pad_token_id or 0, learning_rate=cfg["learning_rate"],
                            seed=cfg["seed"], bf16=bf16, lora=True)
     return result.model, result.train_seconds, {"levers": result.levers, "train_loss": result.history[-1]["train_loss"]}
 
@@ -92,7 +94,7 @@ def run_trainer(cfg: dict, split: dict, tokenizer, bf16: bool):
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from fmtune import causal_lm
+    from fmtune.models import causal_lm
 
     torch.manual_seed(cfg["seed"])
     path, _ = causal_lm.resolve_model(cfg["model"])
@@ -116,11 +118,11 @@ def run_trainer(cfg: dict, split: dict, tokenizer, bf16: bool):
 
 
 def child(recipe: str, cfg: dict) -> dict:
-    """One recipe in this fresh process. fmtune chooses the OpenMP wait policy as its CLI does (fmtune.threads, before
+    """One recipe in this fresh process. fmtune chooses the OpenMP wait policy as its CLI does (fmtune.training.threads, before
     torch starts); Trainer + PEFT runs in the environment its users have (OpenMP's defaults)."""
     import resource
 
-    from fmtune import threads
+    from fmtune.training import threads
 
     if recipe.startswith("fmtune"):
         threads.configure()
@@ -128,7 +130,7 @@ def child(recipe: str, cfg: dict) -> dict:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from fmtune import causal_lm
+    from fmtune.models import causal_lm
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -169,7 +171,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, cfg)))
         return
-    from fmtune.models import hardware_description
+    from fmtune.models.loading import hardware_description
 
     repeats = args.repeats or cfg["repeats"]
     started = datetime.datetime.now(datetime.timezone.utc)

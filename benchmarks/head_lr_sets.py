@@ -34,7 +34,7 @@ def _chatterbot_statements(lang: str) -> dict[str, list[str]]:
     """{topic: its distinct statements, in file order} for one language of the chatterbot corpus."""
     import yaml
 
-    from fmtune.models import package_dir
+    from fmtune.packages import package_dir
 
     root = package_dir("chatterbot_corpus") / "data" / lang
     out: dict[str, list[str]] = {}
@@ -59,7 +59,7 @@ def _write(path: Path, rows: list[tuple[str, str]]) -> Path:
 
 
 def build_sets(folder: Path) -> dict[str, Path]:
-    from fmtune.quickstart import rotten_tomatoes_csv
+    from fmtune.data.quickstart import rotten_tomatoes_csv
 
     sets = {"rotten_tomatoes_2": rotten_tomatoes_csv(3200, 0)}
     for lang, name in (("english", "chatterbot_en_20"), ("spanish", "chatterbot_es_9")):
@@ -83,30 +83,32 @@ def fine_tune(path: Path, seed: int, head_factor: float) -> dict:
     import numpy as np
     import torch
 
-    from fmtune import data, models, tokens, train
-    from fmtune.runner.ladder import choose_max_length
-    from fmtune.tasks.encoder import max_epochs
     from fmtune.config import RunConfig
-    from fmtune.evaluate import macro_f1
+    from fmtune.data import labeled, tokens
+    from fmtune.evidence.evaluate import macro_f1
+    from fmtune.models import loading
+    from fmtune.tasks.choices import choose_max_length
+    from fmtune.tasks.encoder import max_epochs
+    from fmtune.training import train
 
     cfg = RunConfig.model_validate({"data": {"data": str(path)}, "seed": seed})
-    splits = data.load_splits(cfg.data, seed)
+    splits = labeled.load_splits(cfg.data, seed)
     labels = splits.labels
-    model_path = models.resolve_model_path("minilm")
-    tokenizer = models.load_tokenizer(model_path)
+    model_path = loading.resolve_model_path("minilm")
+    tokenizer = loading.load_tokenizer(model_path)
     index = {label: i for i, label in enumerate(labels)}
     texts = {s: [e.text for e in getattr(splits, s)] for s in ("train", "validation", "test")}
     y = {s: np.array([index[e.label] for e in getattr(splits, s)], dtype=np.int64) for s in texts}
     tokenised = {s: tokens.tokenise(tokenizer, t) for s, t in texts.items()}
-    encoder = models.load_encoder(model_path)
-    max_length, _ = choose_max_length(tokenised["train"].lengths, models.model_token_limit(encoder.config, tokenizer), None)
+    encoder = loading.load_encoder(model_path)
+    max_length, _ = choose_max_length(tokenised["train"].lengths, loading.model_token_limit(encoder.config, tokenizer), None)
     ids = {s: tokens.truncate(tokenizer, t, tokenised[s].ids, max_length) for s, t in texts.items()}
     class_weight, _ = train.class_weight_vector(y["train"], len(labels), cfg.train.class_weights)
     epochs, _ = max_epochs(len(y["train"]), cfg.train)
     train_cfg = cfg.train.model_copy(update={"epochs": epochs})
-    bf16 = models.bf16_supported(torch.device("cpu"))
+    bf16 = loading.bf16_supported(torch.device("cpu"))
     torch.manual_seed(seed)
-    model, head = models.load_classifier_and_head(model_path, labels)
+    model, head = loading.load_classifier_and_head(model_path, labels)
     start = time.perf_counter()
     result = train.fit(model, tokenizer, (ids["train"], y["train"]), (ids["validation"], y["validation"]), train_cfg, learning_rate=train_cfg.learning_rate,
                        n_classes=len(labels), seed=seed, bf16=bf16, class_weight=class_weight, head=head, head_learning_rate=train_cfg.learning_rate * head_factor)
@@ -121,7 +123,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one set (chatterbot_es_9), one seed")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "head_lr_sets.json")
     args = parser.parse_args()
-    from fmtune.models import hardware_description
+    from fmtune.models.loading import hardware_description
     from fmtune.tasks.encoder import HEAD_LR_FACTOR
 
     factors = (1.0, float(HEAD_LR_FACTOR))

@@ -4,11 +4,11 @@
     .venv/bin/python benchmarks/inference_speed.py --repeats 1 --quick  # smoke run
 
 Classification (all-MiniLM-L6-v2 with a seeded two-label head, or a run's tuned model with --run): 1,000 Rotten
-Tomatoes snippets scored by fmtune.evaluate.predict_logits (the path `fmtune predict`, `serve` and every ladder rung
-use: tokenise once, length-sorted batches of 64, inference_mode, bf16 autocast where fmtune.models.bf16_supported
+Tomatoes snippets scored by fmtune.evidence.evaluate.predict_logits (the path `fmtune predict`, `serve` and every ladder rung
+use: tokenise once, length-sorted batches of 64, inference_mode, bf16 autocast where fmtune.models.loading.bf16_supported
 says it pays) against transformers.pipeline("text-classification", batch_size=64) in fp32 (its default) and with the
 model cast to bf16. Generation (SmolLM2-135M-Instruct): greedy answers of 48 chatterbot questions, max 24 new tokens,
-by fmtune.causal_lm.generate (left-padded batches of 16, longest prompts first; with bf16 the model is cast once, as
+by fmtune.models.causal_lm.generate (left-padded batches of 16, longest prompts first; with bf16 the model is cast once, as
 `fmtune predict` and `serve` hold it) against transformers.pipeline("text-generation", batch_size=16) in fp32 and with
 the model cast to bf16. Every measurement runs in a fresh subprocess,
 repeats are interleaved in a rotated order, medians are reported, and agreement with the reference's outputs
@@ -35,35 +35,35 @@ CONFIG = {"texts": 1000, "max_length": 128, "batch_size": 64, "prompts": 48, "ge
 def classifier(run: str | None):
     import torch
 
-    from fmtune import models
+    from fmtune.models import loading
 
     if run:
-        from fmtune.predict import Predictor
+        from fmtune.serving.predict import Predictor
 
         p = Predictor.from_run(run)
         return p.model, p.tokenizer
-    path = models.resolve_model_path("minilm")
+    path = loading.resolve_model_path("minilm")
     torch.manual_seed(0)
-    return models.load_classifier(path, ["rotten", "fresh"]).eval(), models.load_tokenizer(path)
+    return loading.load_classifier(path, ["rotten", "fresh"]).eval(), loading.load_tokenizer(path)
 
 
 def texts(cfg: dict) -> list[str]:
     import pandas as pd
 
-    from fmtune.quickstart import rotten_tomatoes_csv
+    from fmtune.data.quickstart import rotten_tomatoes_csv
 
     return pd.read_csv(rotten_tomatoes_csv(cfg["texts"], cfg["seed"]), dtype=str, keep_default_na=False)["text"].tolist()
 
 
 def questions(cfg: dict) -> list[str]:
-    from fmtune.gen_data import chatterbot_jsonl
+    from fmtune.data.pairs import chatterbot_jsonl
 
     path = chatterbot_jsonl(cfg["seed"], examples=max(cfg["prompts"], 100))
     return [json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][: cfg["prompts"]]
 
 
 def child(recipe: str, cfg: dict, run: str | None) -> dict:
-    from fmtune import threads
+    from fmtune.training import threads
 
     if recipe.startswith("fmtune"):
         threads.configure()  # as `fmtune predict` does, before torch starts its threads
@@ -71,12 +71,12 @@ def child(recipe: str, cfg: dict, run: str | None) -> dict:
     from transformers import pipeline
     from transformers.utils import logging as hf_logging
 
-    from fmtune import causal_lm, models
-    from fmtune.evaluate import predict_logits
+    from fmtune.evidence.evaluate import predict_logits
+    from fmtune.models import causal_lm, loading
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    bf16 = models.bf16_supported(torch.device("cpu"))
+    bf16 = loading.bf16_supported(torch.device("cpu"))
     if "classify" in recipe:
         model, tokenizer = classifier(run)
         data = texts(cfg)
@@ -149,7 +149,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, cfg, args.run)))
         return
-    from fmtune.models import hardware_description
+    from fmtune.models.loading import hardware_description
 
     repeats = args.repeats or cfg["repeats"]
     started = datetime.datetime.now(datetime.timezone.utc)

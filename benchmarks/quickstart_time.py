@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "quickstart_time.json")
     parser.add_argument("--keep", type=Path, help="write the run folders into KEEP/quickstart and KEEP/quickstart-generation and keep them (e.g. runs)")
     args = parser.parse_args()
-    from fmtune.models import hardware_description
+    from fmtune.models.loading import hardware_description
 
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     tasks = ["classification", "generation"] if args.task == "both" else [args.task]

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/serve_load.py                      # a tiny random BERT run built here
     .venv/bin/python benchmarks/serve_load.py --run runs/quickstart --clients 16 --duration 15
 
-Each mode starts the real entry point (`fmtune.serve.serve`) in a subprocess on 127.0.0.1 and a free port, sends
+Each mode starts the real entry point (`fmtune.serving.serve.serve`) in a subprocess on 127.0.0.1 and a free port, sends
 single-text requests from `--clients` concurrent httpx clients for `--duration` seconds (after a short warm-up), and
 records throughput, latency percentiles and errors. Writes benchmarks/results/serve_load.json and prints a table.
 """
@@ -30,7 +30,7 @@ WORDS = ["good", "bad", "great", "awful", "movie", "film", "plot", "fun", "borin
 SERVER = """
 import sys
 from pathlib import Path
-from fmtune.serve import ServeConfig, load_api_keys, serve
+from fmtune.serving.serve import ServeConfig, load_api_keys, serve
 run, port, micro, batch, wait, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
 serve(Path(run), ServeConfig(port=port, api_keys=load_api_keys(None), micro_batching=micro, max_batch_size=batch, max_wait_ms=wait,
                              torch_threads=threads or None))
@@ -155,7 +155,7 @@ def summarise(segments: list[dict], texts_per_request: int) -> dict:
 def machine() -> dict:
     import torch
 
-    from fmtune.models import hardware_description
+    from fmtune.models.loading import hardware_description
 
     return {"hardware": hardware_description(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__, "load_average_at_start": list(os.getloadavg())}

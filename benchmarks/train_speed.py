@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/train_speed.py                       # the full comparison (about 15 minutes on 2 cores)
     .venv/bin/python benchmarks/train_speed.py --repeats 1 --quick   # smoke run (small data, one repeat)
 
-Recipes (benchmarks/train_speed.yaml): `fmtune` calls fmtune.train.fit (pre-tokenised, length-bucketed, bf16 where
-fmtune.models.bf16_supported says it pays, fused AdamW, per-epoch validation for best-epoch selection);
+Recipes (benchmarks/train_speed.yaml): `fmtune` calls fmtune.training.train.fit (pre-tokenised, length-bucketed, bf16 where
+fmtune.models.loading.bf16_supported says it pays, fused AdamW, per-epoch validation for best-epoch selection);
 `trainer_plain` is Trainer in fp32 with texts padded to max length; `trainer_dynamic` adds dynamic padding and
 group_by_length; `trainer_bf16` adds bf16 autocast (run only where the CPU has bf16). Every run is a fresh subprocess
 (so peak RSS is per recipe), repeats are interleaved in a rotated order, and the table reports medians. Model FLOPs
@@ -34,7 +34,7 @@ def load_split(cfg: dict) -> dict:
     """A fixed train/validation/test split of Rotten Tomatoes snippets (labels 0 = rotten, 1 = fresh)."""
     import pandas as pd
 
-    from fmtune.quickstart import rotten_tomatoes_csv
+    from fmtune.data.quickstart import rotten_tomatoes_csv
 
     n_train, n_val, n_test = cfg["train_examples"], cfg["validation_examples"], cfg["test_examples"]
     per_text = cfg.get("snippets_per_text", 1)  # > 1: long documents, each that many consecutive snippets of one label
@@ -81,20 +81,21 @@ def run_fmtune(recipe: str, cfg: dict, split: dict, model_path: Path, tokenizer)
     import numpy as np
     import torch
 
-    from fmtune import models, train
     from fmtune.config import TrainConfig
+    from fmtune.models import loading
     from fmtune.tasks.encoder import HEAD_LR_FACTOR
+    from fmtune.training import train
 
     bf16_measure_start = time.perf_counter()
-    bf16 = recipe != "fmtune_fp32" and models.bf16_supported(torch.device("cpu"))
+    bf16 = recipe != "fmtune_fp32" and loading.bf16_supported(torch.device("cpu"))
     bf16_decision_seconds = time.perf_counter() - bf16_measure_start
     dropout = 0.0 if recipe == "fmtune_no_dropout" else None
     if recipe == "fmtune_unchunked_attention":
-        from fmtune import fast_dropout
+        from fmtune.training import fast_dropout
 
         fast_dropout.CHUNK_SCORES = 2**62
     torch.manual_seed(cfg["seed"])
-    model, head = models.load_classifier_and_head(model_path, ["rotten", "fresh"], dropout=dropout)
+    model, head = loading.load_classifier_and_head(model_path, ["rotten", "fresh"], dropout=dropout)
     # the speed recipes keep Trainer's hyperparameters (one learning rate); fmtune_head_lr adds the `fmtune run` default,
     # the new classifier head at HEAD_LR_FACTOR x the learning rate
     head_lr = cfg["learning_rate"] * HEAD_LR_FACTOR if recipe == "fmtune_head_lr" else None
@@ -108,7 +109,7 @@ def run_fmtune(recipe: str, cfg: dict, split: dict, model_path: Path, tokenizer)
     result = train.fit(model, tokenizer, (ids["train"], np.array(split["train"][1])), (ids["validation"], np.array(split["validation"][1])), tc,
                        learning_rate=cfg["learning_rate"], n_classes=2, seed=cfg["seed"], bf16=bf16, head=head, head_learning_rate=head_lr)
     extra = {"levers": result.levers, "best_epoch": result.best_epoch, "history": result.history, "bf16_decision_seconds": round(bf16_decision_seconds, 2),
-             "bf16_speedup_measured": round(models.bf16_speedup(), 3) if "avx512_bf16" in models.cpu_flags() and "amx_bf16" not in models.cpu_flags() else None}
+             "bf16_speedup_measured": round(loading.bf16_speedup(), 3) if "avx512_bf16" in loading.cpu_flags() and "amx_bf16" not in loading.cpu_flags() else None}
     return dict(model=result.model, seconds=result.train_seconds, tokenise_seconds=tokenise_seconds, bf16=bf16, real_tokens=result.real_tokens, **extra)
 
 
@@ -117,11 +118,11 @@ def run_trainer(recipe: str, cfg: dict, split: dict, model_path: Path, tokenizer
     from datasets import Dataset
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-    from fmtune import models
+    from fmtune.models import loading
 
     padded, bf16 = TRAINER_RECIPES[recipe]["padded"], TRAINER_RECIPES[recipe]["bf16"]
     torch.manual_seed(cfg["seed"])
-    model = models.load_classifier(model_path, ["rotten", "fresh"])
+    model = loading.load_classifier(model_path, ["rotten", "fresh"])
     start = time.perf_counter()
     texts, labels = split["train"]
     enc = tokenizer(texts, truncation=True, max_length=cfg["max_length"], padding="max_length" if padded else False)
@@ -145,12 +146,12 @@ def run_trainer(recipe: str, cfg: dict, split: dict, model_path: Path, tokenizer
 
 def child(recipe: str, cfg: dict) -> dict:
     """One recipe in this (fresh) process: train, then score the test split with the same fp32 evaluation for all.
-    fmtune's recipes choose the OpenMP wait policy as the fmtune CLI does (fmtune.threads, before torch starts);
+    fmtune's recipes choose the OpenMP wait policy as the fmtune CLI does (fmtune.training.threads, before torch starts);
     Trainer's recipes run in the environment a Trainer user has (OpenMP's defaults), `fmtune_passive` with
     OMP_WAIT_POLICY=PASSIVE."""
     import resource
 
-    from fmtune import threads
+    from fmtune.training import threads
 
     if recipe == "fmtune_passive":
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -161,14 +162,14 @@ def child(recipe: str, cfg: dict) -> dict:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from fmtune import models
-    from fmtune.evaluate import classification_metrics, predict_logits
+    from fmtune.evidence.evaluate import classification_metrics, predict_logits
+    from fmtune.models import loading
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     split = load_split(cfg)
-    model_path = models.resolve_model_path(cfg["model"])
-    tokenizer = models.load_tokenizer(model_path)
+    model_path = loading.resolve_model_path(cfg["model"])
+    tokenizer = loading.load_tokenizer(model_path)
     run = run_trainer if recipe in TRAINER_RECIPES else run_fmtune
     res = run(recipe, cfg, split, model_path, tokenizer)
     model = res.pop("model")
@@ -200,7 +201,7 @@ def spawn(args: list[str], env: dict, fatal: bool = True) -> dict:
 
 
 def machine() -> dict:
-    from fmtune.models import cpu_flags, hardware_description
+    from fmtune.models.loading import cpu_flags, hardware_description
 
     return {"description": hardware_description(), "platform": platform.platform(), "python": platform.python_version(),
             "cpu_count": os.cpu_count(), "bf16_flags": sorted(f for f in cpu_flags() if "bf16" in f or "amx" in f)}
@@ -243,7 +244,7 @@ def main() -> None:
         return
     passed = ["--config", str(args.config)] + (["--quick"] if args.quick else [])
     repeats = args.repeats or cfg["repeats"]
-    from fmtune.models import cpu_flags
+    from fmtune.models.loading import cpu_flags
 
     has_bf16 = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
     recipes = [r for r in cfg["recipes"] if r != "trainer_bf16" or has_bf16]

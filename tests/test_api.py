@@ -102,7 +102,7 @@ def test_the_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
     """The README's Python example, verbatim, on quickstart snippets written as reviews.csv, with the packaged MiniLM."""
     import shutil
 
-    from fmtune.quickstart import rotten_tomatoes_csv
+    from fmtune.data.quickstart import rotten_tomatoes_csv
 
     code = re.search(r"## Python API\n\n```python\n(.*?)```", README.read_text(), re.S).group(1)
     monkeypatch.chdir(tmp_path)

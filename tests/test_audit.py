@@ -10,9 +10,9 @@ from collections import Counter
 
 import pytest
 
-import fmtune.data
-from fmtune.audit import PII_KINDS, audit, find_pii, iban_valid, luhn_valid, normalise, redact_splits, redact_text
-from fmtune.data import Example, Splits
+import fmtune.data.labeled
+from fmtune.data.audit import PII_KINDS, audit, find_pii, iban_valid, luhn_valid, normalise, redact_splits, redact_text
+from fmtune.data.labeled import Example, Splits
 
 
 def kinds(text: str) -> list[str]:
@@ -169,7 +169,7 @@ def test_redact_splits_keeps_order_and_locations_and_rehashes(monkeypatch):
         body = "\n".join(e.text for e in splits.train + splits.validation + splits.test)
         return hashlib.sha256(body.encode()).hexdigest()
 
-    monkeypatch.setattr(fmtune.data, "data_hash", fake_hash)
+    monkeypatch.setattr(fmtune.data.labeled, "data_hash", fake_hash)
     splits = make_splits(
         [ex("write a@b.com", "pos", 2), ex("plain text", "neg", 3)],
         [ex("call 555-123-4567", "neg", 4, "data/val.csv")],
@@ -363,7 +363,7 @@ def test_pii_found_not_redacted_warns_and_counts():
 
 
 def test_pii_redacted_no_warning(monkeypatch):
-    monkeypatch.setattr(fmtune.data, "data_hash", lambda splits: "h")
+    monkeypatch.setattr(fmtune.data.labeled, "data_hash", lambda splits: "h")
     splits = clean_splits()
     splits.train.append(ex("mail a@b.com or call 555-123-4567", "pos", 500))
     redacted_splits, counts = redact_splits(splits)
@@ -419,7 +419,7 @@ def test_labels_that_differ_only_in_case_or_spacing_are_named():
 
 def test_labels_changed_while_loading_are_counted_and_named(tmp_path):
     from fmtune.config import DataConfig
-    from fmtune.data import load_splits
+    from fmtune.data.labeled import load_splits
 
     path = tmp_path / "d.csv"
     rows = [f"text {i},{' food ' if i % 5 == 0 else 'food'}" for i in range(20)] + [f"other {i},{'2.0' if i % 4 == 0 else '2'}" for i in range(20)]
@@ -446,7 +446,7 @@ def test_labels_changed_while_loading_are_counted_and_named(tmp_path):
 
 
 def test_vocabulary_coverage_warns_when_the_model_cannot_read_the_texts():
-    from fmtune.audit import vocabulary_coverage
+    from fmtune.data.audit import vocabulary_coverage
 
     cls, sep, unk = 101, 102, 100
     texts = ["the food was good", "สวัสดีครับ ผมชอบอาหารไทย", "Мне нравится русская еда", "Я люблю русскую еду"]

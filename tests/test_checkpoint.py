@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from fmtune import checkpoint
+from fmtune.training import checkpoint
 
 
 def _model_and_optimizer(seed=0):
@@ -84,7 +84,7 @@ def test_streamed_safetensors_round_trip_every_dtype(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from fmtune import checkpoint
+    from fmtune.training import checkpoint
 
     base = torch.randn(5, 7)
     tensors = {

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_generation import colour_pairs, make_tiny_llama, write_jsonl
 
 import fmtune
-from test_generation import colour_pairs, make_tiny_llama, write_jsonl
 
 KEY = "test-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -87,7 +87,7 @@ def generation_run(tmp_path_factory) -> Path:
 @contextlib.contextmanager
 def kept_logging():
     """serve() applies uvicorn's logging config: put the loggers back as they were for the other tests."""
-    names = ["uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi", "fmtune", "fmtune.serve"]
+    names = ["uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi", "fmtune", "fmtune.serving.serve"]
     saved = {n: (lg.handlers[:], lg.filters[:], lg.level, lg.propagate, lg.disabled) for n in names for lg in [logging.getLogger(n)]}
     try:
         yield
@@ -101,10 +101,11 @@ def serve_through_the_cli(run_dir: Path, tmp_path: Path, monkeypatch) -> dict:
     """`fmtune serve RUN_DIR --api-key-file FILE` in this process, with uvicorn.run replaced: what it would have served."""
     import uvicorn
 
-    from fmtune import cli, models
+    from fmtune import cli
+    from fmtune.models import loading
 
     # loading measures whether bf16 pays on this CPU (seconds of BERT steps on a busy machine): not what is tested here
-    monkeypatch.setattr(models, "bf16_speedup", lambda: 1.0)
+    monkeypatch.setattr(loading, "bf16_speedup", lambda: 1.0)
     served: dict = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app, **kwargs))
     monkeypatch.delenv("FMTUNE_API_KEYS", raising=False)
@@ -163,7 +164,7 @@ def fmtune_logger():
 def test_console_print_logs_plain_text_with_its_markup_for_the_rich_handler(fmtune_logger, caplog):
     from rich.console import Console
 
-    from fmtune.runner.console import ConsoleHandler, console
+    from fmtune.console import ConsoleHandler, console
 
     caplog.set_level(logging.INFO, logger="fmtune")
     console.print("[yellow]note:[/] a [bold]thing[/] [1] in runs/a[0-9]")  # [1] and [0-9]: not markup; a plain handler keeps them
@@ -179,7 +180,7 @@ def test_console_print_logs_plain_text_with_its_markup_for_the_rich_handler(fmtu
 def test_quiet_and_a_silenced_logger_print_nothing_and_draw_no_bar(fmtune_logger, capsys):
     from rich.progress import Progress
 
-    from fmtune.runner.console import NoProgress, console, install_console_handler, progress_bar
+    from fmtune.console import NoProgress, console, install_console_handler, progress_bar
 
     assert isinstance(progress_bar(), NoProgress), "no rich handler: nobody would see the bar"
     install_console_handler()

@@ -1,4 +1,4 @@
-"""The fused bf16 AdamW step (fmtune.cpu_kernels) against torch's passes, and its fallback without a compiler."""
+"""The fused bf16 AdamW step (fmtune.training.cpu_kernels) against torch's passes, and its fallback without a compiler."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fmtune import cpu_kernels, models
-from fmtune.mixed_precision import Bf16Copy
+from fmtune.models import loading
+from fmtune.training import cpu_kernels
+from fmtune.training.mixed_precision import Bf16Copy
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None, reason=f"no fused kernel here: {cpu_kernels.status()}")
 
@@ -16,7 +17,7 @@ def _train(tiny_bert, fused_step: bool, steps: int, scale: float, max_norm: floa
     """A few bf16-copy AdamW steps (two parameter groups, warm-up schedule) from the same synthetic gradients in every
     run: bf16 ones on the copy, an fp32 one on the shared input embedding."""
     torch.manual_seed(0)
-    master = models.load_classifier(tiny_bert, ["neg", "pos"], dropout=0.0)
+    master = loading.load_classifier(tiny_bert, ["neg", "pos"], dropout=0.0)
     mp = Bf16Copy(master, fused_step=fused_step)
     params = [p for p in master.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1}, {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=5e-3, fused=True)
@@ -62,7 +63,7 @@ def _one_step(tiny_bert, with_grad: slice, **adamw):
     """A bf16 copy and its AdamW (`adamw` settings) after one step from random gradients on `with_grad` of the copy's
     parameters; the master weights before the step."""
     torch.manual_seed(0)
-    master = models.load_classifier(tiny_bert, ["neg", "pos"], dropout=0.0)
+    master = loading.load_classifier(tiny_bert, ["neg", "pos"], dropout=0.0)
     mp = Bf16Copy(master)
     opt = torch.optim.AdamW(master.parameters(), lr=1e-2, **adamw)
     before = [m.detach().clone() for m in mp.master_params]

@@ -1,4 +1,4 @@
-"""fmtune.data: reading, validation messages, splitting, hashing, and a fuzz corpus of malformed files."""
+"""fmtune.data.labeled: reading, validation messages, splitting, hashing, and a fuzz corpus of malformed files."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fmtune.config import DataConfig
-from fmtune.data import Example, Splits, data_hash, load_splits
+from fmtune.data.labeled import Example, Splits, data_hash, load_splits
 from fmtune.errors import DataError
 
 FUZZ = Path(__file__).parent / "fuzz"

@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from fmtune.distributed import World, _layers, launch_command, shard
+from fmtune.training.distributed import World, _layers, launch_command, shard
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_reviews, write_csv  # noqa: E402
@@ -188,8 +188,8 @@ def test_accelerate_configs_are_valid(name):
 
 
 def test_accelerate_deepspeed_launch_is_refused(monkeypatch):
-    from fmtune.distributed import init
     from fmtune.errors import FmtuneError
+    from fmtune.training.distributed import init
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(FmtuneError, match="--distributed fsdp"):
@@ -197,8 +197,8 @@ def test_accelerate_deepspeed_launch_is_refused(monkeypatch):
 
 
 def test_accelerate_fsdp_launch_without_distributed_fsdp_is_refused(monkeypatch):
-    from fmtune.distributed import wrap
     from fmtune.errors import FmtuneError
+    from fmtune.training.distributed import wrap
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(FmtuneError, match="add --distributed fsdp"):

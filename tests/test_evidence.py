@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fmtune import learning_curve, retention, verdict
-from fmtune.domain_shift import domain_shift
-from fmtune.evaluate import bootstrap_indices, classification_metrics, macro_f1
-from fmtune.runner.ladder import choose_max_length
+from fmtune.evidence import learning_curve, retention, verdict
+from fmtune.evidence.domain_shift import domain_shift
+from fmtune.evidence.evaluate import bootstrap_indices, classification_metrics, macro_f1
+from fmtune.tasks.choices import choose_max_length
 
 
 def test_nested_subsets_are_nested_and_stratified():
@@ -161,7 +161,8 @@ def test_epochs_choice_warns_when_validation_was_still_improving_at_the_last_epo
     from types import SimpleNamespace
 
     from fmtune.config import TrainConfig
-    from fmtune.runner.pipeline import still_improving as _still_improving, undertrained_caveat as _undertrained_caveat
+    from fmtune.runner.pipeline import still_improving as _still_improving
+    from fmtune.runner.pipeline import undertrained_caveat as _undertrained_caveat
 
     cfg = TrainConfig(epochs=8)
     assert _still_improving(SimpleNamespace(epochs_run=8, best_epoch=8), cfg) is True

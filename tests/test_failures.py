@@ -14,20 +14,21 @@ import numpy as np
 import pytest
 import torch
 
-from fmtune import checkpoint, models, train
 from fmtune.config import TrainConfig
 from fmtune.errors import FmtuneError
+from fmtune.models import loading
+from fmtune.training import checkpoint, train
 
 
 def _tiny_job(tiny_bert):
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import make_reviews
 
-    tok = models.load_tokenizer(tiny_bert)
+    tok = loading.load_tokenizer(tiny_bert)
     rows = make_reviews(64)
     ids = train.token_ids(tok, [r[0] for r in rows], 32)
     y = np.array([r[1] == "pos" for r in rows], dtype=np.int64)
-    return models.load_classifier(tiny_bert, ["neg", "pos"]), tok, (ids, y), (ids[:16], y[:16])
+    return loading.load_classifier(tiny_bert, ["neg", "pos"]), tok, (ids, y), (ids[:16], y[:16])
 
 
 def test_nan_loss_stops_with_the_step_and_a_fix(tiny_bert):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from fmtune import fast_dropout
+from fmtune.training import fast_dropout
 
 
 def tiny_bert(dropout: float = 0.1):

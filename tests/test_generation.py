@@ -13,9 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fmtune import causal_lm, gen_data, gen_metrics
 from fmtune.config import DataConfig
+from fmtune.data import pairs
 from fmtune.errors import DataError
+from fmtune.evidence import gen_metrics
+from fmtune.models import causal_lm
+from fmtune.serving.predict import GenerationPredictor
+from fmtune.training import causal
 
 SCHEMA = json.loads((Path(__file__).parents[1] / "src" / "fmtune" / "schema" / "report.schema.json").read_text())
 COLOURS = "red green blue yellow black white orange purple pink brown grey gold".split()
@@ -104,10 +108,10 @@ def test_detect_task_from_columns(tmp_path):
     chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}])
     cls = tmp_path / "t.csv"
     cls.write_text("text,label\ngood,pos\n")
-    assert gen_data.detect_task(DataConfig(data=gen)) == "generation"
-    assert gen_data.detect_task(DataConfig(data=chat)) == "generation"
-    assert gen_data.detect_task(DataConfig(data=cls)) == "classification"
-    assert gen_data.detect_task(DataConfig(data=cls, task="generation")) == "generation"
+    assert pairs.detect_task(DataConfig(data=gen)) == "generation"
+    assert pairs.detect_task(DataConfig(data=chat)) == "generation"
+    assert pairs.detect_task(DataConfig(data=cls)) == "classification"
+    assert pairs.detect_task(DataConfig(data=cls, task="generation")) == "generation"
 
 
 def test_chat_messages_last_assistant_is_the_target_and_csv_columns(tmp_path):
@@ -115,13 +119,13 @@ def test_chat_messages_last_assistant_is_the_target_and_csv_columns(tmp_path):
         {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
                       {"role": "user", "content": "colour of fox"}, {"role": "assistant", "content": "orange"}]},
     ] * 10)
-    splits = gen_data.load_pairs(DataConfig(train=chat, test=chat), 0)
+    splits = pairs.load_pairs(DataConfig(train=chat, test=chat), 0)
     p = splits.test[0]
     assert p.completion == "orange" and p.messages[-1] == ("user", "colour of fox") and p.messages[2] == ("assistant", "hello")
     assert len(splits.train) + len(splits.validation) == 10 and splits.test[0].row == 1
     csv_file = tmp_path / "qa.csv"
     csv_file.write_text("question,answer\n" + "".join(f"q{i},a{i}\n" for i in range(20)))
-    s = gen_data.load_pairs(DataConfig(data=csv_file, task="generation", prompt_column="question", completion_column="answer"), 0)
+    s = pairs.load_pairs(DataConfig(data=csv_file, task="generation", prompt_column="question", completion_column="answer"), 0)
     assert (len(s.train), len(s.validation), len(s.test)) == (14, 2, 4)
     assert {p.prompt for p in s.train + s.validation + s.test} == {f"q{i}" for i in range(20)}
 
@@ -131,17 +135,17 @@ def test_bad_rows_name_file_line_column_and_fix(tmp_path):
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "", "completion": "b"}\nnot json\n{"prompt": "c", "completion": 3}\n'
                    '{"messages": [{"role": "robot", "content": "x"}]}\n')
     with pytest.raises(DataError) as err:
-        gen_data.load_pairs(DataConfig(data=bad), 0)
+        pairs.load_pairs(DataConfig(data=bad), 0)
     text = str(err.value)
     assert "bad.jsonl line 2, column 'prompt': empty" in text and "--drop-unlabeled" in text
     assert "bad.jsonl line 3: not valid JSON" in text
     assert "bad.jsonl line 5, column 'prompt': empty (got no 'prompt' key)" in text
     wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"question": "a", "completion": "b"}] * 5)
     with pytest.raises(DataError, match=r"no column 'prompt' \(--prompt-column\).*Pass --prompt-column"):
-        gen_data.load_pairs(DataConfig(data=wrong, task="generation"), 0)
+        pairs.load_pairs(DataConfig(data=wrong, task="generation"), 0)
     chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "robot", "content": "x"}]}, {"messages": [{"role": "user", "content": "x"}]}])
     with pytest.raises(DataError) as err:
-        gen_data.load_pairs(DataConfig(data=chat), 0)
+        pairs.load_pairs(DataConfig(data=chat), 0)
     assert "chat.jsonl line 1, column 'messages': message 1 has role 'robot'" in str(err.value)
     assert "chat.jsonl line 2, column 'messages': no assistant message" in str(err.value)
 
@@ -217,7 +221,7 @@ def test_packed_rows_restart_positions_and_never_predict_across_examples(tok):
 def test_packed_losses_equal_unpacked_ones_per_example(tiny_llama, tok, routed):
     """The attention masking done right: each packed example's loss is its loss alone (block-diagonal causal attention,
     positions restarting), through transformers' SDPA and through fmtune's training attention."""
-    from fmtune import fast_dropout
+    from fmtune.training import fast_dropout
 
     model = causal_lm.load_model(tiny_llama)
     if routed:
@@ -240,7 +244,7 @@ def test_lora_dropout_draws_one_generator_per_decoder_pass(tiny_llama, tok):
     calls per layer share one generator per pass, seeded from torch's RNG (reproducible, one draw from torch's RNG)."""
     from peft import LoraConfig, get_peft_model
 
-    from fmtune import fast_dropout
+    from fmtune.training import fast_dropout
 
     model = get_peft_model(causal_lm.load_model(tiny_llama), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj", "v_proj"],
                                                                               init_lora_weights=False))  # B non-zero: the masks show in the loss
@@ -272,7 +276,7 @@ def test_fit_with_packing_records_less_padding(tiny_llama, tok):
     results = {}
     for packing in (False, True):
         cfg = TrainConfig(epochs=1, batch_size=8, length_bucketing=False, packing=packing)
-        results[packing] = causal_lm.fit(causal_lm.load_model(tiny_llama), rows[:32], rows[32:], cfg, pad_id=tok.pad_token_id, learning_rate=3e-3, seed=0, bf16=False, lora=True)
+        results[packing] = causal.fit(causal_lm.load_model(tiny_llama), rows[:32], rows[32:], cfg, pad_id=tok.pad_token_id, learning_rate=3e-3, seed=0, bf16=False, lora=True)
     assert results[True].levers["packing"] is True and results[False].levers["packing"] is False
     assert results[True].levers["padding_share"] < results[False].levers["padding_share"]
     assert results[True].real_tokens == results[False].real_tokens == sum(len(r.input_ids) for r in rows[:32])
@@ -356,7 +360,7 @@ def test_generation_run_through_the_cli(tmp_path, tiny_llama):
 
 def test_generation_predictor_from_run(finished_run):
     run, _ = finished_run
-    predictor = causal_lm.GenerationPredictor.from_run(run, bf16=False)
+    predictor = GenerationPredictor.from_run(run, bf16=False)
     out = predictor.generate(["what colour is the red fox", "what colour is the blue cat"], max_new_tokens=3)
     assert len(out) == 2 and all(isinstance(o, str) and len(o.split()) <= 3 for o in out)
     assert predictor.report["task"]["type"] == "generation" and predictor.run_dir == run

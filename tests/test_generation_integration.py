@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fmtune import causal_lm, gen_data
 from fmtune.config import DataConfig, TrainConfig
+from fmtune.data import pairs
+from fmtune.models import causal_lm
+from fmtune.training import causal
 
 pytestmark = pytest.mark.integration
 
@@ -49,15 +51,15 @@ def test_a_few_lora_steps_lower_the_loss_on_chatterbot_pairs(smollm2, tmp_path, 
     import numpy as np
 
     monkeypatch.setenv("FMTUNE_CACHE", str(tmp_path))
-    data = gen_data.chatterbot_jsonl(0, examples=40)
-    splits = gen_data.load_pairs(DataConfig(data=data), 0)
+    data = pairs.chatterbot_jsonl(0, examples=40)
+    splits = pairs.load_pairs(DataConfig(data=data), 0)
     tok = causal_lm.load_tokenizer(smollm2)
     train = [causal_lm.encode(tok, p.chat(), p.completion, 96) for p in splits.train[:16]]
     val = [causal_lm.encode(tok, p.chat(), p.completion, 96) for p in splits.validation]
     model = causal_lm.load_model(smollm2)
     before = causal_lm.completion_nll(model, train, tok.pad_token_id, 16, False).mean()
     cfg = TrainConfig(epochs=2, batch_size=8, patience=2, warmup_ratio=0.0)
-    result = causal_lm.fit(model, train, val, cfg, pad_id=tok.pad_token_id, learning_rate=2e-3, seed=0, bf16=False, lora=True)
+    result = causal.fit(model, train, val, cfg, pad_id=tok.pad_token_id, learning_rate=2e-3, seed=0, bf16=False, lora=True)
     after = causal_lm.completion_nll(result.model, train, tok.pad_token_id, 16, False).mean()
     assert result.steps == 4 and result.adapter is not None
     assert after < before - 0.2, (before, after)
@@ -66,9 +68,9 @@ def test_a_few_lora_steps_lower_the_loss_on_chatterbot_pairs(smollm2, tmp_path, 
 
 def test_word_forms_questions_are_balanced_one_word_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("FMTUNE_CACHE", str(tmp_path))
-    sections = gen_data.word_forms_pairs()
-    assert set(sections) == set(gen_data.WORD_FORMS_QUESTIONS) and all(len(v) >= 20 for v in sections.values())
-    path = gen_data.word_forms_jsonl(0, 140)
+    sections = pairs.word_forms_pairs()
+    assert set(sections) == set(pairs.WORD_FORMS_QUESTIONS) and all(len(v) >= 20 for v in sections.values())
+    path = pairs.word_forms_jsonl(0, 140)
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 140 and len({r["prompt"] for r in rows}) == 140
     assert all(len(r["completion"].split()) == 1 for r in rows)
@@ -76,7 +78,7 @@ def test_word_forms_questions_are_balanced_one_word_and_cached(tmp_path, monkeyp
     assert all(n == 10 for name, n in per_section.items() if not name.startswith("capital"))  # round robin: 140 / 14 sections
     assert per_section["capital-world"] >= 10  # the two capital sections share questions ("What is the capital of Greece?")
     assert ("What is the plural of 'banana'?", "bananas") in sections["gram8-plural"]
-    assert gen_data.word_forms_jsonl(0, 140) == path and path.stat().st_size > 0
+    assert pairs.word_forms_jsonl(0, 140) == path and path.stat().st_size > 0
 
 
 def test_generation_quickstart_end_to_end_on_a_subset(tmp_path):
@@ -113,7 +115,7 @@ def test_fmtune_serve_answers_v1_generate_on_a_smollm2_run(smollm2, cache, tmp_p
     from test_cli import AUTH, serve_through_the_cli
 
     monkeypatch.setenv("FMTUNE_CACHE", str(tmp_path / "cache"))
-    data = gen_data.word_forms_jsonl(0, 40)
+    data = pairs.word_forms_jsonl(0, 40)
     run = tmp_path / "runs" / "smol"
     env = {**os.environ, "FMTUNE_CACHE": str(cache), "FMTUNE_REGISTRY": str(tmp_path / "registry.sqlite")}  # cache: the converted SmolLM2
     proc = subprocess.run([sys.executable, "-m", "fmtune.cli", "run", "--data", str(data), "--model", "smollm2", "--task", "generation", "--method", "lora",

@@ -1,7 +1,10 @@
-"""The package's layering: no import cycles, and no module imports a higher layer (imports inside functions count too).
+"""The package's layering: no import cycles, and no module imports a higher layer (imports inside functions count too);
+every sub-package says in one line what it holds.
 
-Layers, lowest first: base (errors, config, the package's version), the stage modules (data, models, training, evidence,
-serving, store), the runner (what every task kind shares), the task pipelines, and the entry points (CLI, Python API).
+Layers, lowest first: base (errors, config, console output, packaged files, the version), data, evidence (metrics and
+the measurements the ladder is built from: it runs any model it is handed), models, training, store (registry, lineage),
+serving (predictors for finished runs, the HTTP server), tasks (one adapter per task kind), the runner (what every task
+kind shares), and the entry points (CLI, Python API). A module's layer is its sub-package's.
 """
 
 from __future__ import annotations
@@ -11,24 +14,10 @@ from pathlib import Path
 
 SRC = Path(__file__).parents[1] / "src" / "fmtune"
 
-LAYERS = {
-    "base": {"fmtune.version", "fmtune.errors", "fmtune.config"},
-    "stages": {
-        "fmtune.data", "fmtune.gen_data", "fmtune.audit", "fmtune.tokens", "fmtune.quickstart",  # data
-        "fmtune.models", "fmtune.causal_lm", "fmtune.lm_classify",  # models
-        "fmtune.train", "fmtune.loop", "fmtune.checkpoint", "fmtune.mixed_precision", "fmtune.fast_dropout", "fmtune.cpu_kernels", "fmtune.threads",
-        "fmtune.distributed",  # training
-        "fmtune.evaluate", "fmtune.baselines", "fmtune.retention", "fmtune.domain_shift", "fmtune.learning_curve", "fmtune.inference",
-        "fmtune.gen_metrics", "fmtune.verdict",  # evidence
-        "fmtune.predict", "fmtune.serve", "fmtune.report_html",  # serving and reports
-        "fmtune.lineage", "fmtune.registry",  # store
-        "fmtune.runner.console", "fmtune.runner.ladder",
-    },
-    "tasks": {"fmtune.tasks", "fmtune.tasks.base", "fmtune.tasks.causal", "fmtune.tasks.encoder", "fmtune.tasks.generation", "fmtune.tasks.lm_classification"},
-    "runner": {"fmtune.runner", "fmtune.runner.folder", "fmtune.runner.report", "fmtune.runner.pipeline"},
-    "entry": {"fmtune", "fmtune.cli", "fmtune.api", "fmtune.__main__", "fmtune.pipeline"},  # the package root is the API's facade (fmtune.run, fmtune.load)
-}
-ORDER = list(LAYERS)
+BASE = {"fmtune.version", "fmtune.errors", "fmtune.config", "fmtune.console", "fmtune.packages"}
+ENTRY = {"fmtune", "fmtune.cli", "fmtune.api", "fmtune.__main__"}  # the package root is the API's facade (fmtune.run, fmtune.load)
+ORDER = ["base", "data", "evidence", "models", "training", "store", "serving", "tasks", "runner", "entry"]
+SUBPACKAGES = ORDER[1:-1]
 
 
 def module_name(path: Path) -> str:
@@ -43,7 +32,7 @@ def imports(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "fmtune"}
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "fmtune" and node.level == 0:
-            for alias in node.names:  # `from fmtune import audit` imports the module fmtune.audit, not the package's API
+            for alias in node.names:  # `from fmtune import audit` imports the module fmtune.data.audit, not the package's API
                 sub = SRC.parent / f"{node.module}.{alias.name}".replace(".", "/")
                 found.add(f"{node.module}.{alias.name}" if sub.with_suffix(".py").is_file() or sub.is_dir() else node.module)
     return found
@@ -54,10 +43,14 @@ def graph() -> dict[str, set[str]]:
 
 
 def layer(module: str) -> int:
-    for i, name in enumerate(ORDER):
-        if module in LAYERS[name]:
-            return i
-    raise AssertionError(f"{module} is in no layer: add it to LAYERS in tests/test_layering.py")
+    if module in BASE:
+        return 0
+    if module in ENTRY:
+        return ORDER.index("entry")
+    parts = module.split(".")
+    if len(parts) >= 2 and parts[1] in SUBPACKAGES:
+        return ORDER.index(parts[1])
+    raise AssertionError(f"{module} is in no layer: put it in a sub-package ({', '.join(SUBPACKAGES)}) or add it to BASE/ENTRY in tests/test_layering.py")
 
 
 def test_every_module_has_a_layer():
@@ -88,3 +81,9 @@ def test_no_import_cycles():
         if node not in state:
             visit(node, [node])
     assert not cycles, "\n".join(cycles)
+
+
+def test_every_sub_package_says_what_it_holds_in_one_line():
+    for name in SUBPACKAGES:
+        doc = ast.get_docstring(ast.parse((SRC / name / "__init__.py").read_text(encoding="utf-8")))
+        assert doc and "\n" not in doc.strip(), f"fmtune/{name}/__init__.py needs a one-line docstring"

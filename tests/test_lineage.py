@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from fmtune import __version__
 from fmtune.errors import FmtuneError
-from fmtune.lineage import (
+from fmtune.store.lineage import (
     build_manifest,
     check_run,
     hash_tree,
@@ -208,7 +208,7 @@ def test_write_json_atomic_keeps_old_file_when_the_write_fails(tmp_path, monkeyp
     def failing_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr("fmtune.lineage.os.replace", failing_replace)
+    monkeypatch.setattr("fmtune.store.lineage.os.replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         write_json_atomic(target, {"a": 2})
     assert json.loads(target.read_text()) == {"a": 1}
@@ -354,7 +354,7 @@ def test_a_stripped_signature_fails_when_a_key_is_given(tmp_path, monkeypatch):
 
 
 def test_manifest_key_from_a_file_or_the_environment(tmp_path, monkeypatch):
-    from fmtune.lineage import manifest_key
+    from fmtune.store.lineage import manifest_key
 
     assert manifest_key() is None
     monkeypatch.setenv("FMTUNE_MANIFEST_KEY", "from-env")

@@ -13,10 +13,10 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_csv
-from fmtune import causal_lm, lm_classify
 from test_generation import ANIMALS, COLOURS, make_tiny_llama
+
+from fmtune.models import causal_lm, lm_classify
 
 SCHEMA = json.loads((Path(__file__).parents[1] / "src" / "fmtune" / "schema" / "report.schema.json").read_text())
 
@@ -186,7 +186,7 @@ def test_raw_is_kept_when_calibration_does_not_win_on_validation():
 def test_fit_calibration_scores_content_free_and_validation_texts_in_the_rungs_prompt(tiny_llama, tok, few_shot):
     """The prior is the mean label score after the content-free texts with the rung's own shots; the choice compares
     raw and calibrated macro-F1 of the validation texts."""
-    from fmtune.evaluate import macro_f1
+    from fmtune.evidence.evaluate import macro_f1
 
     model = causal_lm.load_model(tiny_llama)
     p = lm_classify.LabelPrompt(("red", "blue"))
@@ -321,7 +321,7 @@ def test_lora_moved_the_weights_lowered_the_loss_and_logged_predictions(finished
 
 
 def test_predict_cli_and_predictor_return_a_label_with_probabilities(finished_run):
-    from fmtune.predict import Predictor
+    from fmtune.serving.predict import Predictor
 
     proc = fmtune("predict", finished_run, "--text", "the red owl", "--text", "the blue cow", "--json", cwd=finished_run.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -341,8 +341,8 @@ def test_predict_cli_and_predictor_return_a_label_with_probabilities(finished_ru
 def test_serve_predicts_with_the_same_predictor(finished_run):
     from fastapi.testclient import TestClient
 
-    from fmtune.predict import Predictor
-    from fmtune.serve import ServeConfig, create_app
+    from fmtune.serving.predict import Predictor
+    from fmtune.serving.serve import ServeConfig, create_app
 
     app = create_app(Predictor.from_run(finished_run, bf16=False), ServeConfig(no_auth=True))
     with TestClient(app) as client:
@@ -377,9 +377,9 @@ def test_smollm2_classifies_rotten_tomatoes_snippets(tmp_path, monkeypatch):
     """--model smollm2 on text/label data: a tiny real run (56 training snippets, 1 epoch of LoRA) through the dispatch;
     the tuned model puts more probability on the true labels of the test snippets than the base model does."""
     from fmtune.config import build_config
+    from fmtune.data.quickstart import QUICKSTART_DESCRIPTIONS, rotten_tomatoes_csv
     from fmtune.runner.pipeline import run
-    from fmtune.predict import Predictor
-    from fmtune.quickstart import QUICKSTART_DESCRIPTIONS, rotten_tomatoes_csv
+    from fmtune.serving.predict import Predictor
 
     monkeypatch.setenv("FMTUNE_CACHE", str(tmp_path / "cache"))
     causal_lm.smollm2_folder()  # the one-time GGUF conversion (about 20 s) is not part of the run

@@ -1,4 +1,4 @@
-"""fmtune.loop, the one training loop of both task kinds, through the causal LM's fit on a tiny random Llama (CPU):
+"""fmtune.training.loop, the one training loop of both task kinds, through the causal LM's fit on a tiny random Llama (CPU):
 checkpoints resume after an interruption to the weights of an uninterrupted fit, and 2 processes under DDP (torchrun,
 gloo) train the weights 1 process trains with the same global batches."""
 
@@ -15,8 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fmtune import causal_lm, loop
 from fmtune.config import TrainConfig
+from fmtune.models import causal_lm
+from fmtune.training import causal, loop
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_generation import colour_pairs, make_tiny_llama  # noqa: E402
@@ -37,7 +38,7 @@ def rows(tok, n: int = 45) -> list[causal_lm.Encoded]:
 
 def _fit(folder: Path, data: list, cfg: TrainConfig, lora: bool, **kwargs):
     tok = causal_lm.load_tokenizer(folder)
-    return causal_lm.fit(causal_lm.load_model(folder), data[:36], data[36:], cfg, pad_id=tok.pad_token_id, learning_rate=3e-3, seed=0, bf16=False,
+    return causal.fit(causal_lm.load_model(folder), data[:36], data[36:], cfg, pad_id=tok.pad_token_id, learning_rate=3e-3, seed=0, bf16=False,
                          lora=lora, **kwargs)
 
 
@@ -108,7 +109,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, {tests!r})
-from fmtune import causal_lm, checkpoint, distributed
+from fmtune.models import causal_lm
+from fmtune.training import causal, checkpoint, distributed
 from fmtune.config import TrainConfig
 from test_loop import rows
 
@@ -118,7 +120,7 @@ world = distributed.init("cpu")
 tok = causal_lm.load_tokenizer(folder)
 data = rows(tok)
 cfg = TrainConfig(epochs=3, batch_size=8, patience=3, lora_dropout=0.0)
-result = causal_lm.fit(causal_lm.load_model(folder), data[:33], data[33:], cfg, pad_id=tok.pad_token_id, learning_rate=3e-3, seed=0,
+result = causal.fit(causal_lm.load_model(folder), data[:33], data[33:], cfg, pad_id=tok.pad_token_id, learning_rate=3e-3, seed=0,
                        bf16=False, lora=method == "lora", world=world, checkpoint_dir=out / "checkpoints")
 if world.main:
     checkpoint.write_safetensors(result.model.state_dict(), out / "model.safetensors")

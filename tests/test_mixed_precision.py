@@ -1,4 +1,4 @@
-"""fmtune.mixed_precision: the bf16 compute copy with fp32 masters, the sparse embedding gradient and the clip, on a tiny
+"""fmtune.training.mixed_precision: the bf16 compute copy with fp32 masters, the sparse embedding gradient and the clip, on a tiny
 random BERT (CPU, seconds)."""
 
 from __future__ import annotations
@@ -6,16 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from fmtune import models, train
-from fmtune.config import TrainConfig
-from fmtune.mixed_precision import Bf16Copy, SparseEmbeddingGrad, clip_grad_norm
 from conftest import make_reviews
+
+from fmtune.config import TrainConfig
+from fmtune.models import loading
+from fmtune.training import train
+from fmtune.training.mixed_precision import Bf16Copy, SparseEmbeddingGrad, clip_grad_norm
 
 
 @pytest.fixture(scope="module")
 def data(tiny_bert):
-    tok = models.load_tokenizer(tiny_bert)
+    tok = loading.load_tokenizer(tiny_bert)
     rows = make_reviews(96, seed=1)
     ids = train.token_ids(tok, [t for t, _ in rows], 32)
     y = np.array([0 if lab == "neg" else 1 for _, lab in rows], dtype=np.int64)
@@ -25,7 +26,7 @@ def data(tiny_bert):
 def _fit(tiny_bert, data, checkpoint_dir=None, progress=None, head_learning_rate=None, **overrides):
     tok, ids, y = data
     torch.manual_seed(0)
-    model, head = models.load_classifier_and_head(tiny_bert, ["neg", "pos"])
+    model, head = loading.load_classifier_and_head(tiny_bert, ["neg", "pos"])
     cfg = TrainConfig(**{"epochs": 2, "batch_size": 16, "patience": 2, "dropout": 0.0, **overrides})
     bf16 = overrides.pop("bf16", "off") == "on"
     return train.fit(model, tok, (ids[:64], y[:64]), (ids[64:], y[64:]), cfg, learning_rate=1e-3, n_classes=2, seed=0, bf16=bf16,
@@ -44,7 +45,7 @@ def test_sparse_embedding_gradient_gives_the_dense_update(tiny_bert, data):
     grads = {}
     for sparse in (False, True):
         torch.manual_seed(0)
-        model = models.load_classifier(tiny_bert, ["neg", "pos"], dropout=0.0)
+        model = loading.load_classifier(tiny_bert, ["neg", "pos"], dropout=0.0)
         helper = SparseEmbeddingGrad.install(model) if sparse else None
         input_ids, mask, y = _batch(data, model)
         torch.nn.functional.cross_entropy(model(input_ids=input_ids, attention_mask=mask).logits, y).backward()
@@ -84,7 +85,7 @@ def test_clip_matches_torch_and_leaves_small_gradients_alone():
 
 def test_bf16_copy_feeds_fp32_masters(tiny_bert, data):
     torch.manual_seed(0)
-    master = models.load_classifier(tiny_bert, ["neg", "pos"], dropout=0.0)
+    master = loading.load_classifier(tiny_bert, ["neg", "pos"], dropout=0.0)
     helper = SparseEmbeddingGrad.install(master)
     mp = Bf16Copy(master)
     emb = master.get_input_embeddings().weight
@@ -116,7 +117,7 @@ def test_clipping_through_the_fused_optimizers_grad_scale_equals_scaling_the_gra
     results = []
     for fused in (True, False):
         torch.manual_seed(0)
-        master = models.load_classifier(tiny_bert, ["neg", "pos"], dropout=0.0)
+        master = loading.load_classifier(tiny_bert, ["neg", "pos"], dropout=0.0)
         helper = SparseEmbeddingGrad.install(master)
         mp = Bf16Copy(master)
         input_ids, mask, y = _batch(data, master)
@@ -140,7 +141,7 @@ def test_training_only_the_used_embedding_rows_gives_adamws_update(tiny_bert, da
     """Only the rows of tokens in the data are trained; every other row gets AdamW's weight decay in one multiply at the
     end. The returned model (best epoch's weights included, whose decay stops at the best epoch's step) matches
     training the whole table, in fp32."""
-    from fmtune.mixed_precision import EmbeddingRows
+    from fmtune.training.mixed_precision import EmbeddingRows
 
     monkeypatch.setattr(EmbeddingRows, "MAX_SHARE", 1.0)  # the tiny vocabulary is mostly in use
     on = _fit(tiny_bert, data, epochs=epochs, weight_decay=0.5)
@@ -154,7 +155,7 @@ def test_training_only_the_used_embedding_rows_gives_adamws_update(tiny_bert, da
     emb = on.model.get_input_embeddings()
     assert type(emb) is torch.nn.Embedding and emb.num_embeddings == info["vocabulary"]
     torch.manual_seed(0)
-    initial = models.load_classifier(tiny_bert, ["neg", "pos"]).get_input_embeddings().weight
+    initial = loading.load_classifier(tiny_bert, ["neg", "pos"]).get_input_embeddings().weight
     untouched = torch.ones(info["vocabulary"], dtype=torch.bool)
     tok, ids, _ = data
     untouched[torch.tensor(sorted({i for row in ids for i in row} | {tok.pad_token_id}))] = False
@@ -162,9 +163,9 @@ def test_training_only_the_used_embedding_rows_gives_adamws_update(tiny_bert, da
 
 
 def test_embedding_rows_stay_off_where_most_rows_are_used_or_the_embedding_is_frozen(tiny_bert, data):
-    from fmtune.mixed_precision import EmbeddingRows
+    from fmtune.training.mixed_precision import EmbeddingRows
 
-    model = models.load_classifier(tiny_bert, ["neg", "pos"])
+    model = loading.load_classifier(tiny_bert, ["neg", "pos"])
     assert EmbeddingRows.install(model, [[list(range(model.get_input_embeddings().num_embeddings))]], [0]) is None
     model.get_input_embeddings().weight.requires_grad_(False)
     assert EmbeddingRows.install(model, [[[1, 2]]], [0]) is None
@@ -189,7 +190,7 @@ def test_bf16_copy_trains_like_autocast_and_returns_fp32(tiny_bert, data):
 def test_crash_then_resume_equals_uninterrupted(tiny_bert, data, tmp_path, bf16, monkeypatch):
     """Every lever on (bf16 copy + fp32 masters when bf16 is on, sparse embedding gradient, trained embedding rows): a
     run stopped after step 5 and resumed from its step-4 checkpoint ends with exactly the weights of an uninterrupted run."""
-    from fmtune.mixed_precision import EmbeddingRows
+    from fmtune.training.mixed_precision import EmbeddingRows
 
     monkeypatch.setattr(EmbeddingRows, "MAX_SHARE", 1.0)  # the tiny vocabulary is mostly in use
     head_lr = 1e-2 if bf16 == "on" else None  # bf16 on: the new head in its own optimizer groups, as `fmtune run` trains it
@@ -264,7 +265,7 @@ def test_bf16_copy_keeps_tied_embeddings_tied():
 def test_training_attention_matches_sdpa_with_grouped_heads(kv_heads):
     """fmtune's CPU training attention (eager, for its faster backward) computes what SDPA computes, grouped-query heads
     included: same loss and gradients, with a padded row in the batch."""
-    from fmtune import fast_dropout
+    from fmtune.training import fast_dropout
 
     ids = torch.randint(0, 40, (2, 9))
     mask = torch.ones_like(ids)

@@ -16,7 +16,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fmtune.audit import find_pii, luhn_valid, redact_text
+from fmtune.data.audit import find_pii, luhn_valid, redact_text
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import WORDS, make_reviews, write_csv  # noqa: E402
@@ -359,8 +359,8 @@ def _contains(row: list[int], sub: list[int]) -> bool:
 def test_run_with_redact_pii_leaves_no_raw_value_in_any_written_file(tmp_path, monkeypatch):
     import os
 
-    from safetensors.numpy import load_file
     from click.testing import CliRunner
+    from safetensors.numpy import load_file
     from transformers import AutoTokenizer
 
     from fmtune.cli import _main_group  # `fmtune run` is added to the typer app's click group there

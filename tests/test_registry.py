@@ -14,8 +14,8 @@ import typer
 from typer.testing import CliRunner
 
 from fmtune.errors import FmtuneError
-from fmtune.lineage import build_manifest, write_json_atomic
-from fmtune.registry import (
+from fmtune.store.lineage import build_manifest, write_json_atomic
+from fmtune.store.registry import (
     SCHEMA_VERSION,
     compare_runs,
     get_run,
@@ -433,7 +433,7 @@ def test_cli_list_piped_is_plain_tab_separated_text(tmp_path):
 
 
 def test_verify_command_checks_the_html_report_and_the_signature(tmp_path):
-    from fmtune.lineage import manifest_key
+    from fmtune.store.lineage import manifest_key
 
     run = tmp_path / "run"
     (run / "model").mkdir(parents=True)

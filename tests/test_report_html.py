@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fmtune.report_html import render_html, render_model_card, write_html
+from fmtune.runner.report_html import render_html, render_model_card, write_html
 
 FIXTURE = Path(__file__).parent / "fixtures" / "report_example.json"
 SECTION_IDS = ["verdict", "ladder", "training", "learning-curve", "confusion", "retention", "domain-shift", "cost",

@@ -146,10 +146,10 @@ def test_from_scratch_rung_warms_up_longer_than_the_fine_tune(tmp_path, tiny_ber
     _sys.path.insert(0, str(Path(__file__).parent))
     from conftest import make_reviews, write_csv
 
-    from fmtune import train
+    from fmtune.config import build_config
     from fmtune.runner import pipeline
     from fmtune.tasks.encoder import SCRATCH_EXTRA_PATIENCE, SCRATCH_WARMUP
-    from fmtune.config import build_config
+    from fmtune.training import train
 
     seen = []
     real_fit = train.fit

@@ -41,7 +41,7 @@ def test_rungs_without_a_baseline_is_a_config_error_naming_the_flag(tmp_path):
 
 
 def test_verdict_with_head_only_as_the_only_baseline():
-    from fmtune import verdict
+    from fmtune.evidence import verdict
 
     rng = np.random.default_rng(0)
     ladder = [{"name": n, "metrics": {"macro_f1": v}, "train_examples": 500, "train_seconds": 1.0} for n, v in (("head_only", 0.6), ("fine_tuned", 0.8))]
@@ -124,7 +124,7 @@ def test_explicit_epochs_equal_to_the_default_are_kept():
 
 @pytest.mark.parametrize("higher_is_better, change, passed", [(True, -0.3, False), (True, 0.3, True), (False, 0.3, False), (False, -0.3, True), (True, -0.1, True)])
 def test_one_gate_for_every_retention_probe(higher_is_better, change, passed):
-    from fmtune import retention
+    from fmtune.evidence import retention
 
     probe = {"probe": "p", "base": 1.0, "fine_tuned": 1.0 + change, "relative_change": change, "higher_is_better": higher_is_better}
     assert retention.gate(probe, 0.2) == {"max_forgetting": 0.2, "passed": passed}
@@ -133,7 +133,8 @@ def test_one_gate_for_every_retention_probe(higher_is_better, change, passed):
 
 
 def test_gate_failure_names_the_probe_and_its_direction(tmp_path):
-    from fmtune.runner.console import GateFailed, raise_if_gate_failed
+    from fmtune.errors import GateFailed
+    from fmtune.runner.pipeline import raise_if_gate_failed
 
     report = {"verdict": {"gates": {"max_forgetting": 0.1, "passed": False}},
               "retention": {"probe": "perplexity on general text", "base": 10.0, "fine_tuned": 13.0, "relative_change": 0.3, "higher_is_better": False}}
@@ -153,9 +154,9 @@ def test_an_interrupted_causal_lm_run_resumes_from_its_checkpoint_to_the_uninter
     import torch
     from safetensors.torch import load_file
 
-    from fmtune import loop
     from fmtune.config import build_config
     from fmtune.runner.pipeline import run
+    from fmtune.training import loop
 
     monkeypatch.chdir(tmp_path)
     settings = {"data": _tiny_generation_data(tmp_path), "model": str(tiny_llama), "epochs": 2, "patience": 2, "curve": False, "max_new_tokens": 3,
@@ -189,8 +190,8 @@ def test_an_interrupted_causal_lm_run_resumes_from_its_checkpoint_to_the_uninter
 
 
 def test_the_audit_words_its_own_warnings_for_generation_pairs():
-    from fmtune import audit
-    from fmtune.data import Example, Splits
+    from fmtune.data import audit
+    from fmtune.data.labeled import Example, Splits
 
     pairs = [Example(text=f"what colour is the {i} fox\nred", label="pair", source="p.jsonl", row=i + 2) for i in range(30)]
     block = audit.audit(Splits(pairs[:20], pairs[20:25], pairs[25:], ["pair"], {}), classes=False)

@@ -6,7 +6,6 @@ import asyncio
 import collections
 import json
 import logging
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from fmtune.errors import ConfigError, FmtuneError
-from fmtune.serve import Busy, MicroBatcher, ServeConfig, create_app, load_api_keys, serve
+from fmtune.serving.serve import Busy, MicroBatcher, ServeConfig, create_app, load_api_keys, serve
 
 FIXTURES = Path(__file__).parent / "fixtures"
 KEY = "test-key-0123456789abcdef"
@@ -55,7 +54,7 @@ def tiny_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def predictor(tiny_run):
-    from fmtune.predict import Predictor
+    from fmtune.serving.predict import Predictor
 
     return Predictor.from_run(tiny_run, bf16=False)
 
@@ -470,7 +469,7 @@ def test_a_key_in_the_query_string_is_refused_and_never_logged(client, caplog, u
 @pytest.fixture
 def restore_logging():
     """serve() configures logging (uvicorn's config): put the loggers back as they were for the other tests."""
-    names = ["uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi", "fmtune", "fmtune.serve"]
+    names = ["uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi", "fmtune", "fmtune.serving.serve"]
     saved = {n: (lg.handlers[:], lg.filters[:], lg.level, lg.propagate, lg.disabled) for n in names for lg in [logging.getLogger(n)]}
     yield
     for n, (handlers, filters, level, propagate, disabled) in saved.items():

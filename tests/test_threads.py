@@ -1,4 +1,4 @@
-"""fmtune.threads: the OpenMP wait policy chosen from the machine's load, before torch starts its threads."""
+"""fmtune.training.threads: the OpenMP wait policy chosen from the machine's load, before torch starts its threads."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fmtune import threads
+from fmtune.training import threads
 
 VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "FMTUNE_OMP_CHOICE")
 

@@ -1,15 +1,16 @@
-"""fmtune.tokens: tokenise once, cached by content hash; truncation derived from the untruncated ids."""
+"""fmtune.data.tokens: tokenise once, cached by content hash; truncation derived from the untruncated ids."""
 
 from __future__ import annotations
 
 import pytest
 
-from fmtune import models, tokens
+from fmtune.data import tokens
+from fmtune.models import loading
 
 
 @pytest.fixture(scope="module")
 def tok(tiny_bert):
-    return models.load_tokenizer(tiny_bert)
+    return loading.load_tokenizer(tiny_bert)
 
 
 TEXTS = ["good film", "the plot was very dull and the actor was weak but the scene was moving", "", "a b c d e f g h i j k l m n o p", "superb"]

@@ -1,20 +1,21 @@
-"""fmtune.train and fmtune.evaluate on a tiny random BERT (CPU, seconds)."""
+"""fmtune.training.train and fmtune.evidence.evaluate on a tiny random BERT (CPU, seconds)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-
-from fmtune import models, train
-from fmtune.config import TrainConfig
-from fmtune.evaluate import embed, predict_logits
 from conftest import make_reviews
+
+from fmtune.config import TrainConfig
+from fmtune.evidence.evaluate import embed, predict_logits
+from fmtune.models import loading
+from fmtune.training import train
 
 
 @pytest.fixture(scope="module")
 def data(tiny_bert):
-    tok = models.load_tokenizer(tiny_bert)
+    tok = loading.load_tokenizer(tiny_bert)
     rows = make_reviews(96, seed=1)
     texts = [t for t, _ in rows]
     y = np.array([0 if lab == "neg" else 1 for _, lab in rows], dtype=np.int64)
@@ -25,14 +26,14 @@ def data(tiny_bert):
 def _fit(tiny_bert, data, seed=0, **overrides):
     tok, _, ids, y = data
     torch.manual_seed(seed)
-    model = models.load_classifier(tiny_bert, ["neg", "pos"])
+    model = loading.load_classifier(tiny_bert, ["neg", "pos"])
     cfg = TrainConfig(**{"epochs": 2, "batch_size": 16, "patience": 2, **overrides})
     result = train.fit(model, tok, (ids[:64], y[:64]), (ids[64:], y[64:]), cfg, learning_rate=1e-3, n_classes=2, seed=seed, bf16=overrides.get("bf16") == "on")
     return model, result
 
 
 def test_fit_moves_weights_and_records_levers(tiny_bert, data):
-    before = models.load_classifier(tiny_bert, ["neg", "pos"]).bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    before = loading.load_classifier(tiny_bert, ["neg", "pos"]).bert.encoder.layer[0].attention.self.query.weight.detach().clone()
     model, result = _fit(tiny_bert, data)
     after = result.model.bert.encoder.layer[0].attention.self.query.weight
     assert not torch.equal(before, after)
@@ -45,9 +46,9 @@ def test_fit_moves_weights_and_records_levers(tiny_bert, data):
 @pytest.mark.parametrize("bf16", ["off", "on"])
 def test_new_head_trains_at_its_own_learning_rate(tiny_bert, data, bf16):
     tok, _, ids, y = data
-    assert models.load_classifier_and_head(tiny_bert, ["neg", "pos"], from_scratch=True)[1] == frozenset()
+    assert loading.load_classifier_and_head(tiny_bert, ["neg", "pos"], from_scratch=True)[1] == frozenset()
     torch.manual_seed(0)
-    model, head = models.load_classifier_and_head(tiny_bert, ["neg", "pos"])
+    model, head = loading.load_classifier_and_head(tiny_bert, ["neg", "pos"])
     assert head == {"classifier.weight", "classifier.bias"}
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     cfg = TrainConfig(epochs=1, batch_size=16, bf16=bf16)
@@ -79,7 +80,7 @@ def test_levers_turn_off(tiny_bert, data):
 
 def test_early_stopping_keeps_best_epoch(tiny_bert, data, monkeypatch):
     scores = iter([0.5, 0.9, 0.7, 0.6, 0.95])  # epoch 2 is best; epochs 3 and 4 do not improve: stop after 4
-    monkeypatch.setattr("fmtune.evaluate.macro_f1", lambda y, p, k: next(scores))
+    monkeypatch.setattr("fmtune.evidence.evaluate.macro_f1", lambda y, p, k: next(scores))
     snapshots = []
     real = train.evaluate_split
 
@@ -127,7 +128,7 @@ def test_batch_tensors_cut_to_longest():
 
 def test_eval_matches_unbatched_in_input_order(tiny_bert, data):
     tok, texts, ids, y = data
-    model = models.load_classifier(tiny_bert, ["neg", "pos"]).eval()
+    model = loading.load_classifier(tiny_bert, ["neg", "pos"]).eval()
     logits = predict_logits(model, tok, texts[:20], 32, batch_size=7)
     with torch.no_grad():
         one = [model(**tok(t, return_tensors="pt")).logits[0].numpy() for t in texts[:20]]
@@ -136,28 +137,28 @@ def test_eval_matches_unbatched_in_input_order(tiny_bert, data):
     assert preds.tolist() == np.stack(one).argmax(1).tolist()
     expected = torch.nn.functional.cross_entropy(torch.tensor(np.stack(one)), torch.tensor(y[:20])).item()
     assert loss == pytest.approx(expected, abs=1e-5)
-    emb = embed(models.load_encoder(tiny_bert), tok, texts[:20], 32, batch_size=7)
+    emb = embed(loading.load_encoder(tiny_bert), tok, texts[:20], 32, batch_size=7)
     assert emb.shape == (20, 32) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
 
 
 def test_bf16_supported_decides_by_measurement(monkeypatch):
-    monkeypatch.setattr(models, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
-    monkeypatch.setattr(models, "bf16_speedup", lambda: 0.9)
-    assert models.bf16_supported(torch.device("cpu")) is False
-    monkeypatch.setattr(models, "bf16_speedup", lambda: 1.6)
-    assert models.bf16_supported(torch.device("cpu")) is True
-    monkeypatch.setattr(models, "cpu_flags", lambda: frozenset({"avx2"}))
-    assert models.bf16_supported(torch.device("cpu")) is False
+    monkeypatch.setattr(loading, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(loading, "bf16_speedup", lambda: 0.9)
+    assert loading.bf16_supported(torch.device("cpu")) is False
+    monkeypatch.setattr(loading, "bf16_speedup", lambda: 1.6)
+    assert loading.bf16_supported(torch.device("cpu")) is True
+    monkeypatch.setattr(loading, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert loading.bf16_supported(torch.device("cpu")) is False
 
 
 def test_best_weights_parked_on_disk_not_in_memory(tmp_path, monkeypatch):
     """Above BEST_IN_MEMORY_BYTES (a large model) the best weights go to a file instead of a second copy in RAM."""
     import torch
 
-    from fmtune import loop
-    from fmtune.train import BestWeights
+    from fmtune.training import loop
+    from fmtune.training.train import BestWeights
 
-    monkeypatch.setattr(loop, "BEST_IN_MEMORY_BYTES", 0)  # BestWeights lives in fmtune.loop (fmtune.train re-exports it)
+    monkeypatch.setattr(loop, "BEST_IN_MEMORY_BYTES", 0)  # BestWeights lives in fmtune.training.loop (fmtune.training.train re-exports it)
 
     state = {"a": torch.randn(4, 3), "b": torch.arange(5.0)}
     best = BestWeights(tmp_path / "ckpt", in_memory=False)
@@ -174,10 +175,10 @@ def test_best_weights_parked_on_disk_not_in_memory(tmp_path, monkeypatch):
 def test_best_weights_with_tied_tensors_are_parked_too(tmp_path, monkeypatch):
     import torch
 
-    from fmtune import loop
-    from fmtune.train import BestWeights
+    from fmtune.training import loop
+    from fmtune.training.train import BestWeights
 
-    monkeypatch.setattr(loop, "BEST_IN_MEMORY_BYTES", 0)  # BestWeights lives in fmtune.loop (fmtune.train re-exports it)
+    monkeypatch.setattr(loop, "BEST_IN_MEMORY_BYTES", 0)  # BestWeights lives in fmtune.training.loop (fmtune.training.train re-exports it)
 
     shared = torch.randn(3, 3)
     best = BestWeights(None, in_memory=False)
@@ -193,7 +194,7 @@ def test_small_best_weights_stay_in_memory_and_write_nothing(tmp_path):
     disk again and again (part of the 14 GB a run of 88 MB wrote)."""
     import torch
 
-    from fmtune.train import BestWeights
+    from fmtune.training.train import BestWeights
 
     best = BestWeights(tmp_path / "ckpt", in_memory=False)
     state = {"a": torch.randn(4, 3)}

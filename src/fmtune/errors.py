@@ -21,5 +21,9 @@ class DataError(FmtuneError):
     """A data file that cannot be used as given (names file, line/row, column and the fix)."""
 
 
+class GateFailed(FmtuneError):
+    """The run finished but failed a gate the user set (e.g. --max-forgetting): exit code 3."""
+
+
 class ModelError(FmtuneError):
     """A base model that cannot be loaded safely (not found, pickle-only, remote code...)."""

@@ -1,1 +1,1 @@
-"""The runner: what is the same for every task kind (run folder, console, report, shared choices); tasks only return data."""
+"""The runner: what is the same for every task kind (run folder lifecycle, stage order, ladder, curve, verdict, report, registry row)."""

@@ -12,8 +12,8 @@ from datetime import datetime
 from pathlib import Path
 
 from fmtune.config import RunConfig
+from fmtune.console import console
 from fmtune.errors import ConfigError
-from fmtune.runner.console import console
 
 
 def run_name(cfg: RunConfig) -> str:
@@ -177,7 +177,7 @@ def replace_folder(tmp: Path, out: Path) -> None:
 
 def record(run_dir: Path, name: str, status: str, work_dir: Path | None = None) -> None:
     """The registry row of the run whose final folder is `run_dir`; `work_dir` is where its unfinished files are."""
-    from fmtune import registry
+    from fmtune.store import registry
 
     try:
         registry.record_run(run_dir, {"run": {"name": name, "status": status}}, status, work_dir=work_dir)

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from fmtune.config import RunConfig, TrainConfig, to_yaml
-from fmtune.runner.console import console, print_summary, raise_if_gate_failed, stage
+from fmtune.console import console, print_summary, stage
+from fmtune.errors import GateFailed
 from fmtune.runner.folder import disk_io, marked_on_failure, open_run_dir, record, run_name
 from fmtune.runner.report import finish
 from fmtune.tasks.base import Context, Prepared, Rung, Scored, check_supported
@@ -105,7 +106,9 @@ def _start(cfg: RunConfig, command: str) -> _Run:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from fmtune import distributed, models, tasks
+    from fmtune import tasks
+    from fmtune.models import loading
+    from fmtune.training import distributed
 
     hf_logging.disable_progress_bar()  # fmtune shows its own progress
     hf_logging.set_verbosity_error()
@@ -113,7 +116,7 @@ def _start(cfg: RunConfig, command: str) -> _Run:
     primary = task_kind.primary_metric(cfg)
     check_supported(task_kind, cfg, distributed.world())
     _note_unused_settings(cfg, task_kind)
-    device = models.default_device()
+    device = loading.default_device()
     world = distributed.init(device.type)
     started, wall_start, io_start = datetime.now(timezone.utc), time.perf_counter(), disk_io()
     if world.distributed and device.type == "cuda":
@@ -130,6 +133,15 @@ def _start(cfg: RunConfig, command: str) -> _Run:
     if world.main:
         record(out, name, "running", work_dir=tmp)
     return _Run(cfg, command, task, ctx, started, wall_start, io_start, out, tmp, name)
+
+
+def raise_if_gate_failed(report: dict, out: Path) -> None:
+    """After the summary is printed: GateFailed (exit 3) when the run failed a gate the user set (--max-forgetting)."""
+    from fmtune.evidence import retention
+
+    gates = report["verdict"].get("gates") or {}
+    if not gates.get("passed", True):
+        raise GateFailed(retention.gate_failure(report["retention"], gates["max_forgetting"], out))
 
 
 def _note_unused_settings(cfg: RunConfig, task_kind) -> None:
@@ -165,7 +177,7 @@ def _open_folder(cfg: RunConfig, world, resumable: bool) -> tuple[Path, Path]:
 
 def _prepare(r: _Run) -> None:
     """The task encodes and audits its data and makes its choices; the test split's bootstrap draws."""
-    from fmtune.evaluate import bootstrap_indices
+    from fmtune.evidence.evaluate import bootstrap_indices
 
     r.prepared = r.task.prepare(r.ctx)
     r.ctx.boot = bootstrap_indices(r.prepared.counts["test"], r.cfg.eval.bootstrap, r.cfg.seed)
@@ -202,7 +214,7 @@ def _trained_rungs(r: _Run):
 def _fit_rung(r: _Run, label: str, key: str, subset: np.ndarray | None, from_scratch: bool, lr: float, lora: bool):
     """Train one rung (or reuse it, finished, from an interrupted run) and score it on the test split:
     (TrainResult, Scored, training examples). Only the fine-tune keeps its model; other rungs keep their score."""
-    from fmtune import checkpoint, train
+    from fmtune.training import checkpoint, train
 
     ckpt = r.tmp / "checkpoints" / key
     n = len(r.prepared.strata) if subset is None else len(subset)
@@ -236,7 +248,7 @@ def _save_adapter(adapter: dict, folder: Path) -> None:
 def _learning_curve(r: _Run, ft) -> tuple[dict, float]:
     """The fine-tune on nested subsets of the training data (stratified as the task says), plus the full run as the last
     point, with a forecast."""
-    from fmtune import learning_curve
+    from fmtune.evidence import learning_curve
 
     primary = r.ctx.primary
     if not r.cfg.evidence.curve:
@@ -268,10 +280,11 @@ def _save_and_measure(r: _Run, ft) -> dict:
 
 def _report(r: _Run, ft, curve: dict, curve_seconds: float, retention_: dict, shift: dict, inf: dict) -> dict:
     """The report.json dict (contract: shared/report.schema.json), cost and verdict included."""
-    from fmtune import models, retention, verdict
+    from fmtune.evidence import inference, retention, verdict
+    from fmtune.models import loading
 
     cfg, p, kind = r.cfg, r.prepared, r.task.supports.kind
-    cost_ = verdict.cost(r.ladder, models.hardware_description(), os.cpu_count() or 1, cfg.evidence.price_per_hour, curve_seconds, kind)
+    cost_ = verdict.cost(r.ladder, loading.hardware_description(), os.cpu_count() or 1, cfg.evidence.price_per_hour, curve_seconds, kind)
     if "per_request" in inf:
         cost_.update(verdict.break_even(cost_, inf["per_request"]))
     verdict_ = verdict.verdict(r.ladder, r.boots, r.ctx.primary, retention_, p.audit, curve, cost_)
@@ -285,8 +298,8 @@ def _report(r: _Run, ft, curve: dict, curve_seconds: float, retention_: dict, sh
                 "wall_seconds": None, "seed": cfg.seed, "command": r.command, "stages": r.log},
         "task": {"type": kind, "primary_metric": r.ctx.primary, **p.task_block},
         "data": {**data, "audit": p.audit},
-        "base_model": {"name": p.model_name, "path": str(p.model_path), "parameters": models.count_parameters(p.base),
-                       "sha256": models.weights_hash(p.model_path), "architecture": type(p.base).__name__, "max_length": p.max_length},
+        "base_model": {"name": p.model_name, "path": str(p.model_path), "parameters": inference.count_parameters(p.base),
+                       "sha256": loading.weights_hash(p.model_path), "architecture": type(p.base).__name__, "max_length": p.max_length},
         "choices": r.ctx.choices,
         "levers": {**ft.levers, **r.task.levers()},
         "ladder": r.ladder,

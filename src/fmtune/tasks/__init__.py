@@ -1,5 +1,4 @@
-"""One adapter per task kind (encoder classification, LM classification, generation), each the same small shape
-(fmtune.tasks.base.Task); for_config picks the one a run's data and model call for."""
+"""Task kinds: one adapter each (encoder classification, LM classification, generation), all of the shape tasks.base.Task."""
 
 from __future__ import annotations
 
@@ -7,10 +6,12 @@ from fmtune.config import RunConfig
 
 
 def for_config(cfg: RunConfig) -> type:
-    """Generation for prompt/completion data; classification with a causal LM for a causal-LM model; else an encoder."""
-    from fmtune import causal_lm, gen_data
+    """The adapter a run's data and model call for: generation for prompt/completion data, classification with a causal LM
+    for a causal-LM model, else encoder classification."""
+    from fmtune.data import pairs
+    from fmtune.models import causal_lm
 
-    if gen_data.detect_task(cfg.data) == "generation":
+    if pairs.detect_task(cfg.data) == "generation":
         from fmtune.tasks.generation import GenerationTask
 
         return GenerationTask

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from fmtune.config import RunConfig
-from fmtune.runner.console import progress_bar, stage
+from fmtune.console import progress_bar, stage
 from fmtune.tasks.base import Context
 
 RETENTION_CHUNKS, RETENTION_CHUNK_TOKENS = 32, 128  # 4k tokens per model: base and tuned are scored on the same tokens
@@ -34,7 +34,7 @@ class CausalTask:
 
     def load_base(self, ctx: Context) -> str:
         """The base model on the device, its tokenizer and chat template; returns where the template came from."""
-        from fmtune import causal_lm, models
+        from fmtune.models import causal_lm, loading
 
         cfg = ctx.cfg
         with stage("load the base model", ctx.log):
@@ -43,12 +43,12 @@ class CausalTask:
             template_why = causal_lm.ensure_chat_template(self.tokenizer)
             self.base = causal_lm.load_model(self.model_path).to(ctx.device)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.bf16 = {"on": True, "off": False}.get(cfg.train.bf16, models.bf16_supported(ctx.device))
+        self.bf16 = {"on": True, "off": False}.get(cfg.train.bf16, loading.bf16_supported(ctx.device))
         return template_why
 
     def fit_rows(self, ctx: Context, label: str, train: list, validation: list, *, lr: float, lora: bool, from_scratch: bool, checkpoint_dir: Path | None):
         """A fresh copy of the base model (or its architecture, randomly initialised) trained on the rows, with a progress bar."""
-        from fmtune import causal_lm
+        from fmtune.training import causal
 
         model = self._model(ctx, from_scratch)
         cfg = ctx.cfg
@@ -60,13 +60,13 @@ class CausalTask:
                 if row:
                     prog.update(task, info=f"epoch {row['epoch']} val loss {row['val_loss']:.3f}")
 
-            return causal_lm.fit(model, train, validation, cfg.train, pad_id=self.pad_id, learning_rate=lr, seed=cfg.seed, bf16=self.bf16, lora=lora,
-                                 eval_batch_size=cfg.eval.eval_batch_size, progress=progress, checkpoint_dir=checkpoint_dir, world=ctx.world)
+            return causal.fit(model, train, validation, cfg.train, pad_id=self.pad_id, learning_rate=lr, seed=cfg.seed, bf16=self.bf16, lora=lora,
+                              eval_batch_size=cfg.eval.eval_batch_size, progress=progress, checkpoint_dir=checkpoint_dir, world=ctx.world)
 
     def _model(self, ctx: Context, from_scratch: bool):
         import torch
 
-        from fmtune import causal_lm
+        from fmtune.models import causal_lm
 
         torch.manual_seed(ctx.seed)
         return causal_lm.load_model(self.model_path, from_scratch=from_scratch).to(ctx.device)
@@ -79,7 +79,8 @@ class CausalTask:
 
     def perplexity_probes(self, ctx: Context, tuned, task_texts: list[str]) -> tuple[dict, dict]:
         """Retention (general-text perplexity, base vs tuned) and domain shift (task text vs general text, base model)."""
-        from fmtune import causal_lm, retention
+        from fmtune.evidence import retention
+        from fmtune.models import causal_lm
 
         cfg, bs = ctx.cfg, ctx.cfg.eval.eval_batch_size
         docs, source = retention.general_documents(cfg.evidence.general_text)
@@ -96,7 +97,8 @@ class CausalTask:
 
     def size_and_latency(self, ctx: Context, tuned, model_dir: Path, chats: list[list[dict]], max_length: int, lora: bool) -> dict:
         """Parameters, size on disk and forward-pass latency of base and tuned on the same test prompts (chat template)."""
-        from fmtune import causal_lm, inference
+        from fmtune.evidence import inference
+        from fmtune.models import causal_lm
 
         prompts = [causal_lm.render(self.tokenizer, c)[0] for c in chats[:64]]
         reps = ctx.cfg.evidence.latency_repeats
@@ -121,7 +123,7 @@ class CausalTask:
 
 
 def perplexity_retention(base: float, tuned: float, chunks: int, source: str, max_forgetting: float | None) -> dict:
-    from fmtune.retention import DEFAULT_THRESHOLD, forgetting
+    from fmtune.evidence.retention import DEFAULT_THRESHOLD, forgetting
 
     rel = (tuned - base) / base
     threshold = max_forgetting if max_forgetting is not None else DEFAULT_THRESHOLD

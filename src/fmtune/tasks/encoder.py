@@ -11,10 +11,10 @@ from typing import Any, Callable
 import numpy as np
 
 from fmtune.config import RunConfig, TrainConfig
+from fmtune.console import progress_bar, stage
 from fmtune.errors import ConfigError
-from fmtune.runner.console import progress_bar, stage
-from fmtune.runner.ladder import choose_max_length, classification_primary
 from fmtune.tasks.base import Context, Prepared, Rung, Scored, Supports
+from fmtune.tasks.choices import choose_max_length, classification_primary
 
 MIN_TRAIN_STEPS = 300  # a small training set gets enough epochs for about this many optimizer steps (see max_epochs)
 MAX_DERIVED_EPOCHS = 30
@@ -86,28 +86,31 @@ class EncoderClassification:
 
     def load(self, ctx: Context) -> None:
         """Read and split the data and check the model folder and its tokenizer (before any run folder exists)."""
-        from fmtune import audit as audit_mod
-        from fmtune import data, models
+        from fmtune.data import audit as audit_mod
+        from fmtune.data import labeled
+        from fmtune.models import loading
 
         cfg = ctx.cfg
         with stage("load and split data", ctx.log):
-            self.splits = data.load_splits(cfg.data, cfg.seed)
+            self.splits = labeled.load_splits(cfg.data, cfg.seed)
             if cfg.data.redact_pii:
                 self.splits, self.redacted = audit_mod.redact_splits(self.splits)
             unknown = sorted(set(cfg.data.label_descriptions) - set(self.splits.labels))
             if unknown:
                 raise ConfigError(f"--label-descriptions names label(s) {unknown} that the data does not have; labels are {self.splits.labels}.")
-        self.model_path = models.resolve_model_path(cfg.model.model or "minilm")
-        models.check_safe_folder(self.model_path)
-        self.tokenizer = models.load_tokenizer(self.model_path)  # a broken tokenizer stops the run before any folder is created
+        self.model_path = loading.resolve_model_path(cfg.model.model or "minilm")
+        loading.check_safe_folder(self.model_path)
+        self.tokenizer = loading.load_tokenizer(self.model_path)  # a broken tokenizer stops the run before any folder is created
 
     def prepare(self, ctx: Context) -> Prepared:
         """Tokenise, audit, and the choices derived from the data: max length, class weights, bf16, the epoch limit."""
-        from fmtune import models, tokens, train
+        from fmtune.data import tokens
+        from fmtune.models import loading
+        from fmtune.training import train
 
         cfg, labels = ctx.cfg, self.labels
-        self.encoder = models.load_encoder(self.model_path).to(ctx.device)
-        self.bf16 = {"on": True, "off": False}.get(cfg.train.bf16, models.bf16_supported(ctx.device))
+        self.encoder = loading.load_encoder(self.model_path).to(ctx.device)
+        self.bf16 = {"on": True, "off": False}.get(cfg.train.bf16, loading.bf16_supported(ctx.device))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.texts = {s: [e.text for e in getattr(self.splits, s)] for s in ("train", "validation", "test")}
         label_index = {lab: i for i, lab in enumerate(labels)}
@@ -131,12 +134,12 @@ class EncoderClassification:
         )
 
     def _audit(self, ctx: Context) -> tuple[dict, str]:
-        from fmtune import audit as audit_mod
-        from fmtune import models
+        from fmtune.data import audit as audit_mod
+        from fmtune.models import loading
 
         cfg = ctx.cfg
         lengths = {s: t.lengths for s, t in self.tokenised.items()}
-        self.limit = models.model_token_limit(self.encoder.config, self.tokenizer)
+        self.limit = loading.model_token_limit(self.encoder.config, self.tokenizer)
         self.max_length, max_length_why = choose_max_length(lengths["train"], self.limit, cfg.model.max_length)
         audit = audit_mod.audit(self.splits, token_lengths=lengths, max_length=self.max_length, redacted=self.redacted, model_limit=self.limit)
         if "zero_shot" in cfg.eval.rungs:
@@ -148,7 +151,7 @@ class EncoderClassification:
 
     def no_training_rungs(self, ctx: Context) -> dict[str, Callable[[], Rung]]:
         """zero_shot, few_shot, head_only on the base encoder's frozen embeddings (embedded once, in its own stage)."""
-        from fmtune import baselines
+        from fmtune.evidence import baselines
 
         wanted = [name for name in baselines.BASELINES if name in ctx.cfg.eval.rungs]
         if not wanted:
@@ -162,8 +165,8 @@ class EncoderClassification:
         return {name: (lambda name=name: rung(name)) for name in wanted}
 
     def _embed(self, ctx: Context):
-        from fmtune import baselines
-        from fmtune.evaluate import embed
+        from fmtune.evidence import baselines
+        from fmtune.evidence.evaluate import embed
 
         cfg, bs = ctx.cfg, ctx.cfg.eval.eval_batch_size
         with stage("embed texts with the base model", ctx.log), progress_bar() as prog:
@@ -179,7 +182,7 @@ class EncoderClassification:
                                   per_text, cfg.seed, cfg.eval.few_shot_k)
 
     def _scored(self, ctx: Context, predictions, **extra) -> Scored:
-        from fmtune.evaluate import classification_metrics
+        from fmtune.evidence.evaluate import classification_metrics
 
         m = classification_metrics(self.y["test"], np.asarray(predictions), self.labels, ctx.boot, ctx.primary)
         return Scored(m, m.pop("_boot_primary"), extra)
@@ -187,7 +190,7 @@ class EncoderClassification:
     def fit(self, ctx: Context, label: str, subset: np.ndarray | None, from_scratch: bool, lr: float, lora: bool, checkpoint_dir: Path | None):
         """A fresh classifier on the base encoder (or its architecture, randomly initialised), trained on the training
         texts (all, or `subset`): (TrainResult, training examples)."""
-        from fmtune import train
+        from fmtune.training import train
 
         model, head = self._classifier(ctx, from_scratch)
         idx = np.arange(len(self.y["train"])) if subset is None else subset
@@ -203,10 +206,10 @@ class EncoderClassification:
     def _classifier(self, ctx: Context, from_scratch: bool):
         import torch
 
-        from fmtune import models
+        from fmtune.models import loading
 
         torch.manual_seed(ctx.seed)
-        model, head = models.load_classifier_and_head(self.model_path, self.labels, from_scratch=from_scratch, dropout=self.train_cfg.dropout)
+        model, head = loading.load_classifier_and_head(self.model_path, self.labels, from_scratch=from_scratch, dropout=self.train_cfg.dropout)
         return model.to(ctx.device), head
 
     def _rung_settings(self, from_scratch: bool):
@@ -225,7 +228,7 @@ class EncoderClassification:
         return model.eval()
 
     def score(self, ctx: Context, rung: str, model) -> Scored:
-        from fmtune import train
+        from fmtune.training import train
 
         t0 = time.perf_counter()
         _, pred = train.evaluate_split(model, self.ids["test"], self.y["test"], self.pad_id, ctx.cfg.eval.eval_batch_size, self.bf16)
@@ -244,8 +247,9 @@ class EncoderClassification:
 
     def probes(self, ctx: Context, tuned) -> tuple[dict, dict]:
         """Retention of general knowledge (base vs tuned on general sentences) and the task data's domain shift."""
-        from fmtune import domain_shift, retention, tokens
-        from fmtune.evaluate import embed
+        from fmtune.data import tokens
+        from fmtune.evidence import domain_shift, retention
+        from fmtune.evidence.evaluate import embed
 
         cfg, bs, limit, max_length = ctx.cfg, ctx.cfg.eval.eval_batch_size, self.limit, self.max_length
         docs, source = retention.general_documents(cfg.evidence.general_text)
@@ -272,7 +276,7 @@ class EncoderClassification:
 
     def measure(self, ctx: Context, tuned, model_dir: Path, lora: bool) -> dict:
         """Size and latency of the base and the tuned model on the same inputs."""
-        from fmtune import inference
+        from fmtune.evidence import inference
 
         test = self.texts["test"]
         order = np.argsort([len(t) for t in test])

@@ -11,17 +11,17 @@ from typing import Callable
 import numpy as np
 
 from fmtune.config import RunConfig
+from fmtune.console import progress_bar, stage
 from fmtune.errors import ConfigError
-from fmtune.runner.console import progress_bar, stage
-from fmtune.runner.ladder import choose_max_length
 from fmtune.tasks.base import Context, Prepared, Rung, Scored, Supports
 from fmtune.tasks.causal import LATENCY_REQUESTS, CausalTask, bf16_choice
+from fmtune.tasks.choices import choose_max_length
 
 DEFAULT_METRIC = "rouge_l"
 
 
 def primary_metric(cfg: RunConfig) -> str:
-    from fmtune.gen_metrics import TEXT_METRICS
+    from fmtune.evidence.gen_metrics import TEXT_METRICS
 
     metric = cfg.eval.metric or DEFAULT_METRIC
     if metric not in TEXT_METRICS:
@@ -40,7 +40,7 @@ def few_shot_conversation(shots: list, messages: list[dict]) -> list[dict]:
 
 def choose_shots(tokenizer, train: list, test: list, k: int, budget: int, seed: int) -> tuple[list, str]:
     """k seeded random training pairs, fewer when the longest test prompt with them would not fit `budget` tokens."""
-    from fmtune import causal_lm
+    from fmtune.models import causal_lm
 
     rng = np.random.default_rng(seed + 2)
     shots = [train[i] for i in rng.permutation(len(train))[: min(k, len(train))]]
@@ -80,17 +80,17 @@ class GenerationTask(CausalTask):
         self.redacted: dict[str, int] = {}
 
     def load(self, ctx: Context) -> None:
-        from fmtune import gen_data
+        from fmtune.data import pairs
 
         with stage("load and split data", ctx.log):
-            self.splits = gen_data.load_pairs(ctx.cfg.data, ctx.seed)
+            self.splits = pairs.load_pairs(ctx.cfg.data, ctx.seed)
             if ctx.cfg.data.redact_pii:
-                self.splits, self.redacted = gen_data.redact(self.splits)
+                self.splits, self.redacted = pairs.redact(self.splits)
         self.pairs = {s: getattr(self.splits, s) for s in ("train", "validation", "test")}
 
     def prepare(self, ctx: Context) -> Prepared:
         """Base model and audit; the pairs encoded at the chosen max_length; the first choices."""
-        from fmtune import causal_lm
+        from fmtune.models import causal_lm
 
         cfg = ctx.cfg
         template_why = self.load_base(ctx)
@@ -114,20 +114,21 @@ class GenerationTask(CausalTask):
 
     def _audit(self, ctx: Context) -> tuple[dict, str]:
         """Token lengths of whole pairs, the model's limit, max_length and the audit; returns why that max_length."""
-        from fmtune import audit as audit_mod
-        from fmtune import causal_lm, gen_data
-        from fmtune.models import model_token_limit
+        from fmtune.data import audit as audit_mod
+        from fmtune.data import pairs
+        from fmtune.models import causal_lm
+        from fmtune.models.loading import model_token_limit
 
         full = {s: [causal_lm.encode(self.tokenizer, p.chat(), p.completion) for p in ps] for s, ps in self.pairs.items()}
         lengths = {s: [len(e.input_ids) for e in enc] for s, enc in full.items()}
         self.limit = model_token_limit(self.base.config, self.tokenizer)
         self.max_length, max_length_why = choose_max_length(lengths["train"], self.limit, ctx.cfg.model.max_length)
         audit = audit_mod.audit(self.splits.for_audit(), token_lengths=lengths, max_length=self.max_length, redacted=self.redacted, model_limit=self.limit, classes=False)
-        return generation_audit(audit, self.splits, gen_data.prompt_overlap(self.splits)), max_length_why
+        return generation_audit(audit, self.splits, pairs.prompt_overlap(self.splits)), max_length_why
 
     def no_training_rungs(self, ctx: Context) -> dict[str, Callable[[], Rung]]:
         """zero_shot and few_shot: the base model prompted; the few-shot prompts are kept for the break-even."""
-        from fmtune import causal_lm
+        from fmtune.models import causal_lm
 
         cfg = ctx.cfg
         shots, shots_why = choose_shots(self.tokenizer, self.pairs["train"], self.pairs["test"], cfg.eval.few_shot_k, self.limit - cfg.eval.max_new_tokens, ctx.seed)
@@ -148,8 +149,8 @@ class GenerationTask(CausalTask):
     def _generate_and_score(self, ctx: Context, rung: str, model, conversations: list[list[dict]], scored_rows: list | None) -> Scored:
         """Greedy answers to the conversations scored against the references (and the completions' loss when
         `scored_rows` is given); the answers are kept for logs/generations.jsonl."""
-        from fmtune import causal_lm
-        from fmtune.gen_metrics import generation_metrics
+        from fmtune.evidence.gen_metrics import generation_metrics
+        from fmtune.models import causal_lm
 
         new_tokens, bs = ctx.cfg.eval.max_new_tokens, ctx.cfg.eval.eval_batch_size
         with progress_bar() as prog:
@@ -191,7 +192,7 @@ class GenerationTask(CausalTask):
 
     def measure(self, ctx: Context, tuned, model_dir: Path, lora: bool) -> dict:
         """Size, latency and per-request seconds: the few-shot prompt against the tuned model's bare prompt."""
-        from fmtune import causal_lm
+        from fmtune.models import causal_lm
 
         new_tokens = ctx.cfg.eval.max_new_tokens
         inf = self.size_and_latency(ctx, tuned, model_dir, self.test_chats, self.max_length, lora)

@@ -1,5 +1,5 @@
 """Classification with a causal LM: text/label data, each text a chat whose answer is its label word (LoRA by default),
-constrained scoring over the label set (fmtune.lm_classify); the classification metrics and the causal-LM evidence."""
+constrained scoring over the label set (fmtune.models.lm_classify); the classification metrics and the causal-LM evidence."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from typing import Callable
 
 import numpy as np
 
+from fmtune.console import progress_bar, stage
 from fmtune.errors import ConfigError
-from fmtune.runner.console import progress_bar, stage
-from fmtune.runner.ladder import choose_max_length, classification_primary
 from fmtune.tasks.base import Context, Prepared, Rung, Scored, Supports
 from fmtune.tasks.causal import LATENCY_REQUESTS, CausalTask, bf16_choice
+from fmtune.tasks.choices import choose_max_length, classification_primary
 
 HEAD_ONLY_SKIPPED = ("not run for a causal LM: head_only is a linear head on a frozen encoder's embeddings; here the no-training rungs are the "
                      "same model prompted (zero_shot, few_shot), and the report contract makes head_only optional")
@@ -37,12 +37,12 @@ class LMClassification(CausalTask):
         return self.splits.labels
 
     def load(self, ctx: Context) -> None:
-        from fmtune import audit as audit_mod
-        from fmtune import data
+        from fmtune.data import audit as audit_mod
+        from fmtune.data import labeled
 
         cfg = ctx.cfg
         with stage("load and split data", ctx.log):
-            self.splits = data.load_splits(cfg.data, cfg.seed)
+            self.splits = labeled.load_splits(cfg.data, cfg.seed)
             if cfg.data.redact_pii:
                 self.splits, self.redacted = audit_mod.redact_splits(self.splits)
             unknown = sorted(set(cfg.data.label_descriptions) - set(self.splits.labels))
@@ -51,7 +51,8 @@ class LMClassification(CausalTask):
 
     def prepare(self, ctx: Context) -> Prepared:
         """Base model and audit; the texts cut to the chosen max_length; the prompt, class weights, the training rows."""
-        from fmtune import lm_classify, train
+        from fmtune.models import lm_classify
+        from fmtune.training import train
 
         cfg, labels = ctx.cfg, self.labels
         template_why = self.load_base(ctx)
@@ -77,7 +78,7 @@ class LMClassification(CausalTask):
         )
 
     def _first_choices(self, ctx: Context, overhead: int, max_length_why: str, template_why: str, cw_why: str) -> None:
-        from fmtune import lm_classify
+        from fmtune.models import lm_classify
 
         ctx.choose("max_length", self.max_length, f"{max_length_why} (tokens of the text alone; the instruction, label list and chat template add up to {overhead}; a longer text keeps its start)")
         ctx.choose("formulation", "label word as the chat answer", f"a causal LM classifies by answering: the user turn names the task and lists the labels as they appear in the data ({self.prompt.instruction()!r}), then the text; the answer is the label word")
@@ -90,9 +91,9 @@ class LMClassification(CausalTask):
 
     def _audit(self, ctx: Context, texts: dict) -> tuple[dict, int, str]:
         """Token lengths of the texts, the tokens the prompt takes, max_length and the audit: (audit, that overhead, why that max_length)."""
-        from fmtune import audit as audit_mod
-        from fmtune import causal_lm, lm_classify
-        from fmtune.models import model_token_limit
+        from fmtune.data import audit as audit_mod
+        from fmtune.models import causal_lm, lm_classify
+        from fmtune.models.loading import model_token_limit
 
         tokenizer, labels = self.tokenizer, self.labels
         lengths = {s: [len(ids) for ids in tokenizer(t, add_special_tokens=False)["input_ids"]] if t else [] for s, t in texts.items()}
@@ -108,7 +109,7 @@ class LMClassification(CausalTask):
 
     def no_training_rungs(self, ctx: Context) -> dict[str, Callable[[], Rung]]:
         """zero_shot and few_shot: the base model prompted, calibrated on validation when that helps (shots kept for the break-even)."""
-        from fmtune import lm_classify
+        from fmtune.models import lm_classify
 
         cfg, texts = ctx.cfg, self.texts
         self.shots, per_class, shots_why = lm_classify.choose_shots(self.tokenizer, self.prompt, texts["train"], self.y["train"], texts["test"] + texts["validation"],
@@ -134,8 +135,8 @@ class LMClassification(CausalTask):
     def _label_scores(self, ctx: Context, rung: str, description: str, model, shots: list, calibrated: bool = False) -> tuple[Scored, str]:
         """The test split scored; with `calibrated` (the no-training rungs) the content-free texts and the validation split
         first, to choose raw or calibrated scores on validation (lm_classify.fit_calibration)."""
-        from fmtune import lm_classify
-        from fmtune.evaluate import classification_metrics
+        from fmtune.evidence.evaluate import classification_metrics
+        from fmtune.models import lm_classify
 
         bs, texts, y = ctx.cfg.eval.eval_batch_size, self.texts, self.y
         calibration, extra = None, {}
@@ -193,7 +194,7 @@ class LMClassification(CausalTask):
         ))
 
     def measure(self, ctx: Context, tuned, model_dir: Path, lora: bool) -> dict:
-        from fmtune import lm_classify
+        from fmtune.models import lm_classify
 
         texts = self.texts
         test_chats = [self.prompt.messages(t) for t in texts["test"]]

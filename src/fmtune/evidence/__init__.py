@@ -1,0 +1,1 @@
+"""Evidence: metrics and bootstrap, baselines, retention, domain shift, learning curve, inference cost, the verdict."""

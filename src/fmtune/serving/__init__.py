@@ -1,0 +1,1 @@
+"""Serving: predictors for every task kind and the authenticated HTTP server."""

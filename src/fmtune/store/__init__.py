@@ -1,0 +1,1 @@
+"""Storage of finished runs: the registry and lineage (manifests, hashes, verify)."""

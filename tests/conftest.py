@@ -70,8 +70,9 @@ def _isolated_session_state(tmp_path_factory):
     import os
 
     root = tmp_path_factory.mktemp("state")
-    saved = {k: os.environ.get(k) for k in ("FMTUNE_REGISTRY", "FMTUNE_CACHE")}
+    saved = {k: os.environ.get(k) for k in ("FMTUNE_REGISTRY", "FMTUNE_CACHE", "FMTUNE_SEARCH")}
     os.environ["FMTUNE_REGISTRY"] = str(root / "registry.sqlite")
+    os.environ.setdefault("FMTUNE_SEARCH", "off")  # one trial per rung keeps the tiny runs fast; tests of the search set it
     os.environ.setdefault("FMTUNE_CACHE", str(root / "cache"))
     yield
     for k, v in saved.items():

@@ -126,7 +126,7 @@ def test_verdict_says_when_fine_tuning_fell_below_head_only_and_was_still_improv
     cost_ = verdict.cost(ladder, "CPU: x", 2, None, 0.0, "classification")
     boots = {"zero_shot": base - 0.05, "few_shot": base - 0.03, "head_only": base + 0.12, "fine_tuned": base + rng.normal(0, 0.02, 1000)}
     reasons = verdict.verdict(ladder, boots, "macro_f1", None, {}, None, cost_)["reasons"]
-    assert any("below a linear head on the frozen FM (0.470;" in r for r in reasons)
+    assert any("below a linear head on the frozen FM (0.470) beyond the noise" in r for r in reasons)
     assert any("still improving on validation at its last epoch (8)" in r for r in reasons)
     ladder[-1].update(best_epoch=6, still_improving=False)
     assert not any("still improving" in r for r in verdict.verdict(ladder, boots, "macro_f1", None, {}, None, cost_)["reasons"])

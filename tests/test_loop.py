@@ -191,3 +191,32 @@ def test_early_stopping_by_the_tasks_score_with_min_delta():
     assert run.best_epoch == 3 and run.steps == 5 * 4 and run.returned_step == 12
     assert run.stopped == "early stopping: the score did not improve for 2 epochs after epoch 3"
     assert torch.equal(run.model.weight, seen[2])
+
+
+def test_early_stopping_waits_while_the_training_loss_is_near_chance_and_for_the_minimum_budget():
+    """A validation score that falls for `patience` epochs ends nothing while the epoch's training loss is still above
+    LEARNED_SHARE of the chance loss, nor before task.min_epochs; the outcome says whether the returned epoch had learned."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(32, 3), torch.randn(32, 1)
+    train_losses = iter([1.00, 0.99, 0.98, 0.97, 0.5, 0.4, 0.3, 0.2])  # near a chance loss of 1.0 for 4 epochs
+    scores = iter([0.9, 0.5, 0.4, 0.3, 0.95, 0.9, 0.8, 0.7])
+
+    def loss(forward, idx, local):
+        part = torch.from_numpy(local)
+        summed = ((forward(x[part]) - y[part]) ** 2).sum()
+        return summed / len(idx), summed.detach()
+
+    def validate(runner):
+        score = next(scores)
+        return {"score": score}, (score, 1.0 - score)
+
+    task = loop.Task(np.full(32, 4), loss, lambda total: next(train_losses), validate, "the score", chance_loss=1.0, min_epochs=2)
+    run = loop.train(model, task, TrainConfig(epochs=8, batch_size=8, patience=2), seed=0, learning_rate=1e-2, bf16=False)
+    assert [h["epoch"] for h in run.history] == [1, 2, 3, 4, 5, 6, 7], "epochs 2-4 fell behind epoch 1 at chance: no stop; 6 and 7 after 5 did"
+    assert run.best_epoch == 5 and run.learned is True
+    scores, train_losses = iter([0.9, 0.5, 0.4]), iter([1.0, 1.0, 1.0])
+    still = loop.train(torch.nn.Linear(3, 1), task, TrainConfig(epochs=3, batch_size=8, patience=1), seed=0, learning_rate=1e-2, bf16=False)
+    assert still.best_epoch == 1 and still.learned is False and "did not learn" in still.stopped

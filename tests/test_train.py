@@ -79,8 +79,13 @@ def test_levers_turn_off(tiny_bert, data):
 
 
 def test_early_stopping_keeps_best_epoch(tiny_bert, data, monkeypatch):
-    scores = iter([0.5, 0.9, 0.7, 0.6, 0.95])  # epoch 2 is best; epochs 3 and 4 do not improve: stop after 4
+    """Selection on validation macro-F1 (the rule for a validation split with enough texts per class), early stopping
+    from epoch 1 and no chance check: the loop's plain early stopping."""
+    scores = iter([0.5, 0.9, 0.7, 0.6, 0.95])  # epoch 2 is best; epochs 3 and 4 do not improve: stop after 4 (0.95: the final validation pass)
     monkeypatch.setattr("fmtune.evidence.evaluate.macro_f1", lambda y, p, k: next(scores))
+    monkeypatch.setattr(train, "selection_rule", lambda y, k: ("metric", "test"))
+    monkeypatch.setattr(train, "min_epochs", lambda n, b, e: 1)
+    monkeypatch.setattr(train, "chance_loss", lambda y, k, w: None)
     snapshots = []
     real = train.evaluate_split
 
@@ -202,3 +207,37 @@ def test_small_best_weights_stay_in_memory_and_write_nothing(tmp_path):
     assert best.file is None and not list((tmp_path / "ckpt").rglob("*.safetensors"))
     assert torch.equal(best.get()["a"], state["a"])
     best.close()
+
+
+def test_selection_rule_by_the_smallest_validation_class():
+    rule, why = train.selection_rule(np.array([0] * 30 + [1] * 30), 2)
+    assert rule == "metric" and "at least 30" in why
+    rule, why = train.selection_rule(np.array([0] * 100 + [1] * 29), 2)
+    assert rule == "calibrated" and "29 validation texts" in why
+    assert train.selection_rule(np.array([0] * 40), 2)[0] == "calibrated", "a class missing from validation"
+
+
+def test_calibrated_loss_does_not_move_when_a_model_only_grows_more_confident():
+    """The same decisions at a higher confidence: the raw loss rises (the wrong answers cost more), the calibrated one stays."""
+    from scipy.special import log_softmax
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 200)
+    logits = rng.normal(0, 1, (200, 3))
+    logits[np.arange(200), y] += 1.0
+    raw = lambda z: float(-log_softmax(z, axis=1)[np.arange(200), y].mean())  # noqa: E731
+    assert raw(logits * 4) > raw(logits) + 0.1
+    a, t_a = train.calibrated_loss(logits, y)
+    b, t_b = train.calibrated_loss(logits * 4, y)
+    assert a == pytest.approx(b, abs=1e-4) and t_b == pytest.approx(4 * t_a, rel=1e-2)
+    assert a <= raw(logits) + 1e-9
+    weighted, _ = train.calibrated_loss(logits, y, np.array([1.0, 2.0, 3.0]))
+    assert weighted != pytest.approx(a)
+
+
+def test_chance_loss_is_the_entropy_of_the_prior_the_loss_weighs():
+    y = np.array([0] * 75 + [1] * 25)
+    assert train.chance_loss(y, 2, None) == pytest.approx(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25)))
+    balanced, _ = train.class_weight_vector(y, 2, "balanced")
+    assert train.chance_loss(y, 2, balanced) == pytest.approx(np.log(2))
+    assert train.min_epochs(64, 16, 10) == 8 and train.min_epochs(6400, 16, 10) == 2 and train.min_epochs(64, 16, 5) == 5

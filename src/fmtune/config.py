@@ -8,6 +8,7 @@ command-line flags override it. Unknown keys are errors that name the key.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -89,6 +90,16 @@ class TrainConfig(_Group):
     min_delta: float = Field(0.005, ge=0, description="Early stopping: validation macro-F1 must rise by more than this to count as better (within it, a lower validation loss counts).")
     batch_size: int = Field(32, ge=1, description="Training batch size.")
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate for fine-tuning (LoRA uses 10x this unless --lora-learning-rate is set).")
+    search: str | int = Field(default_factory=lambda: os.environ.get("FMTUNE_SEARCH", "auto"), description="Search of the learning rate of the fine_tuned and from_scratch rungs on the validation split (never test), trials pruned when they fall behind: auto (fine_tuned: 4 rates for an encoder, 3 for a causal LM; from_scratch: 3 and 2), off (the default rate only), or N trials; default auto, or $FMTUNE_SEARCH. A rate you set (--learning-rate, --lora-learning-rate, --scratch-learning-rate) is not searched.")
+
+    @field_validator("search", mode="before")
+    @classmethod
+    def _search_value(cls, value: object) -> str:
+        text = str(value).strip().lower()
+        if text in ("off", "auto", "false") or (text.isdigit() and int(text) >= 1):
+            return "off" if text == "false" else text  # YAML reads `search: off` as False
+        raise ValueError("expected off, auto or a number of trials (1 or more)")
+
     lora_learning_rate: float | None = Field(None, gt=0, description="Peak learning rate for LoRA (default: 10x --learning-rate).")
     head_learning_rate: float | None = Field(None, gt=0, description="Full fine-tuning: peak learning rate for the parameters the base model does not have (the new classifier head); default: 30x --learning-rate, because a randomly initialised head at the encoder's rate learns too slowly, above all with many classes (benchmarks/head_lr_sets.py).")
     scratch_learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate for the from_scratch rung (random init trains best with a higher rate).")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 # Stated defaults, not measurements: typical on-demand cloud prices. Users pass --price-per-hour for their own.
@@ -43,70 +45,184 @@ def cost(ladder: list[dict], hardware: str, cpu_count: int, price_per_hour: floa
     return out
 
 
-def verdict(ladder: list[dict], boots: dict, primary: str, retention: dict | None, audit: dict, curve: dict | None, cost_: dict) -> dict:
-    """Recommend fine-tuning only when its gain over the best no-training rung is beyond the noise (paired bootstrap)."""
-    from fmtune.evidence.evaluate import paired_gain_ci
+# the smallest difference a test set can detect: a paired difference of (Z_CONFIDENCE + Z_POWER) standard errors is
+# found beyond the noise at 95% confidence (two-sided) in 80% of test sets of the same size
+Z_CONFIDENCE, Z_POWER = 1.96, 0.84
+PROMPTING = ("zero_shot", "few_shot")  # the rungs that prompt the base FM (the contract's `gain` is over the best of them)
+CHEAPER = ("zero_shot", "few_shot", "head_only")  # every rung that needs no fine-tuning of the FM
 
+
+@dataclass(frozen=True)
+class Comparison:
+    """fine_tuned minus another rung on the same test resamples: the difference, its 95% CI, where the CI lies."""
+
+    other: str
+    difference: float
+    ci: tuple[float, float]
+    se: float  # standard deviation of the paired bootstrap differences
+    n_test: int
+
+    @property
+    def outcome(self) -> str:
+        """'above' or 'below': the CI excludes 0 on that side; 'inside': it includes 0."""
+        return "above" if self.ci[0] > 0 else "below" if self.ci[1] < 0 else "inside"
+
+    @property
+    def detectable(self) -> float:
+        """The smallest difference this test set detects at 95% confidence with 80% power."""
+        return (Z_CONFIDENCE + Z_POWER) * self.se
+
+    @property
+    def examples_needed(self) -> int | None:
+        """Test examples that would make the observed difference detectable (the standard error falls as 1/sqrt(n))."""
+        if abs(self.difference) < 1e-9:
+            return None
+        return int(np.ceil(self.n_test * (self.detectable / abs(self.difference)) ** 2))
+
+    def ci_words(self) -> str:
+        return f"{self.difference:+.3f}, paired 95% CI {self.ci[0]:+.3f} to {self.ci[1]:+.3f}"
+
+    def to_json(self) -> dict:
+        return {"rung": self.other, "difference": self.difference, "ci95": list(self.ci), "outcome": self.outcome,
+                "smallest_detectable": round(self.detectable, 4), "test_examples_needed": self.examples_needed}
+
+
+def compare(rungs: dict, boots: dict, primary: str, other: str, n_test: int) -> Comparison:
+    draws = np.asarray(boots["fine_tuned"]) - np.asarray(boots[other])
+    ci = (float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5)))
+    return Comparison(other, rungs["fine_tuned"]["metrics"][primary] - rungs[other]["metrics"][primary], ci, float(draws.std()), n_test)
+
+
+def verdict(ladder: list[dict], boots: dict, primary: str, retention: dict | None, audit: dict, curve: dict | None, cost_: dict, n_test: int | None = None) -> dict:
+    """Recommend fine-tuning only when it beats the strongest cheaper rung (prompting the FM, or a linear head on its
+    frozen features) beyond the noise (paired bootstrap). Every sentence is one rule over the paired CIs."""
     rungs = {r["name"]: r for r in ladder}
-    ft = rungs["fine_tuned"]["metrics"][primary]
-    # the best rung that does not train the FM: prompting it (zero_shot, few_shot), else a head on its frozen features
-    no_training = [n for n in ("zero_shot", "few_shot") if n in rungs] or [n for n in ("head_only",) if n in rungs]
-    if not no_training:
+    cheaper = [n for n in CHEAPER if n in rungs]
+    if not cheaper:
         raise ValueError("verdict: the ladder has no rung to compare fine_tuned with (zero_shot, few_shot or head_only); config.validate requires one")
-    baseline = max(no_training, key=lambda n: rungs[n]["metrics"][primary])
-    base_value = rungs[baseline]["metrics"][primary]
-    gain = ft - base_value
-    ci = paired_gain_ci(boots["fine_tuned"], boots[baseline])
-    reasons: list[str] = []
-    beyond_noise = ci[0] > 0
-    if beyond_noise:
-        reasons.append(f"fine_tuned {primary} {ft:.3f} vs {baseline} {base_value:.3f}: {gain:+.3f} (paired 95% CI {ci[0]:+.3f} to {ci[1]:+.3f}), beyond the noise (paired bootstrap over the same test examples)")
-    elif ci[1] < 0:
-        reasons.append(f"fine_tuned {primary} {ft:.3f} is worse than {baseline} {base_value:.3f} (paired 95% CI {ci[0]:+.3f} to {ci[1]:+.3f}): use the base FM as it is")
-    else:
-        reasons.append(f"fine_tuned {primary} {ft:.3f} vs {baseline} {base_value:.3f}: {gain:+.3f}, but the paired 95% CI {ci[0]:+.3f} to {ci[1]:+.3f} includes 0, so the gain is inside the noise; no recommendation to fine-tune")
-    recommend = beyond_noise
-    if "head_only" in rungs and baseline != "head_only":
-        h = rungs["head_only"]["metrics"][primary]
-        hci = paired_gain_ci(boots["fine_tuned"], boots["head_only"])
-        if recommend and hci[0] > 0:
-            reasons.append(f"fine-tuning the whole FM beats a linear head on the frozen FM ({h:.3f}) by {ft - h:+.3f} (95% CI {hci[0]:+.3f} to {hci[1]:+.3f}): updating the FM's weights is what bought the gain")
-        elif recommend:
-            recommend = False
-            reasons.append(f"a linear head on the frozen FM ({h:.3f}) is within the noise of full fine-tuning ({ft - h:+.3f}, 95% CI {hci[0]:+.3f} to {hci[1]:+.3f}): the cheaper head_only model is enough; fine-tuning the FM is not worth it here")
-        elif hci[1] < 0:
-            reasons.append(f"fine_tuned ({ft:.3f}) is below a linear head on the frozen FM ({h:.3f}; 95% CI of the difference {hci[0]:+.3f} to {hci[1]:+.3f}): "
-                           "the fine-tune fell short of what the FM's features already give; see the epochs and learning-rate choices")
-    if rungs["fine_tuned"].get("still_improving"):
-        reasons.append(f"fine-tuning was still improving on validation at its last epoch ({rungs['fine_tuned']['best_epoch']}): it is probably undertrained, "
-                       "and more epochs or a higher learning rate may change this verdict")
-    if "from_scratch" in rungs:
-        s = rungs["from_scratch"]["metrics"][primary]
-        reasons.append(f"pre-training matters: the same architecture trained from scratch on the same data and budget reaches {s:.3f} ({ft - s:+.3f} for fine-tuning)")
+    strongest = max(cheaper, key=lambda n: rungs[n]["metrics"][primary])
+    vs = {n: compare(rungs, boots, primary, n, n_test or 0) for n in (*cheaper, "from_scratch") if n in rungs}
+    baseline = max([n for n in PROMPTING if n in rungs] or cheaper, key=lambda n: rungs[n]["metrics"][primary])  # the contract's `gain`
+    headline, recommend = _headline(rungs, vs, primary, strongest, baseline)
+    reasons = [_headline_reason(rungs, vs[strongest], primary, "the strongest rung that needs no fine-tuning")]
+    if baseline != strongest:
+        reasons.append(_headline_reason(rungs, vs[baseline], primary, "the best rung that prompts the base FM"))
+    reasons += _head_only_sentence(rungs, vs, primary, strongest)
+    reasons += _learning_sentences(rungs)
+    reasons += _scratch_sentence(rungs, vs, primary)
+    reasons += _detectability_sentences(vs, strongest)
+    reasons += _context_sentences(rungs, retention, audit, curve, cost_)
+    return {"recommend_fine_tuning": bool(recommend), "gain": vs[baseline].difference, "gain_ci95": list(vs[baseline].ci), "baseline": baseline,
+            "strongest_alternative": strongest, "gain_over_strongest": vs[strongest].difference, "gain_over_strongest_ci95": list(vs[strongest].ci),
+            "headline": headline, "reasons": reasons, "comparisons": {n: c.to_json() for n, c in vs.items()},
+            "detectable": {"confidence": 0.95, "power": 0.8, "test_examples": n_test, "method": "paired bootstrap over the test examples: "
+                           f"({Z_CONFIDENCE} + {Z_POWER}) x the standard deviation of the resampled differences"}}
+
+
+def _headline(rungs: dict, vs: dict, primary: str, strongest: str, baseline: str) -> tuple[str, bool]:
+    """The answer, against the strongest cheaper alternative (not only the best prompting rung)."""
+    top = vs[strongest]
+    words = f"{top.difference:+.3f} {primary} over {strongest} (95% CI {top.ci[0]:+.3f} to {top.ci[1]:+.3f})"
+    if rungs["fine_tuned"].get("learned") is False:
+        return f"Fine-tuning did not learn (its training loss stayed near chance), so this run cannot say whether fine-tuning helps: {words}.", False
+    if top.outcome == "above":
+        return f"Fine-tuning helped: {words}.", True
+    if top.outcome == "below":
+        use = "a linear head on the frozen FM (head_only)" if strongest == "head_only" else f"the base FM as it is ({strongest})"
+        return f"Fine-tuning did worse than {strongest}: {words}; use {use}.", False
+    if strongest == "head_only" and baseline != "head_only" and vs[baseline].outcome == "above":
+        b = vs[baseline]
+        return (f"Fine-tuning beat prompting the base FM ({b.difference:+.3f} over {baseline}, 95% CI {b.ci[0]:+.3f} to {b.ci[1]:+.3f}), but a linear head "
+                f"on the frozen FM is as good and cheaper ({words}): use head_only."), False
+    return f"Fine-tuning is not recommended on this evidence: {words}, inside the noise.", False
+
+
+def _headline_reason(rungs: dict, c: Comparison, primary: str, which: str) -> str:
+    ft, other = rungs["fine_tuned"]["metrics"][primary], rungs[c.other]["metrics"][primary]
+    where = {"above": "beyond the noise", "below": "below it beyond the noise", "inside": "the CI includes 0, so the difference is inside the noise"}[c.outcome]
+    return (f"against {which}, {c.other} ({other:.3f}): fine_tuned {primary} {ft:.3f}, "
+            f"{c.ci_words()}; {where} (paired bootstrap over the same test examples)")
+
+
+def _head_only_sentence(rungs: dict, vs: dict, primary: str, strongest: str) -> list[str]:
+    """fine_tuned against a linear head on the frozen FM, always said when head_only ran."""
+    if "head_only" not in vs:
+        return []
+    c, h, ft = vs["head_only"], rungs["head_only"]["metrics"][primary], rungs["fine_tuned"]["metrics"][primary]
+    if c.outcome == "above":
+        return [f"fine-tuning the whole FM beats a linear head on the frozen FM ({h:.3f}) ({c.ci_words()}): updating the FM's weights is what bought the gain"]
+    advice = "use head_only, or try a larger base model or more labeled data"
+    if c.outcome == "below":
+        return [f"fine_tuned ({ft:.3f}) is below a linear head on the frozen FM ({h:.3f}) beyond the noise ({c.ci_words()}): the fine-tune fell short of "
+                f"what the FM's frozen features already give; {advice} (see the epochs and learning-rate choices)"]
+    if c.difference < 0:
+        return [f"fine_tuned ({ft:.3f}) scored {-c.difference:.3f} below a linear head on the frozen FM ({h:.3f}), within the noise ({c.ci_words()}): "
+                f"fine-tuning bought nothing measurable over the FM's frozen features; {advice}"]
+    return [f"a linear head on the frozen FM ({h:.3f}) is within the noise of fine-tuning ({c.ci_words()}): the cheaper head_only model is as good on this test set"]
+
+
+def _learning_sentences(rungs: dict) -> list[str]:
+    ft, out = rungs["fine_tuned"], []
+    if ft.get("learned") is False:
+        out.append("the fine-tune did not learn: the training loss of its chosen epoch stayed near chance (see the epochs choice), so its score is no "
+                   "evidence about fine-tuning; more epochs or a higher learning rate may change this verdict")
+    if ft.get("still_improving"):
+        out.append(f"fine-tuning was still improving on validation at its last epoch ({ft['best_epoch']}): it is probably undertrained, "
+                   "and more epochs or a higher learning rate may change this verdict")
+    return out
+
+
+def _scratch_sentence(rungs: dict, vs: dict, primary: str) -> list[str]:
+    """What pre-training bought: said only as far as the paired CI of fine_tuned against from_scratch supports it."""
+    if "from_scratch" not in vs:
+        return []
+    c, s = vs["from_scratch"], rungs["from_scratch"]["metrics"][primary]
+    if rungs["from_scratch"].get("learned") is False:
+        return [f"the from_scratch rung did not learn (its training loss stayed near chance; {s:.3f}): it says nothing about what pre-training bought"]
+    if c.outcome == "above":
+        return [f"pre-training matters: the same architecture trained from scratch on the same data reaches {s:.3f}; fine-tuning the pre-trained FM is "
+                f"better ({c.ci_words()})"]
+    if c.outcome == "below":
+        return [f"training the same architecture from scratch did better than fine-tuning ({s:.3f}; fine-tuning {c.ci_words()}): the pre-trained "
+                "weights did not help on this data"]
+    return [f"on this data, pre-training bought no measurable gain: the same architecture trained from scratch reaches {s:.3f} (fine-tuning "
+            f"{c.ci_words()}, inside the noise)"]
+
+
+def _detectability_sentences(vs: dict, strongest: str) -> list[str]:
+    """When a difference at stake is inside the noise and smaller than what the test set can detect: say so, with the size that would."""
+    out = []
+    for name in dict.fromkeys((strongest, "head_only", "from_scratch")):
+        c = vs.get(name)
+        if c is None or c.outcome != "inside" or abs(c.difference) >= c.detectable or not c.n_test:
+            continue
+        need = c.examples_needed
+        more = (f"about {need} test examples ({need - c.n_test} more) would detect a difference of this size" if need is not None
+                else "no test set size detects a difference of zero")
+        out.append(f"this test set ({c.n_test} examples) detects differences from {name} of about {c.detectable:.3f} or more (95% confidence, 80% power); "
+                   f"the observed {c.difference:+.3f} is below that: {more}")
+    return out
+
+
+def _context_sentences(rungs: dict, retention: dict | None, audit: dict, curve: dict | None, cost_: dict) -> list[str]:
+    out = []
     if retention and "skipped" not in retention:
         change = retention["relative_change"]
         if retention.get("flag"):
-            reasons.append(f"general knowledge dropped: retention probe {retention['base']:.3f} -> {retention['fine_tuned']:.3f} ({change:+.1%}), past the {retention['threshold']:.0%} threshold; check that the model is used only for this task")
+            out.append(f"general knowledge dropped: retention probe {retention['base']:.3f} -> {retention['fine_tuned']:.3f} ({change:+.1%}), past the {retention['threshold']:.0%} threshold; check that the model is used only for this task")
         else:
-            reasons.append(f"general knowledge kept: retention probe {retention['base']:.3f} -> {retention['fine_tuned']:.3f} ({change:+.1%})")
+            out.append(f"general knowledge kept: retention probe {retention['base']:.3f} -> {retention['fine_tuned']:.3f} ({change:+.1%})")
     n_train = rungs["fine_tuned"]["train_examples"]
     if n_train < 100:
-        reasons.append(f"only {n_train} training examples: fine-tuning usually needs hundreds to thousands of labeled examples")
+        out.append(f"only {n_train} training examples: fine-tuning usually needs hundreds to thousands of labeled examples")
     if curve and "forecast" in curve and "at_2x" in curve.get("forecast", {}):
         f = curve["forecast"]
         lo, hi = f["at_2x"]["interval"]
-        reasons.append(f"data: {n_train} training examples; the learning curve forecasts {f['at_2x']['metric']:.3f} (90% interval {lo:.3f}-{hi:.3f}) with {f['at_2x']['train_examples']} examples, {f['expected_gain_at_2x']:+.3f}")
-    reasons.append(f"cost: {cost_['train_seconds']:.0f} s of training on {cost_['hardware']}, about ${cost_['train_cost']:.4f} at ${cost_['price_per_hour']}/h")
+        out.append(f"data: {n_train} training examples; the learning curve forecasts {f['at_2x']['metric']:.3f} (90% interval {lo:.3f}-{hi:.3f}) with {f['at_2x']['train_examples']} examples, {f['expected_gain_at_2x']:+.3f}")
+    out.append(f"cost: {cost_['train_seconds']:.0f} s of training on {cost_['hardware']}, about ${cost_['train_cost']:.4f} at ${cost_['price_per_hour']}/h")
     if audit.get("train_test_overlap"):
-        reasons.append(f"caution: {audit['train_test_overlap']} test texts also occur in train, so test scores are optimistic")
-    gain_words = f"{gain:+.3f} {primary} over {baseline} (95% CI {ci[0]:+.3f} to {ci[1]:+.3f})"
-    if recommend:
-        headline = f"Fine-tuning helped: {gain_words}."
-    elif beyond_noise:
-        headline = f"Fine-tuning beat the no-training rungs ({gain_words}), but a linear head on the frozen FM is as good and cheaper: use head_only."
-    else:
-        headline = f"Fine-tuning is not recommended on this evidence: {gain_words}."
-    return {"recommend_fine_tuning": bool(recommend), "gain": gain, "gain_ci95": ci, "baseline": baseline, "headline": headline, "reasons": reasons}
+        out.append(f"caution: {audit['train_test_overlap']} test texts also occur in train, so test scores are optimistic")
+    return out
 
 
 def break_even(cost_: dict, per_request: dict) -> dict:

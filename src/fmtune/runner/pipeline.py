@@ -4,6 +4,7 @@ lives in the task (fmtune.tasks), which returns data: only this module builds th
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -63,6 +64,7 @@ class _Run:
     prepared: Prepared | None = None
     ladder: list[dict] = field(default_factory=list)
     boots: dict = field(default_factory=dict)
+    rates: dict = field(default_factory=dict)  # the learning rate each trained rung settled on (the search's winner)
 
     @property
     def log(self) -> list[str]:
@@ -86,9 +88,14 @@ class _Run:
         return self.method == "lora"
 
     @property
-    def learning_rate(self) -> float:
+    def default_learning_rate(self) -> float:
         t = self.train_cfg
         return (t.lora_learning_rate or t.learning_rate * 10) if self.lora else t.learning_rate
+
+    @property
+    def learning_rate(self) -> float:
+        """The fine-tune's rate: the search's winner once it ran (the learning curve reuses it), else the default."""
+        return self.rates.get("fine_tuned", self.default_learning_rate)
 
     def add(self, rung: Rung, **extra) -> dict:
         """The rung's report row, added to the ladder (its bootstrap draws kept for the verdict)."""
@@ -190,52 +197,141 @@ def _no_training_rungs(r: _Run) -> None:
 
 
 def _trained_rungs(r: _Run):
-    """fine_tuned (full or LoRA) and from_scratch, with the choices the fine-tune made. Returns the fine-tune's TrainResult."""
-    t, lr = r.train_cfg, r.learning_rate
+    """fine_tuned (full or LoRA) and from_scratch, each at the rate its search chose, with the choices the fine-tune
+    made. Returns the fine-tune's TrainResult."""
+    t = r.train_cfg
     with stage(f"rung fine_tuned ({r.method})", r.log):
-        ft, scored, n = _fit_rung(r, "fine-tuning", "fine_tuned", None, False, lr, r.lora)
-        row = r.add(Rung("fine_tuned", r.task.describe("fine_tuned", ft, r.method), scored, n, ft.train_seconds), history=ft.history, best_epoch=ft.best_epoch,
-                    stopped=ft.stopped, learning_rate=lr, method=r.method, still_improving=still_improving(ft, t))
+        ft, scored, n, found = _searched_rung(r, "fine-tuning", "fine_tuned", False, r.default_learning_rate, r.lora, lr_given(t, r.lora, False))
+        row = r.add(Rung("fine_tuned", r.task.describe("fine_tuned", ft, r.method, r.learning_rate), scored, n, ft.train_seconds), history=ft.history, best_epoch=ft.best_epoch,
+                    stopped=ft.stopped, learning_rate=r.learning_rate, method=r.method, still_improving=still_improving(ft, t), learned=ft.learned,
+                    selection=ft.selection, search=found)
         if r.world.main:
             (r.tmp / "logs" / "history_fine_tuned.jsonl").write_text("".join(json.dumps(h) + "\n" for h in ft.history))
-    r.ctx.choose("epochs", ft.best_epoch, f"{ft.stopped}; best {r.task.selection} at epoch {ft.best_epoch} (max {t.epochs}, patience {t.patience})"
+    rule = ft.selection["rule"] if ft.selection else r.task.selection
+    r.ctx.choose("epochs", ft.best_epoch, f"{ft.stopped}; best {rule} at epoch {ft.best_epoch} (max {t.epochs}, patience {t.patience})"
                  + (undertrained_caveat(t) if row["still_improving"] else ""))
-    r.ctx.choose("learning_rate", lr, learning_rate_why(t, r.lora))
-    row.update(r.task.tuning_choices(r.ctx, r.lora))  # e.g. the new head's learning rate
+    r.ctx.choose("learning_rate", r.learning_rate, learning_rate_why(t, r.lora, found))
+    row.update(r.task.tuning_choices(r.ctx, r.lora, r.learning_rate))  # e.g. the new head's learning rate
     if "from_scratch" in r.cfg.eval.rungs:
         with stage("rung from_scratch", r.log):
-            sc, scored, n = _fit_rung(r, "from scratch", "from_scratch", None, True, t.scratch_learning_rate, False)
-            r.add(Rung("from_scratch", r.task.describe("from_scratch", sc, "full"), scored, n, sc.train_seconds), history=sc.history, best_epoch=sc.best_epoch,
-                  stopped=sc.stopped, learning_rate=t.scratch_learning_rate)
+            sc, scored, n, found = _searched_rung(r, "from scratch", "from_scratch", True, t.scratch_learning_rate, False, lr_given(t, False, True))
+            r.add(Rung("from_scratch", r.task.describe("from_scratch", sc, "full", r.rates["from_scratch"]), scored, n, sc.train_seconds), history=sc.history, best_epoch=sc.best_epoch,
+                  stopped=sc.stopped, learning_rate=r.rates["from_scratch"], learned=sc.learned, search=found)
             del sc
     return ft
 
 
-def _fit_rung(r: _Run, label: str, key: str, subset: np.ndarray | None, from_scratch: bool, lr: float, lora: bool):
-    """Train one rung (or reuse it, finished, from an interrupted run) and score it on the test split:
-    (TrainResult, Scored, training examples). Only the fine-tune keeps its model; other rungs keep their score."""
+def _searched_rung(r: _Run, label: str, key: str, from_scratch: bool, default_lr: float, lora: bool, given: bool):
+    """A trained rung at the rate its search picked on validation (fmtune.runner.search; one trial when --search off or
+    the rate was given), scored on test once: (TrainResult, Scored, training examples, the search block)."""
+    from fmtune.runner import search
+
+    reused = _finished_rung(r, label, key, from_scratch)
+    if reused is not None:
+        result, scored, n, info = reused
+        r.rates[key] = info.get("learning_rate", default_lr)
+        return result, scored, n, info.get("search")
+    n_train = len(r.prepared.strata)
+    plan = search.plan(r.cfg, r.task.model_kind, n_train, default_lr, from_scratch, given)
+    fit = functools.partial(_trial, r, label, key, from_scratch, lora, plan.searching)
+    result, rate = search.run(plan, fit, r.task.epoch_score, r.task.min_epochs(n_train))
+    r.rates[key] = rate
+    rule = result.selection["rule"] if result.selection else r.task.selection
+    found = search.summary(plan, rate, rule, _noise_words(result.selection)) if plan.searching else {"rates": plan.rates, "why": plan.why}
+    scored = r.task.score(r.ctx, key, result.model)
+    _mark_rung_done(r, key, result, scored, {"learning_rate": rate, "search": found})
+    return result, scored, n_train, found
+
+
+def _trial(r: _Run, label: str, key: str, from_scratch: bool, lora: bool, searching: bool, rate: float, on_epoch):
+    """One trial of a rung's search: trained, or replayed from an interrupted run (its history through `on_epoch`, so
+    the pruner decides as it did). Returns its TrainResult (without a model when replayed); a pruned trial raises."""
     from fmtune.training import checkpoint, train
 
+    ckpt = r.tmp / "checkpoints" / (f"{key}-lr{rate:g}" if searching else key)
+    done = checkpoint.load_done(ckpt) if searching and on_epoch is not None and r.task.supports.resume else None
+    if done is not None:
+        info = done[0]
+        for row in info["history"]:
+            on_epoch(row)  # raises TrialPruned again for a trial that was pruned
+        console.print(f"  {label} at lr {rate:g}: reusing the finished trial from the interrupted run")
+        return train.TrainResult(None, **{k: v for k, v in info.items() if k != "pruned"})
+    rows: list[dict] = []
+
+    def epoch_end(row: dict) -> None:
+        rows.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
+
+    r.ctx.on_epoch = epoch_end
+    try:
+        result, _ = r.task.fit(r.ctx, f"{label} lr {rate:g}" if searching else label, None, from_scratch, rate, lora, ckpt if r.task.supports.resume else None)
+    except BaseException as exc:
+        if searching and type(exc).__name__ == "TrialPruned" and r.world.main and r.task.supports.resume:
+            checkpoint.mark_done(ckpt, None, {"pruned": True, "history": rows, "best_epoch": 0, "epochs_run": len(rows), "steps": 0, "train_seconds": 0.0, "stopped": "pruned"})
+        raise
+    finally:
+        r.ctx.on_epoch = None
+    if searching and r.world.main and r.task.supports.resume:
+        checkpoint.mark_done(ckpt, None, _result_info(result))
+    return result
+
+
+def _noise_words(selection: dict | None) -> str | None:
+    if not selection or "validation_macro_f1_ci95" not in selection:
+        return None
+    lo, hi = selection["validation_macro_f1_ci95"]
+    return (f"The validation split has {selection['validation_examples']} examples: the winner's validation macro-F1 {selection['validation_macro_f1']:.3f} "
+            f"has a 95% interval of {lo:.3f} to {hi:.3f}, so rates whose scores differ by less than that are not reliably ranked")
+
+
+def _fit_rung(r: _Run, label: str, key: str, subset: np.ndarray | None, from_scratch: bool, lr: float, lora: bool):
+    """Train one rung at a given rate (a learning-curve point), or reuse it, finished, from an interrupted run, and score
+    it on the test split: (TrainResult, Scored, training examples)."""
+    reused = _finished_rung(r, label, key, from_scratch)
+    if reused is not None:
+        return reused[0], reused[1], len(r.prepared.strata) if subset is None else len(subset)
     ckpt = r.tmp / "checkpoints" / key
-    n = len(r.prepared.strata) if subset is None else len(subset)
-    finished = checkpoint.load_done(ckpt) if r.task.supports.resume else None
-    if finished is not None:  # a resumed run: this rung finished before the interruption
-        info, weights = finished
-        saved = info.pop("scored", None)
-        model = r.task.restore(r.ctx, weights, from_scratch) if weights is not None or saved is None else None
-        console.print(f"  {label}: reusing the finished rung from the interrupted run")
-        result = train.TrainResult(model, **info)
-        return result, Scored.from_json(saved) if saved is not None else r.task.score(r.ctx, key, model), n
     result, n = r.task.fit(r.ctx, label, subset, from_scratch, lr, lora, ckpt if r.task.supports.resume else None)
     scored = r.task.score(r.ctx, key, result.model)
-    if r.world.main:
-        keep_model = key == "fine_tuned"  # the only rung whose model is used after scoring (saved, probed, timed)
-        if keep_model and result.adapter is not None:  # written now: a resumed run reuses the model, not its adapter
-            _save_adapter(result.adapter, r.tmp / "adapter")
-        if r.task.supports.resume:
-            info = {k: getattr(result, k) for k in ("history", "best_epoch", "epochs_run", "steps", "train_seconds", "stopped", "levers", "real_tokens")}
-            checkpoint.mark_done(ckpt, result.model if keep_model else None, info if keep_model else {**info, "scored": scored.to_json()})
+    _mark_rung_done(r, key, result, scored, {})
     return result, scored, n
+
+
+def _finished_rung(r: _Run, label: str, key: str, from_scratch: bool):
+    """A rung that finished before an interruption: (TrainResult, Scored, training examples, its extra info), or None."""
+    from fmtune.training import checkpoint, train
+
+    finished = checkpoint.load_done(r.tmp / "checkpoints" / key) if r.task.supports.resume else None
+    if finished is None:
+        return None
+    info, weights = finished
+    saved = info.pop("scored", None)
+    extra = {k: info.pop(k) for k in ("learning_rate", "search") if k in info}
+    model = r.task.restore(r.ctx, weights, from_scratch) if weights is not None or saved is None else None
+    console.print(f"  {label}: reusing the finished rung from the interrupted run")
+    result = train.TrainResult(model, **info)
+    scored = Scored.from_json(saved) if saved is not None else r.task.score(r.ctx, key, model)
+    return result, scored, len(r.prepared.strata), extra
+
+
+def _result_info(result) -> dict:
+    return {k: getattr(result, k) for k in ("history", "best_epoch", "epochs_run", "steps", "train_seconds", "stopped", "levers", "real_tokens", "learned", "selection")}
+
+
+def _mark_rung_done(r: _Run, key: str, result, scored: Scored, extra: dict) -> None:
+    """Rank 0 records a finished rung for --resume; only the fine-tune keeps its model (saved, probed and timed later),
+    the other rungs keep their score. The fine-tune's LoRA adapter is written now: a resumed run reuses the model."""
+    from fmtune.training import checkpoint
+
+    if not r.world.main:
+        return
+    keep_model = key == "fine_tuned"
+    if keep_model and result.adapter is not None:
+        _save_adapter(result.adapter, r.tmp / "adapter")
+    if r.task.supports.resume:
+        info = {**_result_info(result), **extra}
+        checkpoint.mark_done(r.tmp / "checkpoints" / key, result.model if keep_model else None, info if keep_model else {**info, "scored": scored.to_json()})
 
 
 def _save_adapter(adapter: dict, folder: Path) -> None:
@@ -287,7 +383,7 @@ def _report(r: _Run, ft, curve: dict, curve_seconds: float, retention_: dict, sh
     cost_ = verdict.cost(r.ladder, loading.hardware_description(), os.cpu_count() or 1, cfg.evidence.price_per_hour, curve_seconds, kind)
     if "per_request" in inf:
         cost_.update(verdict.break_even(cost_, inf["per_request"]))
-    verdict_ = verdict.verdict(r.ladder, r.boots, r.ctx.primary, retention_, p.audit, curve, cost_)
+    verdict_ = verdict.verdict(r.ladder, r.boots, r.ctx.primary, retention_, p.audit, curve, cost_, p.counts["test"])
     verdict_["gates"] = retention.gate(retention_, cfg.evidence.max_forgetting)
     data = {**p.counts, "sha256": p.splits.sha256, "files": p.splits.files, "dropped": p.splits.dropped}
     if p.truncated is not None:
@@ -326,10 +422,21 @@ def undertrained_caveat(train) -> str:
             f"raise --epochs (now {train.epochs}) or --learning-rate (now {train.learning_rate:g})")
 
 
-def learning_rate_why(train, lora: bool) -> str:
-    """Where the fine-tune's learning rate came from: a flag, or the default (LoRA: 10x the full fine-tuning rate)."""
+def lr_given(train, lora: bool, from_scratch: bool) -> bool:
+    """Whether the user set the rung's learning rate (then it is not searched)."""
+    given = train.model_fields_set
+    if from_scratch:
+        return "scratch_learning_rate" in given
+    return (train.lora_learning_rate is not None or "learning_rate" in given) if lora else "learning_rate" in given
+
+
+def learning_rate_why(train, lora: bool, found: dict | None = None) -> str:
+    """Where the fine-tune's learning rate came from: the search, a flag, or the default (LoRA: 10x the full rate)."""
+    if found and "winner_why" in found:
+        return f"searched on validation ({found['why']}): {found['winner_why']}"
     if lora and train.lora_learning_rate:
         return "--lora-learning-rate"
     default = TrainConfig.model_fields["learning_rate"].default
-    given = "--learning-rate" if train.learning_rate != default else f"default ({default:g}, the usual peak rate for fine-tuning a pre-trained model; set --learning-rate)"
-    return f"LoRA: 10x the fine-tuning rate, {given}" if lora else given
+    given = "--learning-rate" if "learning_rate" in train.model_fields_set else f"default ({default:g}, the usual peak rate for fine-tuning a pre-trained model; set --learning-rate)"
+    why = f"LoRA: 10x the fine-tuning rate, {given}" if lora else given
+    return why + (f"; {found['why']}" if found and found.get("why") else "")

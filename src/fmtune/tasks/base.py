@@ -39,6 +39,12 @@ class Context:
     tmp: Path | None = None
     boot: np.ndarray | None = None
     choices: list[dict] = field(default_factory=list)
+    on_epoch: Callable[[dict], None] | None = None  # the runner's hook at each epoch's end (the search's pruner); tasks call epoch_end
+
+    def epoch_end(self, row: dict) -> None:
+        """A trained rung's history row, as each epoch ends: passed to the runner's hook, if any."""
+        if self.on_epoch is not None:
+            self.on_epoch(row)
 
     @property
     def seed(self) -> int:
@@ -99,6 +105,7 @@ class Task(Protocol):
     prepare, no_training_rungs, then fit and score for every trained rung and curve point, probes, save, measure."""
 
     supports: Supports
+    model_kind: str  # "encoder" or "causal": what the search's budget and rates are sized for
 
     @staticmethod
     def primary_metric(cfg: RunConfig) -> str: ...
@@ -108,7 +115,9 @@ class Task(Protocol):
     def fit(self, ctx: Context, label: str, subset: np.ndarray | None, from_scratch: bool, lr: float, lora: bool, checkpoint_dir: Path | None): ...
     def restore(self, ctx: Context, weights: dict | None, from_scratch: bool) -> Any: ...  # a finished rung's model from its checkpoint
     def score(self, ctx: Context, rung: str, model) -> Scored: ...
-    def describe(self, rung: str, result, method: str) -> str: ...
+    def describe(self, rung: str, result, method: str, lr: float) -> str: ...
+    def epoch_score(self, row: dict) -> float: ...  # the validation score a history row was selected on (higher is better)
+    def min_epochs(self, n_train: int) -> int: ...  # the epoch from which early stopping (and the search's pruner) may end a rung
     def probes(self, ctx: Context, tuned) -> tuple[dict, dict]: ...
     def save(self, ctx: Context, tuned, model_dir: Path) -> None: ...
     def measure(self, ctx: Context, tuned, model_dir: Path, lora: bool) -> dict: ...

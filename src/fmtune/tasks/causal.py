@@ -58,6 +58,7 @@ class CausalTask:
             def progress(n: int, row: dict) -> None:
                 prog.advance(task, n)
                 if row:
+                    ctx.epoch_end(row)
                     prog.update(task, info=f"epoch {row['epoch']} val loss {row['val_loss']:.3f}")
 
             return causal.fit(model, train, validation, cfg.train, pad_id=self.pad_id, learning_rate=lr, seed=cfg.seed, bf16=self.bf16, lora=lora,
@@ -111,11 +112,18 @@ class CausalTask:
         }
 
     measures = "size, latency and cost per request"
+    model_kind = "causal"
+
+    def epoch_score(self, row: dict) -> float:
+        return -row["val_loss"]  # causal LMs select on the completions' validation loss
+
+    def min_epochs(self, n_train: int) -> int:
+        return 1
 
     def levers(self) -> dict:
         return {}
 
-    def tuning_choices(self, ctx: Context, lora: bool) -> dict:
+    def tuning_choices(self, ctx: Context, lora: bool, learning_rate: float) -> dict:
         return {}
 
     def skipped_rungs(self, cfg: RunConfig) -> dict[str, str] | None:

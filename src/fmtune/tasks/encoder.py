@@ -58,9 +58,10 @@ def head_learning_rate_why(train) -> str:
             f"Set --head-learning-rate to override")
 
 
-def head_learning_rate(train, lora: bool) -> float | None:
-    """LoRA trains the head at the LoRA rate: no head rate, so fit keeps one rate (from_scratch has no head)."""
-    return None if lora else train.head_learning_rate or train.learning_rate * HEAD_LR_FACTOR
+def head_learning_rate(train, lora: bool, learning_rate: float) -> float | None:
+    """The new head's rate for a fine-tune at `learning_rate`: --head-learning-rate, or HEAD_LR_FACTOR x the rate. LoRA
+    trains the head at the LoRA rate: no head rate, so fit keeps one rate (from_scratch has no head)."""
+    return None if lora else train.head_learning_rate or learning_rate * HEAD_LR_FACTOR
 
 
 class EncoderClassification:
@@ -68,6 +69,7 @@ class EncoderClassification:
 
     supports = Supports(kind="classification", default_method="full", new_head=True, no_training_rungs=("zero_shot", "few_shot", "head_only"))
     primary_metric = staticmethod(classification_primary)
+    model_kind = "encoder"
 
     def __init__(self) -> None:
         self.splits: Any = None
@@ -199,8 +201,8 @@ class EncoderClassification:
             task = prog.add_task(label, total=len(idx) * rung_cfg.epochs, info="")
             result = train.fit(model, self.tokenizer, ([self.ids["train"][i] for i in idx], self.y["train"][idx]), (self.ids["validation"], self.y["validation"]), rung_cfg,
                                learning_rate=lr, n_classes=len(self.labels), seed=ctx.seed, bf16=self.bf16, lora=lora, class_weight=self.class_weight,
-                               eval_batch_size=ctx.cfg.eval.eval_batch_size, progress=_epoch_progress(prog, task, label), checkpoint_dir=checkpoint_dir, world=ctx.world,
-                               head=head, head_learning_rate=head_learning_rate(self.train_cfg, lora))
+                               eval_batch_size=ctx.cfg.eval.eval_batch_size, progress=_epoch_progress(ctx, prog, task, label), checkpoint_dir=checkpoint_dir, world=ctx.world,
+                               head=head, head_learning_rate=None if from_scratch else head_learning_rate(self.train_cfg, lora, lr))
         return result, len(idx)
 
     def _classifier(self, ctx: Context, from_scratch: bool):
@@ -234,16 +236,28 @@ class EncoderClassification:
         _, pred = train.evaluate_split(model, self.ids["test"], self.y["test"], self.pad_id, ctx.cfg.eval.eval_batch_size, self.bf16)
         return self._scored(ctx, pred, eval_seconds=round(time.perf_counter() - t0, 3))
 
-    def describe(self, rung: str, result, method: str) -> str:
+    def describe(self, rung: str, result, method: str, lr: float) -> str:
         t = self.train_cfg
         if rung == "fine_tuned":
             how = f"LoRA (r={t.lora_r}, merged)" if method == "lora" else "full"
             return f"{how} fine-tuning of the base FM on all training data, best validation epoch ({result.best_epoch} of {result.epochs_run})"
         return (f"same architecture, random init, same data and budget (max {t.epochs} epochs, early stopping with patience "
-                f"{t.patience + SCRATCH_EXTRA_PATIENCE}: a random model often needs a few epochs to leave chance level), lr {t.scratch_learning_rate:g} "
+                f"{t.patience + SCRATCH_EXTRA_PATIENCE}: a random model often needs a few epochs to leave chance level), lr {lr:g} "
                 f"warmed up over {max(t.warmup_ratio, SCRATCH_WARMUP):.0%} of the steps")
 
-    selection = "validation macro-F1"  # what picked the best epoch
+    selection = "validation macro-F1"  # what picked the best epoch (TrainResult.selection says which rule ran)
+
+    def epoch_score(self, row: dict) -> float:
+        """The score early stopping selects on (training.train.selection_rule): macro-F1, or minus the validation loss."""
+        from fmtune.training import train
+
+        rule, _ = train.selection_rule(self.y["validation"], len(self.labels))
+        return {"metric": row["val_macro_f1"], "calibrated": -row.get("val_calibrated_loss", row["val_loss"])}.get(rule, -row["val_loss"])
+
+    def min_epochs(self, n_train: int) -> int:
+        from fmtune.training import train
+
+        return train.min_epochs(n_train, self.train_cfg.batch_size, self.train_cfg.epochs)
 
     def probes(self, ctx: Context, tuned) -> tuple[dict, dict]:
         """Retention of general knowledge (base vs tuned on general sentences) and the task data's domain shift."""
@@ -291,9 +305,9 @@ class EncoderClassification:
 
     measures = "size and latency"
 
-    def tuning_choices(self, ctx: Context, lora: bool) -> dict:
+    def tuning_choices(self, ctx: Context, lora: bool, learning_rate: float) -> dict:
         """The new head's learning rate (full fine-tuning; LoRA trains the head at the LoRA rate): a choice and a row field."""
-        rate = head_learning_rate(self.train_cfg, lora)
+        rate = head_learning_rate(self.train_cfg, lora, learning_rate)
         if rate is not None:
             ctx.choose("head_learning_rate", rate, head_learning_rate_why(self.train_cfg))
         return {"head_learning_rate": rate}
@@ -306,10 +320,11 @@ class EncoderClassification:
                 "tokenise_seconds": round(sum(t.seconds for t in self.tokenised.values()), 3)}
 
 
-def _epoch_progress(prog, task, label: str) -> Callable[[int, dict], None]:
+def _epoch_progress(ctx: Context, prog, task, label: str) -> Callable[[int, dict], None]:
     def progress(n: int, row: dict) -> None:
         prog.advance(task, n)
         if row:
+            ctx.epoch_end(row)
             info = f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, val macro-F1 {row['val_macro_f1']:.3f} ({row['seconds']:.0f} s)"
             prog.update(task, info=f"epoch {row['epoch']} val macro-F1 {row['val_macro_f1']:.3f}")
             prog.console.print(f"  {label} {info}")

@@ -173,12 +173,12 @@ class GenerationTask(CausalTask):
     def score(self, ctx: Context, rung: str, model) -> Scored:
         return self._generate_and_score(ctx, rung, model, self.test_chats, None if rung.startswith("curve") else self.enc["test"])
 
-    def describe(self, rung: str, result, method: str) -> str:
+    def describe(self, rung: str, result, method: str, lr: float) -> str:
         t = self.train_cfg
         if rung == "fine_tuned":
             how = f"LoRA (r={t.lora_r}, merged)" if method == "lora" else "full"
             return f"{how} fine-tuning of the base model on all training pairs, loss on the completions, best validation-loss epoch ({result.best_epoch} of {result.epochs_run})"
-        return f"same architecture, random init, same data and budget (max {t.epochs} epochs, early stopping), lr {t.scratch_learning_rate:g}"
+        return f"same architecture, random init, same data and budget (max {t.epochs} epochs, early stopping), lr {lr:g}"
 
     def probes(self, ctx: Context, tuned) -> tuple[dict, dict]:
         return self.perplexity_probes(ctx, tuned, [f"{p.prompt}\n{p.completion}" for p in self.pairs["train"]])

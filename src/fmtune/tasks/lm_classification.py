@@ -172,13 +172,13 @@ class LMClassification(CausalTask):
             scored.extra = {}
         return scored
 
-    def describe(self, rung: str, result, method: str) -> str:
+    def describe(self, rung: str, result, method: str, lr: float) -> str:
         t = self.train_cfg
         if rung == "fine_tuned":
             how = f"LoRA (r={t.lora_r}, merged)" if method == "lora" else "full"
             return (f"{how} fine-tuning of the base model to answer with the label word, loss on the label tokens, best validation-loss epoch "
                     f"({result.best_epoch} of {result.epochs_run}); zero-shot prompt, constrained scoring")
-        return f"same architecture, random init, same data and budget (max {t.epochs} epochs, early stopping), lr {t.scratch_learning_rate:g}; constrained scoring"
+        return f"same architecture, random init, same data and budget (max {t.epochs} epochs, early stopping), lr {lr:g}; constrained scoring"
 
     def probes(self, ctx: Context, tuned) -> tuple[dict, dict]:
         return self.perplexity_probes(ctx, tuned, self.texts["train"])

@@ -40,6 +40,11 @@ class Task:
     validate: Callable[[Any], tuple[dict, tuple[float, float]]]
     metric: str  # what the score is, for "early stopping: <metric> did not improve ..."
     min_delta: float = 0.0
+    # the training loss of a model that ignores its input (classification: the entropy of the class prior the loss
+    # weighs); while the epoch's training loss is above LEARNED_SHARE of it the model has not left chance, and early
+    # stopping waits: a noisy validation score must not end a rung that has not started to learn. None: not known.
+    chance_loss: float | None = None
+    min_epochs: int = 1  # early stopping cannot end training before this epoch (a minimum training budget)
     module: Callable[[Any], Any] = lambda model: model  # the model -> the module `loss` calls as `forward` (what DDP wraps)
     sparse_embedding: bool = False  # the input embedding's gradient kept sparse (mixed_precision.SparseEmbeddingGrad)
     compile: bool = False  # torch.compile of the forward pass
@@ -194,6 +199,14 @@ def out_of_memory(step: int, batch: int, longest: int, cfg: TrainConfig):
         f"out of memory at training step {step + 1} (a batch of {batch} texts, the longest {longest} tokens). Fix: lower "
         f"--batch-size (now {cfg.batch_size}), use --method lora (fewer optimizer states), or lower --max-length."
     )
+
+
+LEARNED_SHARE = 0.9  # a training loss above this share of the chance loss: the model has not left chance yet
+
+
+def learned(train_loss: float, chance_loss: float | None) -> bool | None:
+    """Whether a training loss is clearly below chance (None when chance is not known)."""
+    return None if chance_loss is None else train_loss < LEARNED_SHARE * chance_loss
 
 
 TRIM_EVERY = 32  # steps between handing freed heap memory back to the OS
@@ -466,8 +479,8 @@ def _end_epoch(run: _Run, epoch: int, train_loss: float) -> bool:
             run.best.set(trainable(run.model))
         else:  # the last epoch is the best: the weights as they are now are the ones to return, no copy needed
             run.best.clear()
-    else:
-        state.bad_epochs += 1
+    elif epoch >= run.task.min_epochs and learned(train_loss, run.task.chance_loss) is not False:
+        state.bad_epochs += 1  # only once the minimum budget is spent and the model has left chance
     done = state.bad_epochs >= cfg.patience
     if (run.policy.at_epoch_end() and not done and epoch < cfg.epochs) or run.interrupt.requested:
         # the rung's end is marked by the caller (checkpoint.mark_done); Ctrl-C during the validation pass: checkpoint here
@@ -489,6 +502,7 @@ class Outcome:
     returned_step: int  # the step of the returned weights
     lr_lambda: Callable[[int], float]  # the schedule's multiplier of the learning rate at a step
     levers: dict  # bf16, bf16_weights, sparse_embedding_grad, malloc_trim_every, fused_optimizer, fused_step, torch_compile, fast_dropout
+    learned: bool | None = None  # the returned epoch's training loss clearly below chance (None: chance not known)
 
 
 def _finish(run: _Run, bf16: bool) -> Outcome:
@@ -507,6 +521,10 @@ def _finish(run: _Run, bf16: bool) -> Outcome:
     stopped = f"reached the maximum of {run.cfg.epochs} epochs"
     if state.bad_epochs >= run.cfg.patience:
         stopped = f"early stopping: {run.task.metric} did not improve for {run.cfg.patience} epochs after epoch {state.best_epoch}"
+    best_row = next((h for h in state.history if h["epoch"] == state.best_epoch), None)
+    has_learned = learned(best_row["train_loss"], run.task.chance_loss) if best_row is not None else None
+    if has_learned is False:
+        stopped += f" (the training loss of the returned epoch, {best_row['train_loss']:.3f}, is still near chance, {run.task.chance_loss:.3f}: the model did not learn)"
     seconds = time.perf_counter() - run.start
     best = run.best.get()
     run.best.close()
@@ -518,7 +536,8 @@ def _finish(run: _Run, bf16: bool) -> Outcome:
     levers = {"bf16": bf16, "bf16_weights": ("bf16 copy of the weights, fp32 master weights" if mp is not None else "autocast") if bf16 else None,
               "sparse_embedding_grad": precision.sparse is not None, "malloc_trim_every": TRIM_EVERY if _malloc_trim() is not None else None,
               **run.levers, "fused_step": fused_step, "fast_dropout": precision.fast_dropout}
-    return Outcome(run.model, state.history, state.best_epoch, state.step, seconds, stopped, run.real_tokens, returned_step, run.scheduler.lr_lambdas[0], levers)
+    return Outcome(run.model, state.history, state.best_epoch, state.step, seconds, stopped, run.real_tokens, returned_step, run.scheduler.lr_lambdas[0], levers,
+                   has_learned)
 
 
 def finish(model, lora: bool) -> tuple[Any, dict | None]:

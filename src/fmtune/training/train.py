@@ -11,6 +11,7 @@ fmtune.training.loop's, shared with the causal LMs; this module brings the class
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +37,54 @@ class TrainResult:
     levers: dict = field(default_factory=dict)
     adapter: dict | None = None  # LoRA only: {"config": LoraConfig, "state": adapter tensors}, saved beside the merged model
     real_tokens: int = 0  # non-pad tokens trained on (all epochs), for throughput and model-FLOPs utilisation
+    learned: bool | None = None  # the returned epoch's training loss clearly below chance (None: not known for this task)
+    selection: dict | None = None  # how the returned epoch was chosen, on how many validation examples, and how noisy that was
+
+
+VAL_PER_CLASS_FOR_METRIC = 30  # smallest validation class at which its macro-F1 is steady enough to select epochs on
+MIN_STEPS_BEFORE_STOPPING = 30  # early stopping cannot end a rung before about this many optimizer steps
+
+
+RULE_NAMES = {"metric": "validation macro-F1", "loss": "validation loss", "calibrated": "calibrated validation loss"}
+
+
+def selection_rule(val_y: np.ndarray, n_classes: int) -> tuple[str, str]:
+    """What picks the best epoch and ends training: validation macro-F1 when every class has VAL_PER_CLASS_FOR_METRIC
+    validation texts, else the validation loss. Macro-F1 of a few dozen texts moves by +-0.1 from noise alone (a
+    3-class set with 60 validation texts stopped at an epoch whose training loss was still ln 3), while the loss
+    averages a continuous score over every text."""
+    counts = np.bincount(np.asarray(val_y, dtype=np.int64), minlength=n_classes)
+    smallest = int(counts.min()) if len(counts) else 0
+    if smallest >= VAL_PER_CLASS_FOR_METRIC:
+        return "metric", (f"validation macro-F1 (every class has at least {VAL_PER_CLASS_FOR_METRIC} validation texts; the smallest has {smallest}); "
+                          "within --min-delta the lower validation loss wins")
+    return "calibrated", (f"calibrated validation loss: the smallest class has {smallest} validation texts (fewer than {VAL_PER_CLASS_FOR_METRIC}), "
+                          "too few for a steady macro-F1, so epochs are compared on the validation cross-entropy after fitting one temperature "
+                          "to each epoch's logits: averaged over every text, and not raised by confidence alone as the raw loss is")
+
+
+def chance_loss(y: np.ndarray, n_classes: int, class_weight: np.ndarray | None) -> float:
+    """The training loss of a model that ignores its input: the entropy of the class prior as the (weighted) loss sees it."""
+    counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=n_classes).astype(float)
+    mass = counts * (class_weight if class_weight is not None else 1.0)
+    p = mass[mass > 0] / mass.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def min_epochs(n_train: int, batch_size: int, epochs: int) -> int:
+    """The first epoch at which early stopping may end training: about MIN_STEPS_BEFORE_STOPPING steps (at least 2 epochs)."""
+    return min(epochs, max(2, math.ceil(MIN_STEPS_BEFORE_STOPPING / max(math.ceil(n_train / batch_size), 1))))
+
+
+def selection_noise(y: np.ndarray, pred: np.ndarray, n_classes: int, seed: int, resamples: int = 1000) -> tuple[float, list[float]]:
+    """Validation macro-F1 of the returned model and its 95% bootstrap interval: how much the epoch choice could move from noise."""
+    from fmtune.evidence.evaluate import _macro_f1_batch, bootstrap_indices, macro_f1
+
+    if len(y) == 0:
+        return float("nan"), [float("nan"), float("nan")]
+    boot = bootstrap_indices(len(y), resamples, seed)
+    draws = _macro_f1_batch(y[boot], pred[boot], n_classes)
+    return macro_f1(y, pred, n_classes), [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
 
 
 def token_ids(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
@@ -54,19 +103,21 @@ def class_weight_vector(y: np.ndarray, n_classes: int, mode: str) -> tuple[np.nd
     return weights, why
 
 
-def evaluate_split(model, ids: list[list[int]], y: np.ndarray, pad_id: int, batch_size: int, bf16: bool, class_weight=None) -> tuple[float, np.ndarray]:
-    """Mean loss and predictions on a tokenised split (length-sorted batches, inference_mode, one host copy at the end)."""
+def evaluate_split(model, ids: list[list[int]], y: np.ndarray, pad_id: int, batch_size: int, bf16: bool, class_weight=None, with_logits: bool = False):
+    """Mean loss and predictions on a tokenised split (length-sorted batches, inference_mode, one host copy at the end);
+    with `with_logits`, the (N, classes) float32 logits too."""
     import torch
 
     from fmtune.evidence.evaluate import autocast
 
     if not ids:
-        return 0.0, np.zeros(0, dtype=np.int64)
+        return (0.0, np.zeros(0, dtype=np.int64)) + ((np.zeros((0, 0), dtype=np.float32),) if with_logits else ())
     device = next(model.parameters()).device
     table, lengths = pad_table(ids, pad_id)
     order = np.argsort(lengths, kind="stable")
     target = torch.as_tensor(y, dtype=torch.long, device=device)
     preds = torch.zeros(len(ids), dtype=torch.long, device=device)
+    kept = [None] * len(order) if with_logits else None
     total = torch.zeros((), device=device)
     weight = torch.as_tensor(class_weight, dtype=torch.float32, device=device) if class_weight is not None else None
     was_training = model.training
@@ -79,8 +130,34 @@ def evaluate_split(model, ids: list[list[int]], y: np.ndarray, pad_id: int, batc
             rows = torch.from_numpy(idx).to(device)
             total += torch.nn.functional.cross_entropy(logits, target[rows], weight=weight, reduction="sum")
             preds[rows] = logits.argmax(-1)
+            if kept is not None:
+                kept[start // batch_size] = (idx, logits)
     model.train(was_training)
-    return float(total) / len(ids), preds.cpu().numpy()
+    if kept is None:
+        return float(total) / len(ids), preds.cpu().numpy()
+    out = np.zeros((len(ids), kept[0][1].shape[-1]), dtype=np.float32)
+    for idx, logits in filter(None, kept):
+        out[idx] = logits.cpu().numpy()
+    return float(total) / len(ids), preds.cpu().numpy(), out
+
+
+def calibrated_loss(logits: np.ndarray, y: np.ndarray, class_weight: np.ndarray | None = None) -> tuple[float, float]:
+    """(cross-entropy after dividing the logits by the one temperature that minimises it, that temperature). A proper
+    score of how well the logits rank the classes that, unlike the raw loss, does not rise merely because a model grows
+    more confident while its decisions still improve; averaged over every text, so far steadier than a macro-F1 of a
+    few dozen decisions. Weighted by the class weights, as the training loss is."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+
+    y = np.asarray(y, dtype=np.int64)
+    w = np.ones(len(y)) if class_weight is None else np.asarray(class_weight, dtype=np.float64)[y]
+    z = logits.astype(np.float64)
+
+    def loss(log_t: float) -> float:
+        return float(-(log_softmax(z / np.exp(log_t), axis=1)[np.arange(len(y)), y] * w).sum() / w.sum())
+
+    best = minimize_scalar(loss, bounds=(-4.0, 4.0), method="bounded", options={"xatol": 1e-3})
+    return float(best.fun), float(np.exp(best.x))
 
 
 def _dropout(model) -> float | None:
@@ -144,19 +221,27 @@ def fit(
     if rows is not None:
         table, val_ids, pad_id = rows.renumber(table), rows.renumber(val_ids), int(rows.lookup[pad_id])
     pad_to = None if getattr(cfg, "dynamic_padding", True) else int(lengths.max(initial=1))
-    task = _classifier_task(model, cfg, (table, lengths, pad_to, np.asarray(train_y)), (val_ids, val_y, pad_id), n_classes, class_weight, eval_batch_size, bf16, world)
+    rule, rule_why = selection_rule(val_y, n_classes)
+    task = _classifier_task(model, cfg, (table, lengths, pad_to, np.asarray(train_y)), (val_ids, val_y, pad_id), n_classes, class_weight, eval_batch_size, bf16, world, rule)
     run = loop.train(model, task, cfg, seed=seed, learning_rate=learning_rate, bf16=bf16, world=world, checkpoint_dir=checkpoint_dir, progress=progress,
                      head=head, head_learning_rate=head_learning_rate)
     if rows is not None:  # the untrained rows decayed as AdamW would have decayed them up to the returned weights' step
         rows.uninstall(weight_decay_product(learning_rate, run.lr_lambda, cfg.weight_decay, run.returned_step))
     model, adapter = loop.finish(run.model, lora)
-    return TrainResult(model, run.history, run.best_epoch, len(run.history), run.steps, run.seconds, run.stopped, _levers(run, model, cfg, rows, pad_to, lora), adapter, run.real_tokens)
+    _, val_pred = evaluate_split(model, validation[0], val_y, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, eval_batch_size, bf16)
+    value, ci = selection_noise(np.asarray(val_y), val_pred, n_classes, seed)
+    selection = {"rule": task.metric, "why": rule_why, "validation_examples": int(len(val_y)), "smallest_validation_class": int(np.bincount(np.asarray(val_y, dtype=np.int64), minlength=n_classes).min()),
+                 "validation_macro_f1": round(value, 4), "validation_macro_f1_ci95": [round(c, 4) for c in ci], "min_epochs": task.min_epochs,
+                 "chance_loss": None if task.chance_loss is None else round(task.chance_loss, 4)}
+    return TrainResult(model, run.history, run.best_epoch, len(run.history), run.steps, run.seconds, run.stopped, _levers(run, model, cfg, rows, pad_to, lora), adapter, run.real_tokens,
+                       run.learned, selection)
 
 
 def _classifier_task(model, cfg: TrainConfig, batches: tuple, validation: tuple, n_classes: int, class_weight: np.ndarray | None, eval_batch_size: int,
-                     bf16: bool, world: World) -> loop.Task:
-    """Cross-entropy on the label (class-weighted when asked) over slices of the padded table; validation macro-F1, a
-    tie within --min-delta going to the lower validation loss."""
+                     bf16: bool, world: World, rule: str = "metric") -> loop.Task:
+    """Cross-entropy on the label (class-weighted when asked) over slices of the padded table; selected on validation
+    macro-F1 (rule "metric": a tie within --min-delta goes to the lower validation loss), the calibrated validation loss
+    ("calibrated", see calibrated_loss) or the validation loss ("loss")."""
     import torch
 
     from fmtune.evidence.evaluate import macro_f1
@@ -182,12 +267,19 @@ def _classifier_task(model, cfg: TrainConfig, batches: tuple, validation: tuple,
         return scaled, losses.detach() * (len(idx) / denominator if weight is not None else 1.0)
 
     def validate(runner):
-        val_loss, val_pred = evaluate_split(runner, val_ids, val_y, pad_id, eval_batch_size, bf16, class_weight)
+        val_loss, val_pred, logits = evaluate_split(runner, val_ids, val_y, pad_id, eval_batch_size, bf16, class_weight, with_logits=True)
         val_f1 = macro_f1(val_y, val_pred, n_classes)
-        return {"val_loss": round(val_loss, 5), "val_macro_f1": round(val_f1, 5)}, (val_f1, val_loss)
+        fields = {"val_loss": round(val_loss, 5), "val_macro_f1": round(val_f1, 5)}
+        if rule == "calibrated":
+            calibrated, temperature = calibrated_loss(logits, val_y, class_weight)
+            fields.update(val_calibrated_loss=round(calibrated, 5), val_temperature=round(temperature, 3))
+            return fields, (-calibrated, val_loss)
+        return fields, ((val_f1 if rule == "metric" else -val_loss), val_loss)
 
-    return loop.Task(lengths, loss, lambda total: float(total) / len(train_y), validate, "validation macro-F1", cfg.min_delta,
-                     sparse_embedding=True, compile=bool(getattr(cfg, "compile", False)))
+    by_metric = rule == "metric"
+    return loop.Task(lengths, loss, lambda total: float(total) / len(train_y), validate, RULE_NAMES[rule],
+                     cfg.min_delta if by_metric else 0.0, chance_loss=chance_loss(train_y, n_classes, class_weight),
+                     min_epochs=min_epochs(len(train_y), cfg.batch_size, cfg.epochs), sparse_embedding=True, compile=bool(getattr(cfg, "compile", False)))
 
 
 def _levers(run: loop.Outcome, model, cfg: TrainConfig, rows, pad_to: int | None, lora: bool) -> dict:

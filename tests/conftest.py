@@ -87,3 +87,4 @@ def _isolated_state(tmp_path, monkeypatch):
     """Registry and caches of tests live in the test's tmp folder, never in the user's."""
     monkeypatch.setenv("FMTUNE_REGISTRY", str(tmp_path / "registry.sqlite"))
     monkeypatch.setenv("FMTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub"))  # a Hub id resolves against the test's own (empty) cache

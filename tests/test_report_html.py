@@ -162,8 +162,10 @@ def test_write_html_is_atomic(report, tmp_path):
 def test_model_card(report):
     card = render_model_card(report)
     front = yaml.safe_load(card.split("---\n")[1])
-    assert front == {"library_name": "transformers", "base_model": "minilm", "pipeline_tag": "text-classification",
-                     "tags": ["fmtune", "text-classification"], "metrics": ["macro_f1", "accuracy"]}
+    assert {k: front[k] for k in ("library_name", "base_model", "license", "pipeline_tag", "tags", "metrics")} == {
+        "library_name": "transformers", "base_model": "sentence-transformers/all-MiniLM-L6-v2", "license": "apache-2.0",
+        "pipeline_tag": "text-classification", "tags": ["fmtune", "text-classification"], "metrics": ["macro_f1", "accuracy"]}
+    assert front["fmtune"]["data_sha256"] == report["data"]["sha256"] and front["fmtune"]["verdict"] == report["verdict"]["headline"]
     assert "| rung | description | macro_f1 | 95% CI | accuracy | train examples | train seconds |" in card
     assert "| fine_tuned | full fine-tuning, best validation epoch | 0.790 | 0.760 – 0.820 | 0.800 | 2,240 | 61 |" in card
     assert "`3f2a9c0d5e...`" in card
@@ -173,6 +175,38 @@ def test_model_card(report):
     headings = re.findall(r"^## (.+)$", card, re.M)
     assert headings == ["Model description", "Intended use and out of scope", "Training data", "Evaluation",
                         "Limitations and risks", "How to load it", "Provenance"]
+
+
+def test_model_card_metadata_parses_with_huggingface_hub(report):
+    """The Hub's own parser reads the card's model-index back: the fine-tuned model's test metrics with their CIs."""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import eval_results_to_model_index
+
+    card = ModelCard(render_model_card(report))
+    data = card.data
+    assert data.base_model == "sentence-transformers/all-MiniLM-L6-v2" and data.license == "apache-2.0"
+    ft = next(r for r in report["ladder"] if r["name"] == "fine_tuned")
+    results = {(r.metric_type, r.metric_config): r for r in data.eval_results}
+    f1 = results[("f1", "macro")]
+    assert f1.metric_value == ft["metrics"]["macro_f1"] and f1.metric_args == {"ci95": ft["ci95"]["macro_f1"]}
+    assert f1.task_type == "text-classification" and f1.dataset_split == "test" and f1.dataset_revision == report["data"]["sha256"]
+    assert results[("accuracy", None)].metric_value == ft["metrics"]["accuracy"]
+    assert eval_results_to_model_index(data.model_name, data.eval_results)[0]["results"], "a model-index the Hub would show"
+
+
+def test_model_card_base_model_is_a_hub_id_only_when_one_is_known(report, tmp_path):
+    from huggingface_hub import ModelCard
+
+    report["base_model"] = {"name": "acme/encoder@" + "b" * 40, "path": str(tmp_path)}
+    (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# acme encoder\n")
+    data = ModelCard(render_model_card(report)).data
+    assert data.base_model == "acme/encoder" and data.license == "mit", "a cached Hub model: its id, its card's license"
+    folder = tmp_path / "my-encoder"
+    folder.mkdir()
+    report["base_model"] = {"name": str(folder), "path": str(folder)}
+    data = ModelCard(render_model_card(report)).data
+    assert data.base_model is None and data.license == "unknown", "a local folder is not a Hub id"
+    assert ModelCard(render_model_card({})).data.eval_results is None, "an empty report still gives a valid card"
 
 
 def test_model_card_generation_and_flags(report):

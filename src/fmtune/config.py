@@ -79,7 +79,7 @@ class DataConfig(_Group):
 
 
 class ModelConfig(_Group):
-    model: str | None = Field(None, description="Base model: 'minilm' (packaged all-MiniLM-L6-v2 encoder), 'smollm2' (packaged SmolLM2-135M-Instruct causal LM) or a local Hugging Face folder (safetensors only). Default: minilm for classification, smollm2 for generation; a causal LM (smollm2 or a *ForCausalLM folder) also classifies, answering with the label word.")
+    model: str | None = Field(None, description="Base model: 'minilm' (packaged all-MiniLM-L6-v2 encoder), 'smollm2' (packaged SmolLM2-135M-Instruct causal LM) a local Hugging Face folder, or a Hub id (org/name, optionally @revision) already in the local Hugging Face cache (HF_HOME; never downloaded); safetensors only. Default: minilm for classification, smollm2 for generation; a causal LM (smollm2 or a *ForCausalLM folder) also classifies, answering with the label word.")
     max_length: int | None = Field(None, ge=8, description="Max tokens per text; default: derived from the training texts' token lengths (99th percentile, capped by the model).")
 
 

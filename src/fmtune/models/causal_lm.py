@@ -89,31 +89,35 @@ def smollm2_folder(cache: Path | None = None) -> Path:
 
 
 def resolve_model(name: str | None) -> tuple[Path, str]:
-    """(folder, display name): 'smollm2' (default) -> the cached packaged model; else a local HF causal-LM folder."""
-    from fmtune.models.loading import check_safe_folder
+    """(folder, display name): 'smollm2' (default) -> the cached packaged model; else a local HF causal-LM folder or the
+    id of a Hub model in the local Hugging Face cache."""
+    from fmtune.models.loading import check_safe_folder, local_model_folder
 
     name = name or "smollm2"
     if name == "smollm2":
         return smollm2_folder(), "smollm2"
-    path = Path(name).expanduser()
-    if not path.is_dir():
-        raise ModelError(
-            f"--model {name}: not a packaged model (smollm2 for generation; minilm for encoder classification) and not a local folder. "
-            "fmtune never downloads from a hub: pass a local Hugging Face causal-LM folder (config.json + *.safetensors)."
-        )
+    path = local_model_folder(name, "not a packaged model (smollm2 for generation; minilm for encoder classification)")
     check_safe_folder(path)
     return path, name
 
 
 def is_causal_lm(name: str | None) -> bool:
-    """Whether --model names a causal LM: 'smollm2', or a local folder whose config.json architecture is *ForCausalLM
-    (read without loading anything)."""
+    """Whether --model names a causal LM: 'smollm2', or a local folder (or cached Hub model) whose config.json
+    architecture is *ForCausalLM (read without loading anything)."""
     import json
 
     if name == "smollm2":
         return True
-    config = Path(name).expanduser() / "config.json" if name else None
-    if config is None or not config.is_file():
+    if not name:
+        return False
+    from fmtune.models.loading import HUB_ID, cached_hub_model
+
+    folder = Path(name).expanduser()
+    if not folder.is_dir() and HUB_ID.match(name.partition("@")[0]):
+        repo, _, revision = name.partition("@")
+        folder = cached_hub_model(repo, revision or None) or folder
+    config = folder / "config.json"
+    if not config.is_file():
         return False
     try:
         architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []

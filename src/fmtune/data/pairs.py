@@ -3,6 +3,11 @@
 Files are read by fmtune.data.labeled.read_columns (CSV/TSV/JSONL/JSON/Parquet), so problems name the file, the line, the column
 and the fix exactly as for classification data. For chat data the LAST assistant message is the target; the messages
 before it are the prompt (earlier assistant turns are context, not trained on).
+
+OpenAI's fine-tuning files are read as they are: chat JSONL (`messages`, system/developer/user/assistant roles, content
+as a string or a list of text parts, `weight` 0/1 on assistant messages: the target is the last assistant message whose
+weight is not 0) and preference JSONL (`input.messages` + `preferred_output`: trained supervised on the preferred answer;
+`non_preferred_output` is counted, not used). Tool calls are refused row by row with the fix.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from fmtune.data.labeled import Example, Splits
 from fmtune.errors import ConfigError
 
 ROLES = ("system", "user", "assistant")
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system message
+PREFERENCE_COLUMNS = ("input", "preferred_output")  # OpenAI's preference (DPO) fine-tuning JSONL
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,8 @@ class GenSplits:
     files: dict[str, str] = field(default_factory=dict)
     sha256: str = ""
     after_target: int = 0  # chat rows with messages after the last assistant message (ignored, reported)
+    earlier_assistant: int = 0  # chat rows with earlier assistant messages of weight 1 (context here; OpenAI trains on them)
+    preference_rows: int = 0  # preference rows: trained on preferred_output, non_preferred_output unused
 
     def for_audit(self) -> Splits:
         """The pairs as fmtune.data.labeled Examples for fmtune.data.audit: text = prompt and completion (duplicates, leakage and PII
@@ -75,7 +84,7 @@ def detect_task(cfg: DataConfig) -> str:
     columns = {str(c).strip() for c in table.columns}
     if cfg.text_column in columns and cfg.label_column in columns:
         return "classification"
-    if cfg.messages_column in columns or (cfg.prompt_column in columns and cfg.completion_column in columns):
+    if cfg.messages_column in columns or (cfg.prompt_column in columns and cfg.completion_column in columns) or set(PREFERENCE_COLUMNS) <= columns:
         return "generation"
     return "classification"
 
@@ -87,9 +96,9 @@ def load_pairs(cfg: DataConfig, seed: int) -> GenSplits:
     problems: list[str] = []
     dropped: dict[str, int] = {}
     files: dict[str, str] = {}
-    after_target = [0]
+    tally = {"after_target": 0, "earlier_assistant": 0, "preference_rows": 0}
     named = {"data": cfg.data} if cfg.data is not None else {"train": cfg.train, "validation": cfg.validation, "test": cfg.test}
-    loaded = {role: _load_file(Path(path), cfg, problems, dropped, files, after_target) for role, path in named.items() if path is not None}
+    loaded = {role: _load_file(Path(path), cfg, problems, dropped, files, tally) for role, path in named.items() if path is not None}
     data_mod._raise_if(problems)
     rng = random.Random(seed)
     if cfg.data is not None:
@@ -116,7 +125,7 @@ def load_pairs(cfg: DataConfig, seed: int) -> GenSplits:
             rng.shuffle(order)
             validation = [train[i] for i in sorted(order[:n_val])]
             train = [train[i] for i in sorted(order[n_val:])]
-    splits = GenSplits(train, validation, test, dropped, files, after_target=after_target[0])
+    splits = GenSplits(train, validation, test, dropped, files, **tally)
     splits.sha256 = pairs_hash(splits)
     return splits
 
@@ -147,7 +156,8 @@ def redact(splits: GenSplits) -> tuple[GenSplits, dict[str, int]]:
     def pairs(ps: list[Pair]) -> list[Pair]:
         return [Pair(tuple((role, mask(content)) for role, content in p.messages), mask(p.completion), p.source, p.row) for p in ps]
 
-    out = GenSplits(pairs(splits.train), pairs(splits.validation), pairs(splits.test), splits.dropped, splits.files, after_target=splits.after_target)
+    out = GenSplits(pairs(splits.train), pairs(splits.validation), pairs(splits.test), splits.dropped, splits.files,
+                    after_target=splits.after_target, earlier_assistant=splits.earlier_assistant, preference_rows=splits.preference_rows)
     out.sha256 = pairs_hash(out)
     return out, {k: int(v) for k, v in counts.items()}
 
@@ -163,18 +173,29 @@ def prompt_overlap(splits: GenSplits) -> int:
 # ---------------------------------------------------------------- reading and validating rows
 
 
-def _load_file(path: Path, cfg: DataConfig, problems: list[str], dropped: dict[str, int], files: dict[str, str], after_target: list[int]) -> list[Pair]:
+def _load_file(path: Path, cfg: DataConfig, problems: list[str], dropped: dict[str, int], files: dict[str, str], tally: dict[str, int]) -> list[Pair]:
     source = str(path)
-    table = data_mod.read_table(path, [], [], {}, {}, cfg.encoding)  # which layout: chat messages or prompt/completion
+    table = data_mod.read_table(path, [], [], {}, {}, cfg.encoding)  # which layout: chat messages, preference or prompt/completion
     columns = {str(c).strip() for c in (table.columns or [])} if table is not None else set()
-    chat = cfg.messages_column in columns and not (cfg.prompt_column in columns and cfg.completion_column in columns)
-    wanted = {cfg.messages_column: "--messages-column"} if chat else {cfg.prompt_column: "--prompt-column", cfg.completion_column: "--completion-column"}
+    prompt_completion = cfg.prompt_column in columns and cfg.completion_column in columns
+    chat = cfg.messages_column in columns and not prompt_completion
+    preference = not chat and not prompt_completion and set(PREFERENCE_COLUMNS) <= columns
+    if preference:
+        wanted = {"input": "the preference file's 'input'", "preferred_output": "the preference file's 'preferred_output'"}
+    elif chat:
+        wanted = {cfg.messages_column: "--messages-column"}
+    else:
+        wanted = {cfg.prompt_column: "--prompt-column", cfg.completion_column: "--completion-column"}
     found = data_mod.read_columns(path, wanted, problems, dropped, files, cfg.encoding)
     if found is None:
         return []
     unit, rows, values = found
+    if preference:
+        conversations = [_preference_messages(f"{source} {unit} {row}", i, o, problems) for row, i, o in zip(rows, values["input"], values["preferred_output"])]
+        tally["preference_rows"] += sum(c is not None for c in conversations)
+        return [p for p in (_chat_pair(source, unit, row, c, cfg, problems, dropped, tally, "preferred_output") for row, c in zip(rows, conversations) if c is not None) if p]
     if chat:
-        return [p for p in (_chat_pair(source, unit, row, value, cfg, problems, dropped, after_target) for row, value in zip(rows, values[cfg.messages_column])) if p]
+        return [p for p in (_chat_pair(source, unit, row, value, cfg, problems, dropped, tally) for row, value in zip(rows, values[cfg.messages_column])) if p]
     pairs: list[Pair] = []
     for row, raw_prompt, raw_completion in zip(rows, values[cfg.prompt_column], values[cfg.completion_column]):
         where = f"{source} {unit} {row}"
@@ -199,8 +220,41 @@ def _text(value: object, where: str, column: str, cfg: DataConfig, problems: lis
     return text
 
 
-def _chat_pair(source: str, unit: str, row: int, value: object, cfg: DataConfig, problems: list[str], dropped: dict[str, int], after_target: list[int]) -> Pair | None:
-    where = f"{source} {unit} {row}, column '{cfg.messages_column}'"
+def _preference_messages(where: str, given: object, preferred: object, problems: list[str]) -> list | None:
+    """An OpenAI preference row as one conversation: input.messages, then the preferred assistant answer."""
+    shape = 'expected {"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", "content": "..."}], "non_preferred_output": [...]}'
+    messages = given.get("messages") if isinstance(given, dict) else None
+    if not isinstance(messages, list):
+        problems.append(f"{where}, column 'input': no 'messages' list; {shape}.")
+        return None
+    if not isinstance(preferred, list) or not preferred:
+        problems.append(f"{where}, column 'preferred_output': not a list of assistant messages; {shape}.")
+        return None
+    return [*messages, *preferred]
+
+
+def _content(where: str, i: int, m: dict, problems: list[str]) -> str | None:
+    """A message's text: a string, or OpenAI's list of content parts (text parts joined); None after a problem."""
+    content = m.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        other = sorted({str(part.get("type")) for part in content if part.get("type") != "text"})
+        if other:
+            problems.append(f"{where}: message {i} has content parts of type {', '.join(other)}; fmtune trains on text only: drop those parts or the row.")
+            return None
+        if all(isinstance(part.get("text"), str) for part in content):
+            return "".join(part["text"] for part in content)
+    if m.get("tool_calls") or m.get("function_call"):
+        problems.append(f"{where}: message {i} is a tool call; fmtune's generation task trains on text answers only: remove the tool turns (or the row).")
+        return None
+    problems.append(f"{where}: message {i} must have string 'content' (or a list of text parts), got {data_mod._describe(content, 'content')}.")
+    return None
+
+
+def _chat_pair(source: str, unit: str, row: int, value: object, cfg: DataConfig, problems: list[str], dropped: dict[str, int], tally: dict[str, int],
+               column: str | None = None) -> Pair | None:
+    where = f"{source} {unit} {row}, column '{column or cfg.messages_column}'"
     shape = 'expected a list of messages like [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]'
     if isinstance(value, str):  # CSV cells hold the list as JSON text
         try:
@@ -218,17 +272,31 @@ def _chat_pair(source: str, unit: str, row: int, value: object, cfg: DataConfig,
         problems.append(f"{where}: {shape}, got {data_mod._json_type(value) if not isinstance(value, list) else 'an empty list'}.")
         return None
     messages: list[tuple[str, str]] = []
+    weights: list[int] = []
     for i, m in enumerate(value, start=1):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             problems.append(f"{where}: message {i} must be an object with string 'role' and 'content' (got {data_mod._describe(m, 'message')}); {shape}.")
             return None
-        if m["role"] not in ROLES:
-            problems.append(f"{where}: message {i} has role {m['role']!r}; roles are {', '.join(ROLES)}.")
+        role = ROLE_ALIASES.get(m["role"], m["role"])
+        if role in ("tool", "function"):
+            problems.append(f"{where}: message {i} has role {m['role']!r} (a tool result); fmtune's generation task trains on text answers only: remove the tool turns (or the row).")
             return None
-        messages.append((m["role"], m["content"]))
-    last = max((i for i, (role, _) in enumerate(messages) if role == "assistant"), default=None)
+        if role not in ROLES:
+            problems.append(f"{where}: message {i} has role {m['role']!r}; roles are {', '.join(ROLES)} (and OpenAI's developer).")
+            return None
+        content = _content(where, i, m, problems)
+        if content is None:
+            return None
+        weight = m.get("weight", 1)
+        if "weight" in m and (role != "assistant" or weight not in (0, 1) or isinstance(weight, bool)):
+            problems.append(f"{where}: message {i} has weight {weight!r}; a weight is 0 or 1, on assistant messages only (OpenAI's format).")
+            return None
+        messages.append((role, content))
+        weights.append(int(weight))
+    last = max((i for i, (role, _) in enumerate(messages) if role == "assistant" and weights[i]), default=None)
     if last is None:
-        problems.append(f"{where}: no assistant message; the last assistant message is the completion to learn. Add it, or pass --drop-unlabeled.")
+        what = "every assistant message has weight 0, so nothing is trained" if any(r == "assistant" for r, _ in messages) else "no assistant message"
+        problems.append(f"{where}: {what}; the last assistant message (of weight 1) is the completion to learn. Add it, or pass --drop-unlabeled.")
         return None
     if not messages[last][1].strip() or not any(role == "user" and content.strip() for role, content in messages[:last]):
         if cfg.drop_unlabeled:
@@ -238,7 +306,9 @@ def _chat_pair(source: str, unit: str, row: int, value: object, cfg: DataConfig,
         problems.append(f"{where}: {what}; fix the row or pass --drop-unlabeled.")
         return None
     if last < len(messages) - 1:
-        after_target[0] += 1
+        tally["after_target"] += 1
+    if any(role == "assistant" and weights[i] for i, (role, _) in enumerate(messages[:last])):
+        tally["earlier_assistant"] += 1
     return Pair(tuple(messages[:last]), messages[last][1], source, row)
 
 

@@ -64,6 +64,15 @@ def generation_audit(audit: dict, splits, prompt_overlap: int) -> dict:
     if splits.after_target:
         audit["messages_after_target"] = splits.after_target
         warnings.append(f"{splits.after_target} conversations have messages after their last assistant message; those are ignored (the last assistant message is the target).")
+    if splits.earlier_assistant:
+        audit["earlier_assistant_turns"] = splits.earlier_assistant
+        warnings.append(f"{splits.earlier_assistant} conversations have earlier assistant messages of weight 1 (OpenAI's default), which OpenAI's fine-tuning "
+                        "trains on too; fmtune trains on the last one and keeps the earlier ones as context. To train on an earlier answer, "
+                        "make it the last message of its own row.")
+    if splits.preference_rows:
+        audit["preference_rows"] = splits.preference_rows
+        warnings.append(f"{splits.preference_rows} rows are preference pairs: fmtune trains supervised on each preferred_output; "
+                        "non_preferred_output is not used (no preference optimisation is run).")
     audit["warnings"] = warnings
     return audit
 

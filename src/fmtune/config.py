@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -134,6 +135,7 @@ class EvalConfig(_Group):
     metric: str | None = Field(None, description="Primary metric the verdict is decided on (default: macro_f1 for classification; rouge_l for generation; also exact_match, token_f1).")
     max_new_tokens: int = Field(64, ge=1, description="Generation: greedy decoding stops after this many new tokens.")
     rungs: list[str] = Field(default_factory=lambda: ["zero_shot", "few_shot", "head_only", "fine_tuned", "from_scratch"], description="Ladder rungs to run (zero_shot, few_shot, from_scratch and fine_tuned are required by the report).")
+    compare: dict[str, Path] = Field(default_factory=dict, description="Other models' outputs on the same test inputs, each a rung of the ladder scored and paired like the others (e.g. the vendor model you are leaving): --compare 'vendor=outputs.jsonl'. A file has the input column (text; prompt or messages for generation) and a prediction column, one row per input; rows for inputs outside the test split are ignored.")
 
 
 class EvidenceConfig(_Group):
@@ -275,6 +277,12 @@ def validate(cfg: RunConfig) -> list[str]:
     if not {"zero_shot", "few_shot", "head_only"} & set(cfg.eval.rungs):
         problems.append(f"--rungs {','.join(cfg.eval.rungs)}: the verdict compares fine_tuned with a rung that does not train the FM, so include zero_shot, "
                         "few_shot or head_only (e.g. --rungs zero_shot,fine_tuned); the full report contract has zero_shot, few_shot, fine_tuned and from_scratch.")
+    for name, path in cfg.eval.compare.items():
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]{0,39}", name) or name in known or name.startswith("curve"):
+            problems.append(f"--compare {name}={path}: the name becomes a rung of the ladder; use letters, digits, '_', '.' or '-' (starting with a letter), "
+                            f"not one of {sorted(known)}.")
+        elif not Path(path).is_file():
+            problems.append(f"--compare {name}={path}: file not found.")
     if any(not 0 < f < 1 for f in cfg.evidence.curve_fractions):
         problems.append("--curve-fractions: every fraction must be between 0 and 1 (100% is the fine_tuned rung).")
     return problems

@@ -101,7 +101,8 @@ def verdict(ladder: list[dict], boots: dict, primary: str, retention: dict | Non
     if not cheaper:
         raise ValueError("verdict: the ladder has no rung to compare fine_tuned with (zero_shot, few_shot or head_only); config.validate requires one")
     strongest = max(cheaper, key=lambda n: rungs[n]["metrics"][primary])
-    vs = {n: compare(rungs, boots, primary, n, n_test or 0) for n in (*cheaper, "from_scratch") if n in rungs}
+    external = [r["name"] for r in ladder if r.get("external")]  # other models' outputs (--compare)
+    vs = {n: compare(rungs, boots, primary, n, n_test or 0) for n in (*cheaper, "from_scratch", *external) if n in rungs}
     baseline = max([n for n in PROMPTING if n in rungs] or cheaper, key=lambda n: rungs[n]["metrics"][primary])  # the contract's `gain`
     headline, recommend = _headline(rungs, vs, primary, strongest, baseline)
     reasons = [_headline_reason(rungs, vs[strongest], primary, "the strongest rung that needs no fine-tuning")]
@@ -110,6 +111,7 @@ def verdict(ladder: list[dict], boots: dict, primary: str, retention: dict | Non
     reasons += _head_only_sentence(rungs, vs, primary, strongest)
     reasons += _learning_sentences(rungs)
     reasons += _scratch_sentence(rungs, vs, primary)
+    reasons += [_compared_sentence(rungs, vs[n], primary) for n in external]
     reasons += _detectability_sentences(vs, strongest)
     reasons += _context_sentences(rungs, retention, audit, curve, cost_)
     return {"recommend_fine_tuning": bool(recommend), "gain": vs[baseline].difference, "gain_ci95": list(vs[baseline].ci), "baseline": baseline,
@@ -189,10 +191,21 @@ def _scratch_sentence(rungs: dict, vs: dict, primary: str) -> list[str]:
             f"{c.ci_words()}, inside the noise)"]
 
 
+def _compared_sentence(rungs: dict, c: Comparison, primary: str) -> str:
+    """fine_tuned against another model's outputs (--compare), as far as the paired CI supports it."""
+    other, ft = rungs[c.other]["metrics"][primary], rungs["fine_tuned"]["metrics"][primary]
+    if c.outcome == "above":
+        return f"the model fine-tuned here beats {c.other} ({other:.3f}) on the same test examples ({c.ci_words()})"
+    if c.outcome == "below":
+        return f"the model fine-tuned here ({ft:.3f}) falls short of {c.other} ({other:.3f}) beyond the noise ({c.ci_words()}): it does not yet replace it"
+    return (f"the model fine-tuned here ({ft:.3f}) is within the noise of {c.other} ({other:.3f}) on the same test examples ({c.ci_words()}): "
+            "this test set finds no difference between them")
+
+
 def _detectability_sentences(vs: dict, strongest: str) -> list[str]:
     """When a difference at stake is inside the noise and smaller than what the test set can detect: say so, with the size that would."""
     out = []
-    for name in dict.fromkeys((strongest, "head_only", "from_scratch")):
+    for name in dict.fromkeys((strongest, "head_only", "from_scratch", *[n for n in vs if n not in CHEAPER and n != "from_scratch"])):
         c = vs.get(name)
         if c is None or c.outcome != "inside" or abs(c.difference) >= c.detectable or not c.n_test:
             continue

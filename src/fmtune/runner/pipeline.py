@@ -33,6 +33,7 @@ def run(cfg: RunConfig, command: str = "fmtune run", show_summary: bool = True) 
         _prepare(r)
         _no_training_rungs(r)
         ft = _trained_rungs(r)
+        _compared_rungs(r)
         curve, curve_seconds = _learning_curve(r, ft)
         if not r.world.main:  # the other ranks only take part in training; rank 0 measures and writes the rest
             return r.out
@@ -65,6 +66,7 @@ class _Run:
     ladder: list[dict] = field(default_factory=list)
     boots: dict = field(default_factory=dict)
     rates: dict = field(default_factory=dict)  # the learning rate each trained rung settled on (the search's winner)
+    compared: list = field(default_factory=list)  # other models' outputs on the test inputs (--compare), read before the folder opens
 
     @property
     def log(self) -> list[str]:
@@ -132,6 +134,7 @@ def _start(cfg: RunConfig, command: str) -> _Run:
     ctx = Context(cfg, [], device, world, primary)
     task = task_kind()
     task.load(ctx)
+    compared = _read_compared(cfg, task)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     out, tmp = _open_folder(cfg, world, task_kind.supports.resume)
@@ -139,7 +142,14 @@ def _start(cfg: RunConfig, command: str) -> _Run:
     name = cfg.name or out.name
     if world.main:
         record(out, name, "running", work_dir=tmp)
-    return _Run(cfg, command, task, ctx, started, wall_start, io_start, out, tmp, name)
+    return _Run(cfg, command, task, ctx, started, wall_start, io_start, out, tmp, name, compared=compared)
+
+
+def _read_compared(cfg: RunConfig, task) -> list:
+    from fmtune.data import external
+
+    generation = task.supports.kind == "generation"
+    return [external.read_outputs(name, Path(path), task.test_inputs, generation, cfg.data) for name, path in cfg.eval.compare.items()]
 
 
 def raise_if_gate_failed(report: dict, out: Path) -> None:
@@ -194,6 +204,15 @@ def _no_training_rungs(r: _Run) -> None:
     for name, score in r.task.no_training_rungs(r.ctx).items():
         with stage(f"rung {name}", r.log):
             r.add(score())
+
+
+def _compared_rungs(r: _Run) -> None:
+    """Other models' outputs (--compare) as rungs: scored on the same test examples and resamples, so they pair."""
+    for c in r.compared:
+        with stage(f"rung {c.name} (outputs from {c.path.name})", r.log):
+            scored = r.task.score_outputs(r.ctx, c.outputs)
+            r.add(Rung(c.name, f"another model's outputs on the test inputs, read from {c.path.name} (trained elsewhere: no cost measured here)", scored, 0),
+                  external={"file": str(c.path), "sha256": c.sha256, "rows": c.rows, "rows_not_in_test": c.ignored})
 
 
 def _trained_rungs(r: _Run):

@@ -106,6 +106,7 @@ class Task(Protocol):
 
     supports: Supports
     model_kind: str  # "encoder" or "causal": what the search's budget and rates are sized for
+    test_inputs: list[str]  # the test split's inputs as given (before redaction): what --compare files are matched on
 
     @staticmethod
     def primary_metric(cfg: RunConfig) -> str: ...
@@ -118,9 +119,20 @@ class Task(Protocol):
     def describe(self, rung: str, result, method: str, lr: float) -> str: ...
     def epoch_score(self, row: dict) -> float: ...  # the validation score a history row was selected on (higher is better)
     def min_epochs(self, n_train: int) -> int: ...  # the epoch from which early stopping (and the search's pruner) may end a rung
+    def score_outputs(self, ctx: Context, outputs: list[str]) -> Scored: ...  # another model's outputs on the test inputs (--compare)
     def probes(self, ctx: Context, tuned) -> tuple[dict, dict]: ...
     def save(self, ctx: Context, tuned, model_dir: Path) -> None: ...
     def measure(self, ctx: Context, tuned, model_dir: Path, lora: bool) -> dict: ...
+
+
+def scored_label_outputs(ctx: Context, outputs: list[str], labels: list[str], y_test: np.ndarray) -> Scored:
+    """Another model's labels for the test texts, scored like a rung; a label outside the label set counts as wrong."""
+    from fmtune.evidence.evaluate import classification_metrics
+
+    index = {label: i for i, label in enumerate(labels)}
+    predictions = np.array([index.get(o.strip(), -1) for o in outputs], dtype=np.int64)
+    m = classification_metrics(y_test, predictions, labels, ctx.boot, ctx.primary)
+    return Scored(m, m.pop("_boot_primary"), {"outputs_outside_label_set": int((predictions < 0).sum())})
 
 
 def check_supported(task: type, cfg: RunConfig, world) -> None:

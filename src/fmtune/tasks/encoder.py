@@ -13,7 +13,7 @@ import numpy as np
 from fmtune.config import RunConfig, TrainConfig
 from fmtune.console import progress_bar, stage
 from fmtune.errors import ConfigError
-from fmtune.tasks.base import Context, Prepared, Rung, Scored, Supports
+from fmtune.tasks.base import Context, Prepared, Rung, Scored, Supports, scored_label_outputs
 from fmtune.tasks.choices import choose_max_length, classification_primary
 
 MIN_TRAIN_STEPS = 300  # a small training set gets enough epochs for about this many optimizer steps (see max_epochs)
@@ -95,6 +95,7 @@ class EncoderClassification:
         cfg = ctx.cfg
         with stage("load and split data", ctx.log):
             self.splits = labeled.load_splits(cfg.data, cfg.seed)
+            self.test_inputs = [e.text for e in self.splits.test]
             if cfg.data.redact_pii:
                 self.splits, self.redacted = audit_mod.redact_splits(self.splits)
             unknown = sorted(set(cfg.data.label_descriptions) - set(self.splits.labels))
@@ -188,6 +189,9 @@ class EncoderClassification:
 
         m = classification_metrics(self.y["test"], np.asarray(predictions), self.labels, ctx.boot, ctx.primary)
         return Scored(m, m.pop("_boot_primary"), extra)
+
+    def score_outputs(self, ctx: Context, outputs: list[str]) -> Scored:
+        return scored_label_outputs(ctx, outputs, self.labels, self.y["test"])
 
     def fit(self, ctx: Context, label: str, subset: np.ndarray | None, from_scratch: bool, lr: float, lora: bool, checkpoint_dir: Path | None):
         """A fresh classifier on the base encoder (or its architecture, randomly initialised), trained on the training

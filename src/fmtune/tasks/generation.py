@@ -93,6 +93,7 @@ class GenerationTask(CausalTask):
 
         with stage("load and split data", ctx.log):
             self.splits = pairs.load_pairs(ctx.cfg.data, ctx.seed)
+            self.test_inputs = [p.prompt for p in self.splits.test]
             if ctx.cfg.data.redact_pii:
                 self.splits, self.redacted = pairs.redact(self.splits)
         self.pairs = {s: getattr(self.splits, s) for s in ("train", "validation", "test")}
@@ -173,6 +174,13 @@ class GenerationTask(CausalTask):
             return Scored(m, m.pop("_boot_primary"))
         self.generations[rung] = preds
         return Scored(m, m.pop("_boot_primary"), {"eval_seconds": round(gen_s, 3)})
+
+    def score_outputs(self, ctx: Context, outputs: list[str]) -> Scored:
+        """Another model's answers to the test prompts, scored like the rungs' (no loss: its probabilities are not known)."""
+        from fmtune.evidence.gen_metrics import generation_metrics
+
+        m = generation_metrics(outputs, self.references, None, ctx.boot, ctx.primary)
+        return Scored(m, m.pop("_boot_primary"))
 
     def fit(self, ctx: Context, label: str, subset: np.ndarray | None, from_scratch: bool, lr: float, lora: bool, checkpoint_dir: Path | None):
         idx = np.arange(len(self.enc["train"])) if subset is None else subset

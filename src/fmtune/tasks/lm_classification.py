@@ -12,7 +12,7 @@ import numpy as np
 
 from fmtune.console import progress_bar, stage
 from fmtune.errors import ConfigError
-from fmtune.tasks.base import Context, Prepared, Rung, Scored, Supports
+from fmtune.tasks.base import Context, Prepared, Rung, Scored, Supports, scored_label_outputs
 from fmtune.tasks.causal import LATENCY_REQUESTS, CausalTask, bf16_choice
 from fmtune.tasks.choices import choose_max_length, classification_primary
 
@@ -43,6 +43,7 @@ class LMClassification(CausalTask):
         cfg = ctx.cfg
         with stage("load and split data", ctx.log):
             self.splits = labeled.load_splits(cfg.data, cfg.seed)
+            self.test_inputs = [e.text for e in self.splits.test]
             if cfg.data.redact_pii:
                 self.splits, self.redacted = audit_mod.redact_splits(self.splits)
             unknown = sorted(set(cfg.data.label_descriptions) - set(self.splits.labels))
@@ -160,6 +161,9 @@ class LMClassification(CausalTask):
         if not rung.startswith("curve"):
             self.predictions[rung] = predictions
         return Scored(m, m.pop("_boot_primary"), extra), description
+
+    def score_outputs(self, ctx: Context, outputs: list[str]) -> Scored:
+        return scored_label_outputs(ctx, outputs, self.labels, self.y["test"])
 
     def fit(self, ctx: Context, label: str, subset: np.ndarray | None, from_scratch: bool, lr: float, lora: bool, checkpoint_dir: Path | None):
         idx = np.arange(len(self.rows["train"])) if subset is None else subset

@@ -154,6 +154,7 @@ class RunConfig(_Group):
     seed: int = Field(0, description="Random seed for splitting, sampling and training.")
     overwrite: bool = Field(False, description="Replace an existing run folder (or an unfinished one with another config).")
     resume: bool = Field(False, description="Continue the newest unfinished run with this config from its last checkpoint (re-running the same command with the same --name/--out resumes too).")
+    track: list[str] = Field(default_factory=list, description="Experiment trackers to send the finished run to: mlflow (MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME as MLflow reads them; the URI is never written into the run) and/or tensorboard (event files in the run folder's tensorboard/). Optional extras: pip install 'fmtune[mlflow]' / 'fmtune[tensorboard]'.")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -168,7 +169,7 @@ GROUPS: dict[str, type[_Group]] = {
     "eval": EvalConfig,
     "evidence": EvidenceConfig,
 }
-TOP_LEVEL = ("name", "out", "seed", "overwrite", "resume")
+TOP_LEVEL = ("name", "out", "seed", "overwrite", "resume", "track")
 
 
 def flag_index() -> dict[str, tuple[str | None, str]]:
@@ -277,6 +278,9 @@ def validate(cfg: RunConfig) -> list[str]:
     if not {"zero_shot", "few_shot", "head_only"} & set(cfg.eval.rungs):
         problems.append(f"--rungs {','.join(cfg.eval.rungs)}: the verdict compares fine_tuned with a rung that does not train the FM, so include zero_shot, "
                         "few_shot or head_only (e.g. --rungs zero_shot,fine_tuned); the full report contract has zero_shot, few_shot, fine_tuned and from_scratch.")
+    unknown_trackers = [t for t in cfg.track if t not in ("mlflow", "tensorboard")]
+    if unknown_trackers:
+        problems.append(f"--track {','.join(cfg.track)}: unknown tracker(s) {unknown_trackers}; choose mlflow and/or tensorboard.")
     for name, path in cfg.eval.compare.items():
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]{0,39}", name) or name in known or name.startswith("curve"):
             problems.append(f"--compare {name}={path}: the name becomes a rung of the ladder; use letters, digits, '_', '.' or '-' (starting with a letter), "

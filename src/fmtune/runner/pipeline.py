@@ -41,7 +41,9 @@ def run(cfg: RunConfig, command: str = "fmtune run", show_summary: bool = True) 
             retention_, shift = r.task.probes(r.ctx, ft.model)
         inf = _save_and_measure(r, ft)
         report = _report(r, ft, curve, curve_seconds, retention_, shift, inf)
+        _tensorboard(r, report)
         finish(report, cfg, r.tmp, r.out, r.wall_start, r.prepared.model_path, r.io_start)
+    _mlflow(r, report)
     if show_summary:
         print_summary(report, r.out)
     raise_if_gate_failed(report, r.out)
@@ -132,6 +134,10 @@ def _start(cfg: RunConfig, command: str) -> _Run:
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     ctx = Context(cfg, [], device, world, primary)
+    if cfg.track:
+        from fmtune.store import tracking
+
+        tracking.check_available(cfg.track)
     task = task_kind()
     task.load(ctx)
     compared = _read_compared(cfg, task)
@@ -143,6 +149,31 @@ def _start(cfg: RunConfig, command: str) -> _Run:
     if world.main:
         record(out, name, "running", work_dir=tmp)
     return _Run(cfg, command, task, ctx, started, wall_start, io_start, out, tmp, name, compared=compared)
+
+
+def _tensorboard(r: _Run, report: dict) -> None:
+    """--track tensorboard: event files in the run folder (written before its manifest, so they are covered)."""
+    if "tensorboard" not in r.cfg.track:
+        return
+    from fmtune.store import tracking
+
+    written = tracking.to_tensorboard(r.tmp / "tensorboard", report, r.cfg.model_dump(mode="json"))
+    report["tracking"] = {**report.get("tracking", {}), "tensorboard": {"log_dir": "tensorboard", "files": written["files"]}}
+
+
+def _mlflow(r: _Run, report: dict) -> None:
+    """--track mlflow, once the run folder is complete: a tracker that cannot be reached never costs the run."""
+    if "mlflow" not in r.cfg.track:
+        return
+    from fmtune.store import tracking
+
+    try:
+        sent = tracking.to_mlflow(r.out, report, r.cfg.model_dump(mode="json"))
+    except Exception as exc:  # noqa: BLE001 - the run is complete and recorded; only the copy to the tracker failed
+        console.print(f"[yellow]warning:[/] could not send the run to MLflow ({tracking.without_credentials(str(exc))}); the run is complete. "
+                      f"Send it later with: fmtune runs export {r.out} --to mlflow")
+        return
+    console.print(f"  tracked: {tracking.summary({'mlflow': sent})}")
 
 
 def _read_compared(cfg: RunConfig, task) -> list:

@@ -627,6 +627,39 @@ def compare_command(
         console.print(f"[yellow]note:[/yellow] {_e(note)}")
 
 
+@runs_app.command("export")
+def export_command(
+    ref: Annotated[str, typer.Argument(help="The run: a name, folder or id.")],
+    to: Annotated[str, typer.Option("--to", help="mlflow (MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME, as MLflow reads them) or tensorboard (event files in --logdir).")],
+    logdir: Annotated[Path | None, typer.Option(help="TensorBoard: the folder for the event files (default: tensorboard/<run name>); never the run folder, which its manifest seals.")] = None,
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else 'fmtune').")] = None,
+    registry: RegistryOption = None,
+) -> None:
+    """Send a finished run to an experiment tracker: its config, every rung's metrics with CIs, the per-epoch history,
+    the verdict, and (MLflow) report.html and the model as artifacts."""
+    import yaml
+
+    from fmtune.store import tracking
+
+    if to not in tracking.TRACKERS:
+        raise FmtuneError(f"--to {to}: choose mlflow or tensorboard.")
+    run = get_run(ref, registry)
+    run_dir = Path(run["run_dir"])
+    if run.get("status") != "complete" or not (run_dir / "report.json").is_file():
+        raise FmtuneError(f"run {ref!r} ({run_dir}) is not a complete run folder with a report.json; only finished runs are exported.")
+    report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) if (run_dir / "config.yaml").is_file() else {}
+    if to == "mlflow":
+        sent = tracking.to_mlflow(run_dir, report, config, experiment=experiment)
+        print(f"exported {run_dir} to {tracking.summary({'mlflow': sent})}")
+        return
+    target = logdir or Path("tensorboard") / str(run.get("name") or run_dir.name)
+    if target.resolve() == run_dir.resolve() or run_dir.resolve() in target.resolve().parents:
+        raise FmtuneError(f"--logdir {target}: inside the run folder, whose manifest covers every file; pick a folder outside it.")
+    written = tracking.to_tensorboard(target, report, config)
+    print(f"exported {run_dir} to {tracking.summary({'tensorboard': written})}")
+
+
 def verify_command(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `fmtune run` (holds manifest.json).")],
     check_inputs: Annotated[

@@ -380,3 +380,15 @@ def test_causal_lm_runs_refuse_fsdp_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(FmtuneError, match="DDP only"):
         pipeline.run(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_decoding_budget_comes_from_the_training_answers(tok):
+    from fmtune.tasks.generation import choose_max_new_tokens
+
+    answers = ["orange", "blue", "a dark green colour"]
+    longest = max(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers)
+    budget, why = choose_max_new_tokens(tok, answers, None, 512)
+    assert budget == max(4, int(np.ceil(1.25 * longest)) + 2) and f"the longest is {longest} tokens" in why
+    assert choose_max_new_tokens(tok, answers, 9, 512) == (9, "--max-new-tokens")
+    long_answer = " ".join(["colour"] * 400)
+    assert choose_max_new_tokens(tok, [long_answer], None, 128)[0] == 64, "at most half the context"

@@ -102,8 +102,10 @@ def test_an_openai_chat_file_trains_as_it_is(tmp_path, monkeypatch):
                            {"role": "assistant", "content": "black"}]}] * 4
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     result = fmtune.run(data=data, model=str(llama), out="runs/openai", epochs=1, curve=False, rungs=["zero_shot", "fine_tuned"], bootstrap=100,
-                        latency_repeats=3, max_new_tokens=3, batch_size=8, quiet=True)
+                        latency_repeats=3, batch_size=8, quiet=True)
     report = result.report
     assert report["task"]["type"] == "generation" and report["data"]["train"] + report["data"]["validation"] + report["data"]["test"] == 36
     assert report["data"]["audit"]["earlier_assistant_turns"] == 4
     assert any("OpenAI's fine-tuning trains on too" in w for w in report["data"]["audit"]["warnings"])
+    budget = next(c for c in report["choices"] if c["setting"] == "max_new_tokens")
+    assert budget["value"] == report["task"]["max_new_tokens"] == 4 and "derived from the" in budget["why"], "one-word answers: a budget of 4 tokens, not 64"

@@ -213,7 +213,7 @@ def predict(
     text: Optional[list[str]] = typer.Option(None, "--text", help="Text to classify (repeatable)."),
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Prompt for a generation run (repeatable)."),
     file: Optional[Path] = typer.Option(None, "--file", help="A file with one text (or prompt) per line."),
-    max_new_tokens: int = typer.Option(64, help="Generation: most new tokens per answer."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Generation: most new tokens per answer (default: the run's own budget, derived from its training answers)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
 ) -> None:
     """Predict labels (classification runs) or generate answers (generation runs) with a run's fine-tuned model."""

@@ -133,7 +133,7 @@ class EvalConfig(_Group):
     bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for 95% confidence intervals.")
     eval_batch_size: int = Field(64, ge=1, description="Batch size for evaluation and embedding.")
     metric: str | None = Field(None, description="Primary metric the verdict is decided on (default: macro_f1 for classification; rouge_l for generation; also exact_match, token_f1).")
-    max_new_tokens: int = Field(64, ge=1, description="Generation: greedy decoding stops after this many new tokens.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Generation: greedy decoding stops after this many new tokens (or at the chat template's end of turn). Default: derived from the training and validation completions' token lengths (1.25 x the longest, plus 2).")
     rungs: list[str] = Field(default_factory=lambda: ["zero_shot", "few_shot", "head_only", "fine_tuned", "from_scratch"], description="Ladder rungs to run (zero_shot, few_shot, from_scratch and fine_tuned are required by the report).")
     compare: dict[str, Path] = Field(default_factory=dict, description="Other models' outputs on the same test inputs, each a rung of the ladder scored and paired like the others (e.g. the vendor model you are leaving): --compare 'vendor=outputs.jsonl'. A file has the input column (text; prompt or messages for generation) and a prediction column, one row per input; rows for inputs outside the test split are ignored.")
 

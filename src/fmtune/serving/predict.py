@@ -145,11 +145,18 @@ class GenerationPredictor:
             model = model.to(torch.bfloat16)
         return cls(run_dir, model, tokenizer, use_bf16, report)
 
-    def generate(self, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
-        """Greedy completions, one per prompt (each a user message in the model's chat template), in input order."""
+    @property
+    def max_new_tokens(self) -> int:
+        """The run's decoding budget (derived from its training answers, or --max-new-tokens); 64 for older runs."""
+        return int((self.report.get("task") or {}).get("max_new_tokens") or 64)
+
+    def generate(self, prompts: list[str], max_new_tokens: int | None = None, batch_size: int = 16) -> list[str]:
+        """Greedy completions, one per prompt (each a user message in the model's chat template), in input order;
+        at most `max_new_tokens` new tokens each (default: the run's own budget)."""
         from fmtune.models import causal_lm
         from fmtune.models.loading import model_token_limit
 
+        max_new_tokens = max_new_tokens or self.max_new_tokens
         budget = max(1, model_token_limit(self.model.config, self.tokenizer) - max_new_tokens)
         conversations = [[{"role": "user", "content": p}] for p in prompts]
         return causal_lm.generate(self.model, self.tokenizer, conversations, max_new_tokens, batch_size, self.bf16, budget)

@@ -53,6 +53,22 @@ def choose_shots(tokenizer, train: list, test: list, k: int, budget: int, seed: 
     return shots, why
 
 
+ANSWER_MARGIN = 1.25  # the decoding budget: the longest training/validation answer x this, plus the end of turn and one token
+
+
+def choose_max_new_tokens(tokenizer, completions: list[str], given: int | None, context: int) -> tuple[int, str]:
+    """How many new tokens a greedy answer may take: --max-new-tokens, else from the answers the model learns to give
+    (never the test references), at most half the context."""
+    if given is not None:
+        return given, "--max-new-tokens"
+    lengths = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions] or [64]
+    longest = max(lengths)
+    budget = max(4, min(int(np.ceil(ANSWER_MARGIN * longest)) + 2, context // 2))
+    return budget, (f"derived from the {len(lengths)} training and validation completions: the longest is {longest} tokens (median "
+                    f"{int(np.median(lengths))}), x{ANSWER_MARGIN} + 2 for the end of turn = {budget}" + (f", capped at half the context ({context // 2})"
+                    if budget == context // 2 else "") + "; decoding also stops at the end of turn; set --max-new-tokens to change it")
+
+
 def generation_audit(audit: dict, splits, prompt_overlap: int) -> dict:
     """Add what only pairs have to the audit (run with classes=False): prompts seen in train, ignored chat turns."""
     audit = dict(audit)
@@ -113,13 +129,16 @@ class GenerationTask(CausalTask):
         ctx.choose("loss", "completion tokens only", "prompt and template tokens are masked (labels -100): the model learns the answers, not the questions")
         ctx.choose(*bf16_choice(cfg, self.bf16))
         ctx.choose("primary_metric", ctx.primary, "--metric" if cfg.eval.metric else f"default for generation ({DEFAULT_METRIC}: longest-common-subsequence F1 on normalised words)")
+        self.max_new_tokens, new_tokens_why = choose_max_new_tokens(self.tokenizer, [p.completion for s in ("train", "validation") for p in self.pairs[s]],
+                                                                     cfg.eval.max_new_tokens, self.limit)
+        ctx.choose("max_new_tokens", self.max_new_tokens, new_tokens_why)
         self.references = [p.completion for p in self.pairs["test"]]
         self.test_chats = [p.chat() for p in self.pairs["test"]]
         self.train_cfg = cfg.train
         return Prepared(
             splits=self.splits, counts={s: len(p) for s, p in self.pairs.items()}, audit=audit, base=self.base, model_path=self.model_path, model_name=self.model_name,
             max_length=self.max_length, strata=np.zeros(len(self.enc["train"]), dtype=np.int64),
-            task_block={"max_new_tokens": cfg.eval.max_new_tokens, "decoding": "greedy"}, truncated=truncated, train_cfg=cfg.train,
+            task_block={"max_new_tokens": self.max_new_tokens, "decoding": "greedy"}, truncated=truncated, train_cfg=cfg.train,
         )
 
     def _audit(self, ctx: Context) -> tuple[dict, str]:
@@ -141,7 +160,7 @@ class GenerationTask(CausalTask):
         from fmtune.models import causal_lm
 
         cfg = ctx.cfg
-        shots, shots_why = choose_shots(self.tokenizer, self.pairs["train"], self.pairs["test"], cfg.eval.few_shot_k, self.limit - cfg.eval.max_new_tokens, ctx.seed)
+        shots, shots_why = choose_shots(self.tokenizer, self.pairs["train"], self.pairs["test"], cfg.eval.few_shot_k, self.limit - self.max_new_tokens, ctx.seed)
         self.shot_chats = [few_shot_conversation(shots, c) for c in self.test_chats]
 
         def zero_shot() -> Rung:
@@ -162,7 +181,7 @@ class GenerationTask(CausalTask):
         from fmtune.evidence.gen_metrics import generation_metrics
         from fmtune.models import causal_lm
 
-        new_tokens, bs = ctx.cfg.eval.max_new_tokens, ctx.cfg.eval.eval_batch_size
+        new_tokens, bs = self.max_new_tokens, ctx.cfg.eval.eval_batch_size
         with progress_bar() as prog:
             task = prog.add_task(f"{rung}: generating", total=len(conversations), info="")
             t0 = time.perf_counter()
@@ -211,7 +230,7 @@ class GenerationTask(CausalTask):
         """Size, latency and per-request seconds: the few-shot prompt against the tuned model's bare prompt."""
         from fmtune.models import causal_lm
 
-        new_tokens = ctx.cfg.eval.max_new_tokens
+        new_tokens = self.max_new_tokens
         inf = self.size_and_latency(ctx, tuned, model_dir, self.test_chats, self.max_length, lora)
         k = max(1, min(LATENCY_REQUESTS, ctx.cfg.evidence.latency_repeats, len(self.test_chats)))
         inf["per_request"] = {

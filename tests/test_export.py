@@ -170,7 +170,9 @@ def test_the_cli_exports_and_serve_runs_the_onnx_model(tiny_run, tmp_path, monke
     assert out.exit_code == 0, out.output
     assert "prediction agreement 1.0000" in out.output and (run_dir / "export" / "model.onnx").is_file()
     refused = CliRunner().invoke(app, ["export", str(run_dir), "--format", "gguf"])
-    assert refused.exit_code != 0 and "only onnx" in str(refused.exception)
+    assert refused.exit_code != 0 and "generation" in str(refused.exception), "GGUF is for generation runs"
+    unknown = CliRunner().invoke(app, ["export", str(run_dir), "--format", "tflite"])
+    assert unknown.exit_code != 0 and "choose onnx" in str(unknown.exception)
     predictor = export.OnnxPredictor.from_run(run_dir)
     with TestClient(create_app(predictor, ServeConfig(no_auth=True, runtime="onnx"))) as client:
         r = client.post("/v1/predict", json={"texts": TEXTS})

@@ -295,24 +295,32 @@ def serve(
 
 @app.command("export")
 def export(
-    run_dir: Path = typer.Argument(..., help="A finished encoder classification run folder."),
-    format: str = typer.Option("onnx", "--format", help="onnx: the fine-tuned classifier for ONNX Runtime, checked against the run's model on its test split."),
-    min_agreement: float = typer.Option(0.999, help="Least share of test examples on which the export must predict the run model's label."),
-    max_logit_diff: float = typer.Option(1e-3, help="Largest absolute logit difference allowed on the test split."),
-    opset: Optional[int] = typer.Option(None, help="ONNX opset (default: the exporter's)."),
+    run_dir: Path = typer.Argument(..., help="A finished run folder: an encoder classifier (onnx) or a generation run of a Llama-architecture model (gguf)."),
+    format: str = typer.Option("onnx", "--format", help="onnx (encoder classifiers, for ONNX Runtime) or gguf (generation runs, for llama.cpp / Ollama)."),
+    quantization: str = typer.Option("f16", help="gguf: f32 (exact), f16 (2 bytes a weight) or q8_0 (8.5 bits a weight)."),
+    min_agreement: Optional[float] = typer.Option(None, help="Least share of test examples on which the export must give the run model's answer (default: 0.999 for onnx labels, 0.95 for gguf greedy answers)."),
+    max_logit_diff: float = typer.Option(1e-3, help="onnx: largest absolute logit difference allowed on the test split."),
+    opset: Optional[int] = typer.Option(None, help="onnx: the ONNX opset (default: the exporter's)."),
     key_file: Optional[Path] = typer.Option(None, help="HMAC key file of a signed manifest (default: $FMTUNE_MANIFEST_KEY): the manifest is re-signed with it."),
 ) -> None:
     """Export a run's model and verify it against the run's own PyTorch model on its test split; the result goes into
-    export/export.json and the manifest. An export that falls below the thresholds is reported as failed and not kept."""
-    if format != "onnx":
-        raise FmtuneError(f"--format {format}: only onnx is supported (encoder classifiers); GGUF export of causal LMs is not built yet.")
-    from fmtune.serving.export import export_onnx
+    export/ (with a record of the check) and the manifest. An export that falls below the thresholds is reported as
+    failed and not kept."""
+    from fmtune.serving import export as exports
     from fmtune.store import lineage
 
     key = lineage.manifest_key(key_file) if key_file is not None else None
-    record = export_onnx(run_dir, opset=opset, min_agreement=min_agreement, max_logit_diff=max_logit_diff, key=key)
-    print(f"exported {run_dir / record['file']}: {record['test_examples']} test examples, prediction agreement {record['agreement']:.4f}, "
-          f"max logit difference {record['max_logit_diff']:.2g} (thresholds {min_agreement}, {max_logit_diff}); {record['manifest']}")
+    if format == "onnx":
+        record = exports.export_onnx(run_dir, opset=opset, min_agreement=0.999 if min_agreement is None else min_agreement, max_logit_diff=max_logit_diff, key=key)
+        print(f"exported {run_dir / record['file']}: {record['test_examples']} test examples, prediction agreement {record['agreement']:.4f}, "
+              f"max logit difference {record['max_logit_diff']:.2g} (thresholds {record['thresholds']}); {record['manifest']}")
+    elif format == "gguf":
+        record = exports.export_gguf(run_dir, quantization=quantization, min_agreement=0.95 if min_agreement is None else min_agreement, key=key)
+        print(f"exported {run_dir / record['file']} ({quantization}): {record['test_prompts']} test prompts, greedy-answer agreement "
+              f"{record['answer_agreement']:.4f}, next-token agreement {record['next_token_agreement']:.4f}, max next-token logit difference "
+              f"{record['max_next_token_logit_diff']:.3g}; {record['manifest']}")
+    else:
+        raise FmtuneError(f"--format {format}: choose onnx (encoder classifiers) or gguf (generation runs).")
 
 
 def _main_group() -> click.Group:

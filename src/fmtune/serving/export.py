@@ -1,4 +1,5 @@
-"""Verified ONNX export of an encoder classification run: export/model.onnx, checked against PyTorch on its test split."""
+"""Verified exports of a run into export/: ONNX of an encoder classifier (model.onnx, checked against PyTorch on its test split)
+and GGUF of a generation run's causal LM (model-<quantization>.gguf, checked on its test prompts); both covered by the manifest."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ TEMP_PREFIX = ".onnx-"  # fmtune's own unfinished exports inside export/ (a cras
 INSTALL = "pip install onnx onnxruntime"
 MAX_PROTOBUF_BYTES = 2 * 1024**3 - 64 * 1024**2  # one ONNX file holds at most 2 GiB; bigger weights need external data
 EXPORTER = "torch.onnx.export, TorchScript exporter (dynamo=False)"
+GGUF_FILE = "model-{quantization}.gguf"  # the GGUF export of a causal LM, one file per quantisation
+GGUF_RECORD_FILE = "export-gguf-{quantization}.json"
+GGUF_TEMP_PREFIX = ".gguf-"
+GGUF_SUMMARY = ("file", "sha256", "quantization", "gguf_version", "test_prompts", "next_token_agreement", "max_next_token_logit_diff",
+                "answer_agreement", "thresholds", "passed", "created_at")  # what manifest.json's exports.gguf.<quantization> holds
 
 
 def _require_onnx(modules: tuple[str, ...] = ("onnx", "onnxruntime")) -> None:
@@ -250,22 +256,26 @@ def _read_record(path: Path) -> dict | None:
 
 
 def _check_export_folder(export_dir: Path) -> None:
-    """export/ may hold only what an earlier fmtune export wrote; a crashed export's temp folder is removed."""
+    """export/ may hold only what earlier fmtune exports wrote (the ONNX export and a GGUF export per quantisation, each
+    file next to the record that describes it); a crashed export's temp folder is removed."""
     if not export_dir.exists():
         return
     if export_dir.is_symlink() or not export_dir.is_dir():
         raise FmtuneError(f"{export_dir}: not a folder fmtune made; move it away to export this run.")
-    ours = (export_dir / RECORD_FILE).is_file() and _read_record(export_dir / RECORD_FILE) is not None
-    if (export_dir / ONNX_FILE).exists() and not ours:
-        raise FmtuneError(f"{export_dir / ONNX_FILE}: exists and was not written by fmtune (no {RECORD_FILE} of an fmtune export next to it); "
-                          "fmtune never overwrites a file it did not create. Move it away, then export again.")
+    records = _export_files()
+    for name, (record_name, read) in records.items():
+        ours = (export_dir / record_name).is_file() and read(export_dir / record_name) is not None
+        if (export_dir / name).exists() and not ours:
+            raise FmtuneError(f"{export_dir / name}: exists and was not written by fmtune (no {record_name} of an fmtune export next to it); "
+                              "fmtune never overwrites a file it did not create. Move it away, then export again.")
+    known = set(records) | {record_name for record_name, _ in records.values()}
     foreign = []
     for entry in sorted(export_dir.iterdir()):
-        if entry.name.startswith(TEMP_PREFIX) and entry.is_dir() and not entry.is_symlink():
+        if entry.name.startswith((TEMP_PREFIX, GGUF_TEMP_PREFIX)) and entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
-        elif entry.name.startswith(f".{RECORD_FILE}.") and entry.name.endswith(".tmp") and entry.is_file():
+        elif entry.name.endswith(".tmp") and entry.is_file() and any(entry.name.startswith(f".{r}.") for r in known if r.endswith(".json")):
             entry.unlink()  # a temp file of write_json_atomic, left by a crash
-        elif not (entry.name in (ONNX_FILE, RECORD_FILE) and entry.is_file() and not entry.is_symlink()):
+        elif not (entry.name in known and entry.is_file() and not entry.is_symlink()):
             foreign.append(entry.name)
     if foreign:
         raise FmtuneError(f"{export_dir}: holds files fmtune did not write ({', '.join(foreign)}); the manifest would have to cover them. "
@@ -296,7 +306,8 @@ def _check_manifest(run_dir: Path, key: bytes | None) -> bool:
 
 
 def _record_in_manifest(run_dir: Path, record: dict, key: bytes | None) -> None:
-    """Cover export/ in manifest.json: its files' hashes and a summary under "exports"; re-signed if it was signed."""
+    """Cover export/ in manifest.json: its files' hashes and a summary under "exports" ("onnx", or "gguf" by quantisation);
+    re-signed if it was signed."""
     from fmtune.store import lineage
 
     manifest = lineage.load_manifest(run_dir)
@@ -305,9 +316,13 @@ def _record_in_manifest(run_dir: Path, record: dict, key: bytes | None) -> None:
     outputs = {rel: sha for rel, sha in manifest["outputs"].items() if not rel.startswith(f"{EXPORT_FOLDER}/")}
     outputs.update({f"{EXPORT_FOLDER}/{rel}": sha for rel, sha in lineage.hash_tree(run_dir / EXPORT_FOLDER).items()})
     manifest["outputs"] = dict(sorted(outputs.items()))
-    summary = {k: record[k] for k in ("file", "sha256", "opset", "exporter", "onnxruntime_version", "test_examples", "agreement",
-                                      "max_logit_diff", "thresholds", "passed", "created_at")}
-    manifest.setdefault("exports", {})["onnx"] = summary
+    if record.get("format") == "gguf":  # one summary per quantisation: exports.gguf.<quantization>
+        summary = {k: record[k] for k in GGUF_SUMMARY}
+        manifest.setdefault("exports", {}).setdefault("gguf", {})[record["quantization"]] = summary
+    else:
+        summary = {k: record[k] for k in ("file", "sha256", "opset", "exporter", "onnxruntime_version", "test_examples", "agreement",
+                                          "max_logit_diff", "thresholds", "passed", "created_at")}
+        manifest.setdefault("exports", {})["onnx"] = summary
     if "signature" in manifest and key is not None:
         lineage.sign_manifest(manifest, key)
     lineage.write_json_atomic(run_dir / lineage.MANIFEST_NAME, manifest)
@@ -414,3 +429,168 @@ def _version(name: str) -> str:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+def export_gguf(run_dir: Path, quantization: str = "f16", min_agreement: float = 0.95, key: bytes | None = None) -> dict:
+    """Export a finished generation run's causal LM (model/, LoRA merged) to run_dir/export/model-<quantization>.gguf,
+    verify it on the run's test prompts, record the result in export/export-gguf-<quantization>.json and the run's
+    manifest; returns what that record holds.
+
+    The file is written with the `gguf` package as llama.cpp's convert_hf_to_gguf.py writes a Llama model
+    (`fmtune.serving.gguf_export.write`; `quantization` is one of gguf_export.QUANTIZATIONS: f32, f16, q8_0) into a
+    temp folder inside export/. transformers' GGUF loader then reads the model and its tokenizer back from the file,
+    and the pair answers the run's test prompts (logs/generations.jsonl, each the user message of a chat, as `fmtune
+    predict` sends it) next to the run's own model in fp32: next-token agreement and the largest next-token logit
+    difference at the end of the prompts, and exact agreement of the greedy answers within the run's decoding budget
+    (report.json task.max_new_tokens). The export passes when at least `min_agreement` of the answers agree (and no
+    logit is NaN): only then is the file moved to export/model-<quantization>.gguf. Otherwise it is deleted (an earlier
+    export of that quantisation with it), the record says passed: false and an FmtuneError gives the numbers.
+
+    The manifest then covers export/ as after an ONNX export (summary under exports.gguf.<quantization>); a signed
+    manifest is re-signed with `key` (default $FMTUNE_MANIFEST_KEY), or left as it is when there is no key.
+    """
+    from fmtune.models import causal_lm
+    from fmtune.serving import gguf_export
+    from fmtune.store import lineage
+
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    if quantization not in gguf_export.QUANTIZATIONS:
+        raise FmtuneError(f"quantization {quantization!r}: expected one of {', '.join(gguf_export.QUANTIZATIONS)} "
+                          f"({'; '.join(f'{q}: {what}' for q, what in gguf_export.QUANTIZATIONS.items())}).")
+    if not 0 <= min_agreement <= 1:
+        raise FmtuneError(f"min_agreement must be within 0..1 (got {min_agreement}): the share of test prompts whose greedy answer must agree.")
+    report = _check_generation_run(run_dir)
+    model_dir = run_dir / "model"
+    tokenizer_json = gguf_export.check_model(model_dir)
+    export_dir = run_dir / EXPORT_FOLDER
+    _check_export_folder(export_dir)
+    key = key if key is not None else lineage.manifest_key()
+    record_in_manifest = _check_manifest(run_dir, key)
+    prompts = _test_prompts(run_dir, report)
+    max_new_tokens = int((report.get("task") or {}).get("max_new_tokens") or 64)  # 64: runs from before the budget was recorded
+
+    model, tokenizer = causal_lm.load_model(model_dir).eval(), causal_lm.load_tokenizer(model_dir)
+    name = GGUF_FILE.format(quantization=quantization)
+    export_dir.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=export_dir, prefix=GGUF_TEMP_PREFIX))
+    try:
+        tmp_file = tmp / name
+        written = gguf_export.write(model, tokenizer, model_dir, tokenizer_json, tmp_file, quantization, run_dir.name,
+                                    (report.get("base_model") or {}).get("name"))
+        exported, exported_tokenizer = gguf_export.load(tmp, name)
+        found = gguf_export.compare(model, tokenizer, exported, exported_tokenizer, prompts, max_new_tokens)
+        del exported
+        finite = np.isfinite(found["max_next_token_logit_diff"])
+        passed = bool(found["answer_agreement"] >= min_agreement and finite)
+        import transformers
+
+        record: dict[str, Any] = {
+            "format": "gguf",
+            "quantization": quantization,
+            "quantization_means": gguf_export.QUANTIZATIONS[quantization],
+            "file": f"{EXPORT_FOLDER}/{name}" if passed else None,
+            "sha256": lineage.sha256_file(tmp_file),
+            "bytes": tmp_file.stat().st_size,
+            "gguf_version": _version("gguf"),
+            "writer": f"gguf.GGUFWriter {_version('gguf')}, as llama.cpp's convert_hf_to_gguf.py (LlamaModel) writes a Llama model",
+            "architecture": "llama",
+            "tensors": written["tensors"],
+            "tokenizer": written["tokenizer"],
+            "checked_with": f"transformers {transformers.__version__} GGUF loader (model and tokenizer read back from the file), fp32, "
+                            "against the run's model/ in fp32",
+            "model_sha256": _weights_hash(model_dir),
+            "max_new_tokens": max_new_tokens,
+            **{k: v for k, v in found.items() if k != "max_next_token_logit_diff"},
+            "max_next_token_logit_diff": found["max_next_token_logit_diff"] if finite else None,  # None: NaN or infinite logits
+            "thresholds": {"min_agreement": min_agreement},
+            "passed": passed,
+            "manifest": "recorded in manifest.json" if record_in_manifest else
+                        "not recorded: manifest.json is signed and no key was given (export/ is not covered by it)",
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seconds": 0.0,
+        }
+        if passed:
+            os.replace(tmp_file, export_dir / name)
+        else:  # the failed file is fmtune's own: removed with the temp folder; an earlier export of this quantisation too
+            (export_dir / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    record["seconds"] = round(time.perf_counter() - start, 2)
+    lineage.write_json_atomic(export_dir / GGUF_RECORD_FILE.format(quantization=quantization), record)
+    if record_in_manifest:
+        _record_in_manifest(run_dir, record, key)
+    if not passed:
+        differ = "; ".join(f"{d['prompt']!r}: run {d['run_model']!r}, GGUF {d['gguf']!r}" for d in found["answers_that_differ"][:3])
+        raise FmtuneError(
+            f"{run_dir}: the GGUF {quantization} export failed its check on {len(prompts)} test prompts: greedy answer agreement "
+            f"{found['answer_agreement']:.4f} (at least {min_agreement} needed), next-token agreement {found['next_token_agreement']:.4f}, "
+            f"max next-token logit difference {found['max_next_token_logit_diff']:.3g}, tokenizer agreement {found['tokenizer_agreement']:.4f}"
+            f"{f' (for example {differ})' if differ else ''}. No GGUF file was kept; "
+            f"{export_dir / GGUF_RECORD_FILE.format(quantization=quantization)} records the result. A wider quantisation "
+            f"({', '.join(q for q in gguf_export.QUANTIZATIONS if q != quantization)}) or a lower --min-agreement may pass."
+        )
+    return record
+
+
+def _check_generation_run(run_dir: Path) -> dict:
+    """The run's report; refuse folders that are not finished generation runs."""
+    if not (run_dir / "model").is_dir():
+        raise FmtuneError(f"{run_dir}: no model/ folder here. Is this a finished fmtune run folder? (see `fmtune runs list`)")
+    report_path = run_dir / "report.json"
+    if not report_path.is_file():
+        raise FmtuneError(f"{report_path}: not found; GGUF export needs a finished run folder (its report names the task and the decoding budget).")
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FmtuneError(f"{report_path}: not a JSON report ({exc}); `fmtune verify {run_dir}` checks the run's files.") from None
+    task = report.get("task") or {}
+    kind = task.get("type", "classification")
+    if kind != "generation" and task.get("model_kind") == "causal_lm":
+        raise FmtuneError(f"{run_dir}: GGUF export is for generation runs (a causal LM that writes answers); this run classifies with a "
+                          "causal LM (labels are scored as answers), which the export does not cover. Serve it with `fmtune serve` as it is.")
+    if kind != "generation":
+        raise FmtuneError(f"{run_dir}: GGUF export is for generation runs (a causal LM that writes answers); this is a {kind} run. "
+                          f"Encoder classifiers export with `fmtune export {run_dir} --format onnx`.")
+    return report
+
+
+def _test_prompts(run_dir: Path, report: dict) -> list[str]:
+    """The run's test prompts, as logs/generations.jsonl lists them (one row per test example)."""
+    path = run_dir / "logs" / "generations.jsonl"
+    if not path.is_file():
+        raise FmtuneError(f"{path}: not found; the GGUF export is checked on the run's test prompts, which a generation run writes there.")
+    prompts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise FmtuneError(f"{path} line {n}: not JSON ({exc}).") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise FmtuneError(f"{path} line {n}: no 'prompt' text; every line is a test example with its prompt.")
+        prompts.append(row["prompt"])
+    expected = (report.get("data") or {}).get("test")
+    if not prompts or (expected is not None and len(prompts) != expected):
+        raise FmtuneError(f"{path}: {len(prompts)} test prompts, the run's report counts {expected}; the export is checked on all of them.")
+    return prompts
+
+
+def _read_gguf_record(path: Path, quantization: str) -> dict | None:
+    """export/export-gguf-<quantization>.json as fmtune writes it, else None."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) and record.get("format") == "gguf" and record.get("quantization") == quantization else None
+
+
+def _export_files() -> dict[str, tuple[str, Any]]:
+    """{file an fmtune export writes into export/: (the record next to it, the reader that says the record is fmtune's)}."""
+    from functools import partial
+
+    from fmtune.serving.gguf_export import QUANTIZATIONS
+
+    files: dict[str, tuple[str, Any]] = {ONNX_FILE: (RECORD_FILE, _read_record)}
+    for q in QUANTIZATIONS:
+        files[GGUF_FILE.format(quantization=q)] = (GGUF_RECORD_FILE.format(quantization=q), partial(_read_gguf_record, quantization=q))
+    return files

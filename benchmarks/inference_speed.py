@@ -10,7 +10,9 @@ says it pays) against transformers.pipeline("text-classification", batch_size=64
 model cast to bf16. Generation (SmolLM2-135M-Instruct): greedy answers of 48 chatterbot questions, max 24 new tokens,
 by fmtune.models.causal_lm.generate (left-padded batches of 16, longest prompts first; with bf16 the model is cast once, as
 `fmtune predict` and `serve` hold it) against transformers.pipeline("text-generation", batch_size=16) in fp32 and with
-the model cast to bf16. Every measurement runs in a fresh subprocess,
+the model cast to bf16. `onnx_classify`: the same classifier exported by fmtune.serving.export (torch.onnx, checked
+with onnx.checker) and scored by its OnnxPredictor in ONNX Runtime (fp32, CPUExecutionProvider, length-sorted batches
+of 64: the path of `fmtune serve --runtime onnx`); the export itself is not timed. Every measurement runs in a fresh subprocess,
 repeats are interleaved in a rotated order, medians are reported, and agreement with the reference's outputs
 (same argmax label / same generated text) is recorded next to the speed. Writes benchmarks/results/inference_speed.json.
 """
@@ -28,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 CONFIG = {"texts": 1000, "max_length": 128, "batch_size": 64, "prompts": 48, "gen_batch_size": 16, "max_new_tokens": 24, "seed": 0, "repeats": 3,
-          "recipes": ["fmtune_classify", "pipeline_classify", "pipeline_classify_bf16", "fmtune_generate", "pipeline_generate", "pipeline_generate_bf16"],
+          "recipes": ["fmtune_classify", "pipeline_classify", "pipeline_classify_bf16", "onnx_classify", "fmtune_generate", "pipeline_generate", "pipeline_generate_bf16"],
           "env": {}}  # extra environment for every recipe; fmtune sets its own thread policy (child()), pipelines run with OpenMP's defaults
 
 
@@ -84,6 +86,19 @@ def child(recipe: str, cfg: dict, run: str | None) -> dict:
             predict_logits(model, tokenizer, data[:64], cfg["max_length"], cfg["batch_size"], bf16)  # warm-up, as a server would be
             start = time.perf_counter()
             labels = predict_logits(model, tokenizer, data, cfg["max_length"], cfg["batch_size"], bf16).argmax(1).tolist()
+        elif recipe == "onnx_classify":
+            import tempfile
+
+            from fmtune.serving import export
+
+            folder = Path(tempfile.mkdtemp())
+            names = export._input_names(model, tokenizer)
+            export._export(model.float().eval(), tokenizer, data[:2], cfg["max_length"], names, folder / "model.onnx", None)
+            labels_ = [model.config.id2label[i] for i in range(model.config.num_labels)]
+            onnx_model = export.OnnxPredictor(folder, export._session(folder / "model.onnx"), tokenizer, labels_, cfg["max_length"])
+            onnx_model.logits(data[:64], cfg["batch_size"])  # warm-up
+            start = time.perf_counter()
+            labels = onnx_model.logits(data, cfg["batch_size"]).argmax(1).tolist()
         else:
             if recipe.endswith("bf16"):
                 model = model.to(torch.bfloat16)
@@ -95,7 +110,7 @@ def child(recipe: str, cfg: dict, run: str | None) -> dict:
             labels = [model.config.label2id[o["label"]] for o in out]
         seconds = time.perf_counter() - start
         return {"recipe": recipe, "kind": "classification", "seconds": round(seconds, 3), "items": len(data), "items_per_s": round(len(data) / seconds, 1),
-                "bf16": bf16 if recipe == "fmtune_classify" else recipe.endswith("bf16"), "outputs": labels}
+                "bf16": bf16 if recipe == "fmtune_classify" else recipe.endswith("bf16"), "outputs": labels}  # onnx_classify: fp32
     path, _ = causal_lm.resolve_model("smollm2")
     tokenizer = causal_lm.load_tokenizer(path)
     model = causal_lm.load_model(path).eval()
@@ -139,6 +154,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--quick", action="store_true", help="smoke run: 200 texts, 8 prompts")
     parser.add_argument("--run", help="a classification run folder whose tuned model to use (default: the base model with a seeded head)")
+    parser.add_argument("--recipes", help="comma-separated subset of the recipes (default: all), e.g. fmtune_classify,pipeline_classify,pipeline_classify_bf16,onnx_classify")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "inference_speed.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -146,6 +162,8 @@ def main() -> None:
     cfg = dict(CONFIG) if args.config is None else json.loads(args.config)
     if args.quick and args.config is None:
         cfg.update(texts=200, prompts=8)
+    if args.recipes and args.config is None:
+        cfg["recipes"] = args.recipes.split(",")
     if args.child:
         print(json.dumps(child(args.child, cfg, args.run)))
         return
@@ -164,18 +182,17 @@ def main() -> None:
             rows[recipe].append(row)
             rate = f"{row['new_tokens_per_s']:7.1f} new tok/s" if "new_tokens_per_s" in row else f"{row['items_per_s']:7.1f} texts/s"
             print(f"  repeat {rep + 1}: {recipe:24s} {row['seconds']:7.2f} s  {rate}  load {row['load_after']}", flush=True)
-    reference = {"classification": rows["pipeline_classify"][0]["outputs"], "generation": rows["pipeline_generate"][0]["outputs"]}
+    reference = {kind: rows[name][0]["outputs"] for kind, name in (("classification", "pipeline_classify"), ("generation", "pipeline_generate")) if name in rows}
     table = {}
     for r, rs in rows.items():
         med = lambda k: statistics.median(x[k] for x in rs)  # noqa: E731
         table[r] = {"kind": rs[0]["kind"], "bf16": rs[0]["bf16"], "runs": len(rs), "seconds": round(med("seconds"), 3), "seconds_all": [x["seconds"] for x in rs],
                     "items_per_s": round(med("items_per_s"), 2), **({"new_tokens_per_s": round(med("new_tokens_per_s"), 1)} if "new_tokens_per_s" in rs[0] else {}),
-                    "agreement_with_fp32_pipeline": agreement(rs[0]["outputs"], reference[rs[0]["kind"]])}
-    ratios = {"classify_vs_pipeline_fp32": round(table["fmtune_classify"]["items_per_s"] / table["pipeline_classify"]["items_per_s"], 3),
-              "classify_vs_pipeline_bf16": round(table["fmtune_classify"]["items_per_s"] / table["pipeline_classify_bf16"]["items_per_s"], 3),
-              "generate_vs_pipeline_fp32": round(table["fmtune_generate"]["items_per_s"] / table["pipeline_generate"]["items_per_s"], 3),
-              **({"generate_vs_pipeline_bf16": round(table["fmtune_generate"]["items_per_s"] / table["pipeline_generate_bf16"]["items_per_s"], 3)}
-                 if "pipeline_generate_bf16" in table else {})}
+                    "agreement_with_fp32_pipeline": agreement(rs[0]["outputs"], reference[rs[0]["kind"]]) if rs[0]["kind"] in reference else None}
+    pairs = {"classify_vs_pipeline_fp32": ("fmtune_classify", "pipeline_classify"), "classify_vs_pipeline_bf16": ("fmtune_classify", "pipeline_classify_bf16"),
+             "generate_vs_pipeline_fp32": ("fmtune_generate", "pipeline_generate"), "generate_vs_pipeline_bf16": ("fmtune_generate", "pipeline_generate_bf16"),
+             "onnx_vs_fmtune_classify": ("onnx_classify", "fmtune_classify"), "onnx_vs_pipeline_fp32": ("onnx_classify", "pipeline_classify")}
+    ratios = {name: round(table[a]["items_per_s"] / table[b]["items_per_s"], 3) for name, (a, b) in pairs.items() if a in table and b in table}
     result = {"benchmark": "inference_speed", "date": started.isoformat(timespec="seconds"),
               "machine": {"description": hardware_description(), "platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()},
               "load_average": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]},
@@ -185,7 +202,7 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{'recipe':24s} {'bf16':>5s} {'seconds':>8s} {'items/s':>8s} {'agree':>6s}")
     for r, t in table.items():
-        print(f"{r:24s} {str(t['bf16']):>5s} {t['seconds']:8.2f} {t['items_per_s']:8.1f} {t['agreement_with_fp32_pipeline']:6.3f}")
+        print(f"{r:24s} {str(t['bf16']):>5s} {t['seconds']:8.2f} {t['items_per_s']:8.1f} {t['agreement_with_fp32_pipeline'] or float('nan'):6.3f}")
     print(f"\nwrote {args.out}\nratios: {json.dumps(ratios)}")
 
 

@@ -15,7 +15,7 @@ from fmtune.data import external
 from fmtune.errors import ConfigError, DataError
 from fmtune.evidence import verdict
 
-SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "shared" / "report.schema.json").read_text())
+SCHEMA = json.loads((Path(__file__).parents[1] / "src" / "fmtune" / "schema" / "report.schema.json").read_text())
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

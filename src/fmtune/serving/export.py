@@ -221,19 +221,24 @@ def export_onnx(run_dir: Path, opset: int | None = None, min_agreement: float = 
     return record
 
 
-def _check_encoder_classifier(run_dir: Path) -> dict:
-    """The run's report; refuse folders that are not finished encoder classification runs."""
-    from fmtune.models.lm_classify import PROMPT_FILE
-
+def _finished_report(run_dir: Path, export: str, needs: str) -> dict:
+    """A finished run folder's report.json (it has model/); an FmtuneError that says what is missing otherwise."""
     if not (run_dir / "model").is_dir():
         raise FmtuneError(f"{run_dir}: no model/ folder here. Is this a finished fmtune run folder? (see `fmtune runs list`)")
     report_path = run_dir / "report.json"
     if not report_path.is_file():
-        raise FmtuneError(f"{report_path}: not found; ONNX export needs a finished run folder (its report names the task and data).")
+        raise FmtuneError(f"{report_path}: not found; {export} needs a finished run folder (its report names {needs}).")
     try:
-        report = json.loads(report_path.read_text(encoding="utf-8"))
+        return json.loads(report_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FmtuneError(f"{report_path}: not a JSON report ({exc}); `fmtune verify {run_dir}` checks the run's files.") from None
+
+
+def _check_encoder_classifier(run_dir: Path) -> dict:
+    """The run's report; refuse folders that are not finished encoder classification runs."""
+    from fmtune.models.lm_classify import PROMPT_FILE
+
+    report = _finished_report(run_dir, "ONNX export", "the task and data")
     task = report.get("task", {})
     if task.get("type") == "generation":
         raise FmtuneError(f"{run_dir}: ONNX export is for encoder classifiers; this is a generation run (a causal LM that writes "
@@ -535,15 +540,7 @@ def export_gguf(run_dir: Path, quantization: str = "f16", min_agreement: float =
 
 def _check_generation_run(run_dir: Path) -> dict:
     """The run's report; refuse folders that are not finished generation runs."""
-    if not (run_dir / "model").is_dir():
-        raise FmtuneError(f"{run_dir}: no model/ folder here. Is this a finished fmtune run folder? (see `fmtune runs list`)")
-    report_path = run_dir / "report.json"
-    if not report_path.is_file():
-        raise FmtuneError(f"{report_path}: not found; GGUF export needs a finished run folder (its report names the task and the decoding budget).")
-    try:
-        report = json.loads(report_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FmtuneError(f"{report_path}: not a JSON report ({exc}); `fmtune verify {run_dir}` checks the run's files.") from None
+    report = _finished_report(run_dir, "GGUF export", "the task and the decoding budget")
     task = report.get("task") or {}
     kind = task.get("type", "classification")
     if kind != "generation" and task.get("model_kind") == "causal_lm":

@@ -17,37 +17,17 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import glob
 import json
-import os
 import random
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from sets import _chatterbot_statements  # benchmarks/sets.py (the script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parent
 SEEDS = (0, 1, 2)
-
-
-def _chatterbot_statements(lang: str) -> dict[str, list[str]]:
-    """{topic: its distinct statements, in file order} for one language of the chatterbot corpus."""
-    import yaml
-
-    from fmtune.packages import package_dir
-
-    root = package_dir("chatterbot_corpus") / "data" / lang
-    out: dict[str, list[str]] = {}
-    for path in sorted(glob.glob(str(root / "*.yml"))):
-        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        seen: list[str] = []
-        for conversation in doc.get("conversations") or []:
-            for statement in conversation:
-                statement = str(statement).strip()
-                if statement and statement not in seen:
-                    seen.append(statement)
-        out[os.path.basename(path)[:-4]] = seen
-    return out
 
 
 def _write(path: Path, rows: list[tuple[str, str]]) -> Path:

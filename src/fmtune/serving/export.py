@@ -197,15 +197,9 @@ def export_onnx(run_dir: Path, opset: int | None = None, min_agreement: float = 
             "max_logit_diff": diff if np.isfinite(diff) else None,  # None: ONNX Runtime gave NaN or infinite logits
             "thresholds": {"min_agreement": min_agreement, "max_logit_diff": max_logit_diff},
             "passed": passed,
-            "manifest": "recorded in manifest.json" if record_in_manifest else
-                        "not recorded: manifest.json is signed and no key was given (export/ is not covered by it)",
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "seconds": 0.0,
+            **_bookkeeping(record_in_manifest),
         }
-        if passed:
-            os.replace(tmp_file, export_dir / ONNX_FILE)
-        else:  # the failed file is fmtune's own: removed with the temp folder; an earlier export is no longer what export.json describes
-            (export_dir / ONNX_FILE).unlink(missing_ok=True)
+        _keep_or_drop(tmp_file, export_dir / ONNX_FILE, passed)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     record["seconds"] = round(time.perf_counter() - start, 2)
@@ -219,6 +213,22 @@ def export_onnx(run_dir: Path, opset: int | None = None, min_agreement: float = 
             f"was kept; {export_dir / RECORD_FILE} records the result. An opset other than {used_opset} or looser thresholds may help."
         )
     return record
+
+
+def _bookkeeping(record_in_manifest: bool) -> dict:
+    """The fields every export record ends with (seconds filled in once the check is done)."""
+    return {"manifest": "recorded in manifest.json" if record_in_manifest else
+            "not recorded: manifest.json is signed and no key was given (export/ is not covered by it)",
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": 0.0}
+
+
+def _keep_or_drop(tmp_file: Path, final: Path, passed: bool) -> None:
+    """A passed export replaces its final file; a failed one (fmtune's own temp file, removed with its temp folder)
+    also removes an earlier export at that name, which its record no longer describes."""
+    if passed:
+        os.replace(tmp_file, final)
+    else:
+        final.unlink(missing_ok=True)
 
 
 def _finished_report(run_dir: Path, export: str, needs: str) -> dict:
@@ -510,15 +520,9 @@ def export_gguf(run_dir: Path, quantization: str = "f16", min_agreement: float =
             "max_next_token_logit_diff": found["max_next_token_logit_diff"] if finite else None,  # None: NaN or infinite logits
             "thresholds": {"min_agreement": min_agreement},
             "passed": passed,
-            "manifest": "recorded in manifest.json" if record_in_manifest else
-                        "not recorded: manifest.json is signed and no key was given (export/ is not covered by it)",
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "seconds": 0.0,
+            **_bookkeeping(record_in_manifest),
         }
-        if passed:
-            os.replace(tmp_file, export_dir / name)
-        else:  # the failed file is fmtune's own: removed with the temp folder; an earlier export of this quantisation too
-            (export_dir / name).unlink(missing_ok=True)
+        _keep_or_drop(tmp_file, export_dir / name, passed)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     record["seconds"] = round(time.perf_counter() - start, 2)

@@ -28,8 +28,8 @@ def fmtune_cli(*args, cwd: Path | None = None, timeout: float = 120) -> subproce
     (["predict"], "Missing argument 'run_dir'"),
     (["bogus"], "No such command 'bogus'"),
     (["runs", "show"], "Missing argument 'RUN'"),
-    (["predict", "--bogus", "x"], "No such option: --bogus"),
-    (["run", "--bogus"], "No such option '--bogus'"),
+    (["predict", "--bogus", "x"], "No such option"),  # click words it "No such option: --bogus" or "No such option '--bogus'" by version
+    (["run", "--bogus"], "No such option"),
 ])
 def test_usage_errors_print_usage_and_one_error_line_and_exit_2(args, error):
     proc = fmtune_cli(*args)
@@ -38,6 +38,7 @@ def test_usage_errors_print_usage_and_one_error_line_and_exit_2(args, error):
     assert proc.stderr.startswith("Usage: ") and "--help" in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and error in errors[0], proc.stderr
+    assert "--bogus" in errors[0] or "--bogus" not in args
 
 
 @pytest.mark.parametrize("args", [[], ["runs"]])

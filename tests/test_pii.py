@@ -13,7 +13,7 @@ import string
 import sys
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fmtune.data.audit import find_pii, luhn_valid, redact_text
@@ -256,6 +256,8 @@ def test_generated_pii_in_text_is_fully_masked(kind, data, before, after, openin
 
 @PROPERTY
 @given(values=st.lists(st.sampled_from(sorted(PII)).flatmap(lambda k: PII[k]), min_size=2, max_size=5), words=filler(4))
+@example(values=[("", "340000000000009"), ("", "+1 00 00 00 00 00 00 00")], words="")  # 14 digits in 7 pairs: the 7th pair once leaked
+@example(values=[("", "340000000000009"), ("", "+1-00-00-00-00-00-00-00")], words="")
 def test_several_generated_values_in_one_text_are_all_masked(values, words):
     text = ". ".join(f"{words} {lead}{value}" for lead, value in values) + "."
     out, counts = redact_text(text)

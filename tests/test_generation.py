@@ -184,6 +184,48 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny_llama, tok):
     assert batched == single and all(len(s.split()) <= 5 for s in batched)
 
 
+def _few_shot_prompts(tok, questions: list[str]) -> list[list[int]]:
+    shots = []
+    for p in colour_pairs(5):
+        shots += [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["completion"]}]
+    system = [{"role": "system", "content": "you are a helpful ai assistant"}]
+    return [causal_lm.prompt_ids(tok, system + shots + [{"role": "user", "content": q}]) for q in questions]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_generation_from_a_shared_prefix_cache_equals_generate_on_whole_prompts(tmp_path, seed):
+    """The few-shot path (prefix run once, batches continue from its cache, prompts of different lengths left-padded
+    after it) must give the very tokens transformers' generate() gives for the whole prompts, batched or alone."""
+    folder = make_tiny_llama(tmp_path / "m", seed=seed)
+    model, tok = causal_lm.load_model(folder), causal_lm.load_tokenizer(folder)
+    questions = ["what colour is the fox", "cat", "what is the colour of a yak , briefly", "owl", "what colour is the red ram"]
+    prompts = _few_shot_prompts(tok, questions)
+    shared = min(causal_lm.common_prefix(prompts), min(map(len, prompts)) - 1)
+    assert shared >= causal_lm.SHARED_PREFIX_MIN and len(prompts[0]) + 8 <= 128
+    stops, pad = causal_lm.stop_token_ids(tok), tok.pad_token_id
+    with torch.inference_mode():
+        cached = causal_lm.greedy_after_prefix(model, prompts, shared, 8, stops, pad, batch_size=3)
+        whole = causal_lm._generate_batches(model, prompts, 8, stops, pad, 3, None)
+        alone = [causal_lm._generate_batches(model, [p], 8, stops, pad, 1, None)[0] for p in prompts]
+    assert cached == whole == alone
+    assert any(len(a) > 0 for a in cached)
+
+
+def test_generate_takes_the_prefix_path_for_few_shot_prompts_only(tiny_llama, tok, monkeypatch):
+    calls = []
+    real = causal_lm.greedy_after_prefix
+    monkeypatch.setattr(causal_lm, "greedy_after_prefix", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    model = causal_lm.load_model(tiny_llama)
+    convs = [[{"role": "user", "content": q}] for q in ("what colour is the fox", "cat")]
+    causal_lm.generate(model, tok, convs, max_new_tokens=4)
+    assert calls == []  # a zero-shot prompt shares only the template's opening
+    shots = []
+    for p in colour_pairs(5):
+        shots += [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["completion"]}]
+    answers = causal_lm.generate(model, tok, [shots + c for c in convs], max_new_tokens=4)
+    assert len(calls) == 1 and calls[0] >= causal_lm.SHARED_PREFIX_MIN and len(answers) == 2
+
+
 def test_token_losses_match_the_models_own_loss(tiny_llama, tok):
     model = causal_lm.load_model(tiny_llama)
     e = causal_lm.encode(tok, [{"role": "user", "content": "what colour is the cat"}], "red")

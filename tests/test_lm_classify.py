@@ -112,7 +112,7 @@ def test_shared_prefix_scoring_equals_one_forward_per_pair_and_picks_the_argmax(
     assert fast == pytest.approx(ref, abs=1e-4)
     assert fast.argmax(1).tolist() == ref.argmax(1).tolist()
     rows = [causal_lm.encode(tok, p.messages(t, shots), lab) for t in texts for lab in p.labels]
-    assert lm_classify._common_prefix([r.input_ids for r in rows]) > 10  # the system turn and instruction (and shots) are shared
+    assert causal_lm.common_prefix([r.input_ids for r in rows]) > 10  # the system turn and instruction (and shots) are shared
 
 
 def test_training_optimises_what_scoring_measures(tiny_llama, tok):

@@ -163,3 +163,41 @@ def test_from_scratch_rung_warms_up_longer_than_the_fine_tune(tmp_path, tiny_ber
     assert scratch.patience == tuned.patience + SCRATCH_EXTRA_PATIENCE
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert "warmed up over 20% of the steps" in next(r["description"] for r in report["ladder"] if r["name"] == "from_scratch")
+
+
+@pytest.mark.parametrize("budget", [1.0, 2.0])
+def test_from_scratch_gets_the_fine_tunes_optimizer_steps(tmp_path, tiny_bert, monkeypatch, budget):
+    """The report calls from_scratch "the same data and budget": its epoch limit is the epochs the fine-tune ran (same
+    data, same batch size: the same optimizer steps); --scratch-budget offers more, as a stated choice."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_reviews, write_csv
+
+    from fmtune.config import build_config
+    from fmtune.runner import pipeline
+    from fmtune.training import train
+
+    seen = []
+    real_fit = train.fit
+
+    def spy(model, tok, tr, va, cfg, **kw):
+        result = real_fit(model, tok, tr, va, cfg, **kw)
+        seen.append((cfg, result))
+        return result
+
+    monkeypatch.setattr(train, "fit", spy)
+    data = write_csv(tmp_path / "reviews.csv", make_reviews(120))
+    cfg = build_config({}, {"data": str(data), "model": str(tiny_bert), "out": str(tmp_path / "run"), "rungs": ["zero_shot", "fine_tuned", "from_scratch"],
+                            "curve": False, "epochs": 3, "batch_size": 16, "bootstrap": 100, "latency_repeats": 3, "search": "off",
+                            "scratch_budget": budget})
+    pipeline.run(cfg)
+    (tuned_cfg, tuned), (scratch_cfg, scratch) = seen
+    assert tuned_cfg.epochs == 3 and scratch_cfg.epochs == round(budget * tuned.epochs_run)
+    assert scratch.epochs_run <= scratch_cfg.epochs
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    choice = next(c for c in report["choices"] if c["setting"] == "from_scratch_epochs")
+    assert choice["value"] == scratch_cfg.epochs
+    assert ("same optimizer steps" in choice["why"]) == (budget == 1.0) and ("larger budget" in choice["why"]) == (budget != 1.0)
+    row = next(r for r in report["ladder"] if r["name"] == "from_scratch")
+    assert f"{scratch.epochs_run} epochs run" in row["description"] and "max 3 epochs" not in row["description"]

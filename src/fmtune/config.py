@@ -104,6 +104,7 @@ class TrainConfig(_Group):
     lora_learning_rate: float | None = Field(None, gt=0, description="Peak learning rate for LoRA (default: 10x --learning-rate).")
     head_learning_rate: float | None = Field(None, gt=0, description="Full fine-tuning: peak learning rate for the parameters the base model does not have (the new classifier head); default: 30x --learning-rate, because a randomly initialised head at the encoder's rate learns too slowly, above all with many classes (benchmarks/head_lr_sets.py).")
     scratch_learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate for the from_scratch rung (random init trains best with a higher rate).")
+    scratch_budget: float = Field(1.0, gt=0, le=10, description="The from_scratch rung's epoch limit as a multiple of the epochs the fine-tune ran: 1 (default) gives it the same optimizer steps, the budget the comparison claims; more is a separate choice, and the report shows what it cost.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of steps spent warming up the learning rate.")
     lora_r: int = Field(16, ge=1, description="LoRA rank.")

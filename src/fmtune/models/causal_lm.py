@@ -376,31 +376,123 @@ def for_inference(model, bf16: bool):
 
 
 
+SHARED_PREFIX_MIN = 64  # tokens every prompt must start with before generate() runs them once and reuses their cache
+GENERATE_CACHE_TOKENS = 16384  # rows x (prefix + prompt + answer) tokens of key/value cache one batch may hold
+
+
+def common_prefix(seqs: list[list[int]]) -> int:
+    """How many leading tokens every sequence shares."""
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        k = 0
+        while k < n and s[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
 def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 16, bf16: bool = False,
              max_prompt_tokens: int | None = None, progress: Callable[[int], None] | None = None) -> list[str]:
-    """Greedy completions of chat conversations, batched with left padding (longest prompts first), in input order."""
+    """Greedy completions of chat conversations, batched by length (longest first), in input order; each stops at the
+    tokenizer's end of turn or after `max_new_tokens`. When every prompt starts with the same SHARED_PREFIX_MIN tokens
+    or more (a few-shot prompt's system turn and shots), that prefix runs once and each batch continues from its
+    key/value cache; otherwise transformers' generate() runs on left-padded batches."""
     import torch
-    from transformers import GenerationConfig
 
-    device = next(model.parameters()).device
     model = for_inference(model, bf16)  # bf16: weights cast once, then no autocast
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stops = stop_token_ids(tokenizer)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=stops or None)
     prompts = [prompt_ids(tokenizer, conv, max_prompt_tokens) for conv in conversations]
-    order = np.argsort([-len(p) for p in prompts], kind="stable")
-    out: list[str] = [""] * len(prompts)
+    if not prompts:
+        return []
+    shared = min(common_prefix(prompts), min(len(p) for p in prompts) - 1) if len(prompts) > 1 else 0  # each row keeps a token of its own
     model.eval()
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = collate([Encoded(prompts[i], prompts[i]) for i in idx], pad_id, left=True)
-            ids = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), generation_config=config)
-            new = ids[:, batch["input_ids"].shape[1] :].cpu()
-            for j, i in enumerate(idx):
-                out[i] = tokenizer.decode(new[j], skip_special_tokens=True).strip()
-            if progress:
-                progress(len(idx))
+        if shared >= SHARED_PREFIX_MIN:
+            answers = greedy_after_prefix(model, prompts, shared, max_new_tokens, stops, pad_id, batch_size, progress)
+        else:
+            answers = _generate_batches(model, prompts, max_new_tokens, stops, pad_id, batch_size, progress)
+    return [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+
+
+def _until_stop(tokens: list[int], stops: list[int]) -> list[int]:
+    for k, tok in enumerate(tokens):
+        if tok in stops:
+            return tokens[:k]
+    return tokens
+
+
+def _generate_batches(model, prompts: list[list[int]], max_new_tokens: int, stops: list[int], pad_id: int, batch_size: int,
+                      progress: Callable[[int], None] | None) -> list[list[int]]:
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=stops or None)
+    order = np.argsort([-len(p) for p in prompts], kind="stable")
+    out: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = collate([Encoded(prompts[i], prompts[i]) for i in idx], pad_id, left=True)
+        ids = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), generation_config=config)
+        new = ids[:, batch["input_ids"].shape[1] :].cpu().tolist()
+        for j, i in enumerate(idx):
+            out[i] = _until_stop(new[j], stops)
+        if progress:
+            progress(len(idx))
+    return out
+
+
+def greedy_after_prefix(model, prompts: list[list[int]], shared: int, max_new_tokens: int, stops: list[int], pad_id: int, batch_size: int,
+                        progress: Callable[[int], None] | None = None) -> list[list[int]]:
+    """Greedy answer tokens (up to the first stop token) of prompts that all start with the same `shared` tokens. The
+    prefix runs once; every batch starts from a copy of its key/value cache, with the rest of each prompt left-padded
+    after it (pads masked, positions counted on from the prefix), so each row sees what it would see alone."""
+    import copy
+
+    import torch
+
+    decoder, head = _parts(model)
+    device = next(model.parameters()).device
+    name = cache_argument(decoder)
+    prefix = prefix_cache(model, prompts[0][:shared])
+    stop = torch.tensor(stops or [-1], device=device)
+    order = np.argsort([-len(p) for p in prompts], kind="stable")
+    per_batch = max(1, min(batch_size, GENERATE_CACHE_TOKENS // (len(prompts[order[0]]) + max_new_tokens)))
+    out: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), per_batch):
+        idx = order[start : start + per_batch]
+        rest = [prompts[i][shared:] for i in idx]
+        n, width = len(rest), max(len(r) for r in rest)
+        ids = torch.full((n, width), pad_id, dtype=torch.long)
+        positions = torch.ones((n, width), dtype=torch.long)  # pads: any position (masked)
+        mask = torch.zeros((n, shared + width), dtype=torch.long)
+        mask[:, :shared] = 1
+        for j, r in enumerate(rest):
+            ids[j, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            positions[j, width - len(r) :] = torch.arange(shared, shared + len(r))
+            mask[j, shared + width - len(r) :] = 1
+        ids, positions, mask = ids.to(device), positions.to(device), mask.to(device)
+        following = positions[:, -1:] + 1
+        past = copy.deepcopy(prefix)
+        past.batch_repeat_interleave(n)
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        steps = []
+        for _ in range(max_new_tokens):
+            result = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{name: past})
+            past = result.cache if getattr(result, "cache", None) is not None else result.past_key_values
+            token = head(result.last_hidden_state[:, -1]).argmax(-1).masked_fill(done, pad_id)
+            steps.append(token)
+            done |= torch.isin(token, stop)
+            if bool(done.all()):
+                break
+            ids, positions, following = token[:, None], following, following + 1
+            mask = torch.cat([mask, mask.new_ones(n, 1)], 1)
+        new = torch.stack(steps, 1).cpu().tolist()
+        for j, i in enumerate(idx):
+            out[i] = _until_stop(new[j], stops)
+        if progress:
+            progress(len(idx))
     return out
 
 

@@ -105,7 +105,7 @@ def score_rows(model, rows: list[Encoded], pad_id: int, batch_size: int = 32, bf
     if not rows:
         return np.zeros(0)
     first_scored = min(next(i for i, t in enumerate(r.labels) if t != IGNORE) for r in rows)
-    shared = min(_common_prefix([r.input_ids for r in rows]), first_scored - 1)
+    shared = min(causal_lm.common_prefix([r.input_ids for r in rows]), first_scored - 1)
     suffixes = [Encoded(r.input_ids[shared:], r.labels[shared:]) for r in rows] if shared > 0 else rows
     longest = max(len(r.input_ids) for r in suffixes)
     per_batch = max(1, min(batch_size, CACHE_TOKENS_PER_BATCH // (shared + longest))) if shared > 0 else batch_size
@@ -129,17 +129,6 @@ def score_rows(model, rows: list[Encoded], pad_id: int, batch_size: int = 32, bf
             if progress:
                 progress(len(idx))
     return out
-
-
-def _common_prefix(seqs: list[list[int]]) -> int:
-    first = seqs[0]
-    n = min(len(s) for s in seqs)
-    for s in seqs[1:]:
-        k = 0
-        while k < n and s[k] == first[k]:
-            k += 1
-        n = k
-    return n
 
 
 def label_scores(model, tokenizer, prompt: LabelPrompt, texts: list[str], shots: list[tuple[str, str]] | tuple = (), batch_size: int = 32,

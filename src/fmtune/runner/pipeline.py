@@ -37,7 +37,7 @@ def run(cfg: RunConfig, command: str = "fmtune run", show_summary: bool = True) 
         curve, curve_seconds = _learning_curve(r, ft)
         if not r.world.main:  # the other ranks only take part in training; rank 0 measures and writes the rest
             return r.out
-        with stage("retention and domain shift", r.log):
+        with stage("retention and domain shift", r.log, r.ctx.profile):
             retention_, shift = r.task.probes(r.ctx, ft.model)
         inf = _save_and_measure(r, ft)
         report = _report(r, ft, curve, curve_seconds, retention_, shift, inf)
@@ -233,14 +233,14 @@ def _prepare(r: _Run) -> None:
 
 def _no_training_rungs(r: _Run) -> None:
     for name, score in r.task.no_training_rungs(r.ctx).items():
-        with stage(f"rung {name}", r.log):
+        with stage(f"rung {name}", r.log, r.ctx.profile):
             r.add(score())
 
 
 def _compared_rungs(r: _Run) -> None:
     """Other models' outputs (--compare) as rungs: scored on the same test examples and resamples, so they pair."""
     for c in r.compared:
-        with stage(f"rung {c.name} (outputs from {c.path.name})", r.log):
+        with stage(f"rung {c.name} (outputs from {c.path.name})", r.log, r.ctx.profile):
             scored = r.task.score_outputs(r.ctx, c.outputs)
             r.add(Rung(c.name, f"another model's outputs on the test inputs, read from {c.path.name} (trained elsewhere: no cost measured here)", scored, 0),
                   external={"file": str(c.path), "sha256": c.sha256, "rows": c.rows, "rows_not_in_test": c.ignored})
@@ -250,7 +250,7 @@ def _trained_rungs(r: _Run):
     """fine_tuned (full or LoRA) and from_scratch, each at the rate its search chose, with the choices the fine-tune
     made. Returns the fine-tune's TrainResult."""
     t = r.train_cfg
-    with stage(f"rung fine_tuned ({r.method})", r.log):
+    with stage(f"rung fine_tuned ({r.method})", r.log, r.ctx.profile):
         ft, scored, n, found = _searched_rung(r, "fine-tuning", "fine_tuned", False, r.default_learning_rate, r.lora, lr_given(t, r.lora, False))
         row = r.add(Rung("fine_tuned", r.task.describe("fine_tuned", ft, r.method, r.learning_rate), scored, n, ft.train_seconds), history=ft.history, best_epoch=ft.best_epoch,
                     stopped=ft.stopped, learning_rate=r.learning_rate, method=r.method, still_improving=still_improving(ft, t), learned=ft.learned,
@@ -263,7 +263,9 @@ def _trained_rungs(r: _Run):
     r.ctx.choose("learning_rate", r.learning_rate, learning_rate_why(t, r.lora, found))
     row.update(r.task.tuning_choices(r.ctx, r.lora, r.learning_rate))  # e.g. the new head's learning rate
     if "from_scratch" in r.cfg.eval.rungs:
-        with stage("rung from_scratch", r.log):
+        r.ctx.scratch_epochs, why = scratch_budget(t, ft.epochs_run)
+        r.ctx.choose("from_scratch_epochs", r.ctx.scratch_epochs, why)
+        with stage("rung from_scratch", r.log, r.ctx.profile):
             sc, scored, n, found = _searched_rung(r, "from scratch", "from_scratch", True, t.scratch_learning_rate, False, lr_given(t, False, True))
             r.add(Rung("from_scratch", r.task.describe("from_scratch", sc, "full", r.rates["from_scratch"]), scored, n, sc.train_seconds), history=sc.history, best_epoch=sc.best_epoch,
                   stopped=sc.stopped, learning_rate=r.rates["from_scratch"], learned=sc.learned, search=found)
@@ -401,7 +403,7 @@ def _learning_curve(r: _Run, ft) -> tuple[dict, float]:
         return {"metric": primary, "points": [], "skipped": "turned off with --no-curve"}, 0.0
     ft_row = next(row for row in r.ladder if row["name"] == "fine_tuned")
     seconds, points, curve_boots = 0.0, [], []
-    with stage("learning curve", r.log):
+    with stage("learning curve", r.log, r.ctx.profile):
         for frac, subset in learning_curve.nested_subsets(r.prepared.strata, r.cfg.evidence.curve_fractions, r.cfg.seed).items():
             res, scored, n = _fit_rung(r, f"curve {frac:.1%}", f"curve-{frac:g}", subset, False, r.learning_rate, r.lora)
             seconds += res.train_seconds
@@ -417,10 +419,10 @@ def _learning_curve(r: _Run, ft) -> tuple[dict, float]:
 
 def _save_and_measure(r: _Run, ft) -> dict:
     """The model folder, then size and latency of the base and the tuned model on the same inputs (the `inference` block)."""
-    with stage("save model", r.log):
+    with stage("save model", r.log, r.ctx.profile):
         model_dir = r.tmp / "model"
         r.task.save(r.ctx, ft.model, model_dir)
-    with stage(f"measure {r.task.measures}", r.log):
+    with stage(f"measure {r.task.measures}", r.log, r.ctx.profile):
         return r.task.measure(r.ctx, ft.model, model_dir, r.lora)
 
 
@@ -441,7 +443,7 @@ def _report(r: _Run, ft, curve: dict, curve_seconds: float, retention_: dict, sh
     report = {
         "fmtune_version": __version__,
         "run": {"name": r.name, "status": "complete", "started_at": r.started.isoformat(timespec="seconds"), "finished_at": None,
-                "wall_seconds": None, "seed": cfg.seed, "command": r.command, "stages": r.log},
+                "wall_seconds": None, "seed": cfg.seed, "command": r.command, "stages": r.log, "profile": r.ctx.profile},
         "task": {"type": kind, "primary_metric": r.ctx.primary, **p.task_block},
         "data": {**data, "audit": p.audit},
         "base_model": {"name": p.model_name, "path": str(p.model_path), "parameters": inference.count_parameters(p.base),
@@ -460,6 +462,16 @@ def _report(r: _Run, ft, curve: dict, curve_seconds: float, retention_: dict, sh
     if skipped is not None:
         report["skipped_rungs"] = skipped
     return report
+
+
+def scratch_budget(train, ft_epochs: int) -> tuple[int, str]:
+    """from_scratch's epoch limit (each trial of its search, too): the epochs the fine-tune ran, times --scratch-budget."""
+    epochs = max(1, round(ft_epochs * train.scratch_budget))
+    if train.scratch_budget == 1:
+        return epochs, (f"the epochs the fine-tune ran ({ft_epochs}): same data and batch size, so the same optimizer steps; "
+                        "early stopping may end it sooner (--scratch-budget gives it more, at its cost)")
+    return epochs, (f"--scratch-budget {train.scratch_budget:g}: {train.scratch_budget:g} x the {ft_epochs} epochs the fine-tune ran, a larger budget "
+                    "than the fine-tune had (the from_scratch rung's train_seconds say what it cost)")
 
 
 def still_improving(result, train) -> bool:

@@ -39,7 +39,16 @@ class Context:
     tmp: Path | None = None
     boot: np.ndarray | None = None
     choices: list[dict] = field(default_factory=list)
+    profile: list[dict] = field(default_factory=list)  # each stage's seconds, CPU seconds, bytes written, peak memory (console.stage)
     on_epoch: Callable[[dict], None] | None = None  # the runner's hook at each epoch's end (the search's pruner); tasks call epoch_end
+    scratch_epochs: int | None = None  # from_scratch's epoch limit once the fine-tune ran: its epochs, so both get the same optimizer steps
+
+    def train_settings(self, train, from_scratch: bool):
+        """The training settings of one rung: from_scratch gets the epoch limit the runner set once the fine-tune ran
+        (pipeline.scratch_budget: by default the fine-tune's epochs, i.e. the same optimizer steps)."""
+        if from_scratch and self.scratch_epochs is not None:
+            return train.model_copy(update={"epochs": self.scratch_epochs})
+        return train
 
     def epoch_end(self, row: dict) -> None:
         """A trained rung's history row, as each epoch ends: passed to the runner's hook, if any."""
@@ -148,3 +157,8 @@ def check_supported(task: type, cfg: RunConfig, world) -> None:
         raise ConfigError(f"--rungs {','.join(cfg.eval.rungs)}: the verdict compares fine_tuned with a rung that needs no training; include "
                           f"{' or '.join(s.no_training_rungs)}" + ("" if "head_only" in s.no_training_rungs else
                           " (head_only, a linear head on a frozen encoder's embeddings, does not apply to a causal LM)") + ".")
+
+
+def scratch_words(result) -> str:
+    """How the from_scratch rung's budget compares with the fine-tune's, for its description."""
+    return f"same architecture, random init, same data; {result.epochs_run} epochs run (its limit: see the from_scratch_epochs choice)"

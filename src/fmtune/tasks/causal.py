@@ -37,7 +37,7 @@ class CausalTask:
         from fmtune.models import causal_lm, loading
 
         cfg = ctx.cfg
-        with stage("load the base model", ctx.log):
+        with stage("load the base model", ctx.log, ctx.profile):
             self.model_path, self.model_name = causal_lm.resolve_model(cfg.model.model)
             self.tokenizer = causal_lm.load_tokenizer(self.model_path)
             template_why = causal_lm.ensure_chat_template(self.tokenizer)
@@ -51,9 +51,9 @@ class CausalTask:
         from fmtune.training import causal
 
         model = self._model(ctx, from_scratch)
-        cfg = ctx.cfg
+        cfg, settings = ctx.cfg, ctx.train_settings(ctx.cfg.train, from_scratch)
         with progress_bar() as prog:
-            task = prog.add_task(label, total=len(train) * cfg.train.epochs, info="")
+            task = prog.add_task(label, total=len(train) * settings.epochs, info="")
 
             def progress(n: int, row: dict) -> None:
                 prog.advance(task, n)
@@ -61,7 +61,7 @@ class CausalTask:
                     ctx.epoch_end(row)
                     prog.update(task, info=f"epoch {row['epoch']} val loss {row['val_loss']:.3f}")
 
-            return causal.fit(model, train, validation, cfg.train, pad_id=self.pad_id, learning_rate=lr, seed=cfg.seed, bf16=self.bf16, lora=lora,
+            return causal.fit(model, train, validation, settings, pad_id=self.pad_id, learning_rate=lr, seed=cfg.seed, bf16=self.bf16, lora=lora,
                               eval_batch_size=cfg.eval.eval_batch_size, progress=progress, checkpoint_dir=checkpoint_dir, world=ctx.world)
 
     def _model(self, ctx: Context, from_scratch: bool):

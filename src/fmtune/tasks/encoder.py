@@ -13,7 +13,7 @@ import numpy as np
 from fmtune.config import RunConfig, TrainConfig
 from fmtune.console import progress_bar, stage
 from fmtune.errors import ConfigError
-from fmtune.tasks.base import Context, Prepared, Rung, Scored, Supports, scored_label_outputs
+from fmtune.tasks.base import Context, Prepared, Rung, Scored, Supports, scored_label_outputs, scratch_words
 from fmtune.tasks.choices import choose_max_length, classification_primary
 
 MIN_TRAIN_STEPS = 300  # a small training set gets enough epochs for about this many optimizer steps (see max_epochs)
@@ -93,7 +93,7 @@ class EncoderClassification:
         from fmtune.models import loading
 
         cfg = ctx.cfg
-        with stage("load and split data", ctx.log):
+        with stage("load and split data", ctx.log, ctx.profile):
             self.splits = labeled.load_splits(cfg.data, cfg.seed)
             self.test_inputs = [e.text for e in self.splits.test]
             if cfg.data.redact_pii:
@@ -118,9 +118,9 @@ class EncoderClassification:
         self.texts = {s: [e.text for e in getattr(self.splits, s)] for s in ("train", "validation", "test")}
         label_index = {lab: i for i, lab in enumerate(labels)}
         self.y = {s: np.array([label_index[e.label] for e in getattr(self.splits, s)], dtype=np.int64) for s in self.texts}
-        with stage("tokenise", ctx.log):
+        with stage("tokenise", ctx.log, ctx.profile):
             self.tokenised = {s: tokens.tokenise(self.tokenizer, t, use_cache=cfg.train.token_cache) for s, t in self.texts.items()}
-        with stage("audit data", ctx.log):
+        with stage("audit data", ctx.log, ctx.profile):
             audit, max_length_why = self._audit(ctx)
         ctx.choose("max_length", self.max_length, max_length_why)
         self.class_weight, cw_why = train.class_weight_vector(self.y["train"], len(labels), cfg.train.class_weights)
@@ -172,7 +172,7 @@ class EncoderClassification:
         from fmtune.evidence.evaluate import embed
 
         cfg, bs = ctx.cfg, ctx.cfg.eval.eval_batch_size
-        with stage("embed texts with the base model", ctx.log), progress_bar() as prog:
+        with stage("embed texts with the base model", ctx.log, ctx.profile), progress_bar() as prog:
             total = sum(len(t) for t in self.texts.values())
             task = prog.add_task("embedding", total=total, info="")
             t0 = time.perf_counter()
@@ -200,7 +200,7 @@ class EncoderClassification:
 
         model, head = self._classifier(ctx, from_scratch)
         idx = np.arange(len(self.y["train"])) if subset is None else subset
-        rung_cfg = self._rung_settings(from_scratch)
+        rung_cfg = self._rung_settings(ctx, from_scratch)
         with progress_bar() as prog:
             task = prog.add_task(label, total=len(idx) * rung_cfg.epochs, info="")
             result = train.fit(model, self.tokenizer, ([self.ids["train"][i] for i in idx], self.y["train"][idx]), (self.ids["validation"], self.y["validation"]), rung_cfg,
@@ -218,13 +218,13 @@ class EncoderClassification:
         model, head = loading.load_classifier_and_head(self.model_path, self.labels, from_scratch=from_scratch, dropout=self.train_cfg.dropout)
         return model.to(ctx.device), head
 
-    def _rung_settings(self, from_scratch: bool):
+    def _rung_settings(self, ctx: Context, from_scratch: bool):
         # a randomly initialised encoder often sits at chance level for its first epochs before it starts to learn
         # (MiniLM on the quickstart: 2 epochs at loss 0.69, then 0.49 in the third); SCRATCH_EXTRA_PATIENCE more
         # epochs of patience keep early stopping from ending it on that plateau, within the same max-epochs budget;
         # SCRATCH_WARMUP of the steps warm up its learning rate (with the fine-tune's 6% the quickstart's random
         # MiniLM sat at the majority class for all 5 epochs it was given, test macro-F1 0.366; with 20%, 0.671)
-        t = self.train_cfg
+        t = ctx.train_settings(self.train_cfg, from_scratch)
         return t.model_copy(update={"patience": t.patience + SCRATCH_EXTRA_PATIENCE, "warmup_ratio": max(t.warmup_ratio, SCRATCH_WARMUP)}) if from_scratch else t
 
     def restore(self, ctx: Context, weights: dict | None, from_scratch: bool):
@@ -245,9 +245,8 @@ class EncoderClassification:
         if rung == "fine_tuned":
             how = f"LoRA (r={t.lora_r}, merged)" if method == "lora" else "full"
             return f"{how} fine-tuning of the base FM on all training data, best validation epoch ({result.best_epoch} of {result.epochs_run})"
-        return (f"same architecture, random init, same data and budget (max {t.epochs} epochs, early stopping with patience "
-                f"{t.patience + SCRATCH_EXTRA_PATIENCE}: a random model often needs a few epochs to leave chance level), lr {lr:g} "
-                f"warmed up over {max(t.warmup_ratio, SCRATCH_WARMUP):.0%} of the steps")
+        return (f"{scratch_words(result)}, early stopping with patience {t.patience + SCRATCH_EXTRA_PATIENCE} (a random model often needs "
+                f"a few epochs to leave chance level), lr {lr:g} warmed up over {max(t.warmup_ratio, SCRATCH_WARMUP):.0%} of the steps")
 
     selection = "validation macro-F1"  # what picked the best epoch (TrainResult.selection says which rule ran)
 

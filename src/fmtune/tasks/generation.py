@@ -13,7 +13,7 @@ import numpy as np
 from fmtune.config import RunConfig
 from fmtune.console import progress_bar, stage
 from fmtune.errors import ConfigError
-from fmtune.tasks.base import Context, Prepared, Rung, Scored, Supports
+from fmtune.tasks.base import Context, Prepared, Rung, Scored, Supports, scratch_words
 from fmtune.tasks.causal import LATENCY_REQUESTS, CausalTask, bf16_choice
 from fmtune.tasks.choices import choose_max_length
 
@@ -107,7 +107,7 @@ class GenerationTask(CausalTask):
     def load(self, ctx: Context) -> None:
         from fmtune.data import pairs
 
-        with stage("load and split data", ctx.log):
+        with stage("load and split data", ctx.log, ctx.profile):
             self.splits = pairs.load_pairs(ctx.cfg.data, ctx.seed)
             self.test_inputs = [p.prompt for p in self.splits.test]
             if ctx.cfg.data.redact_pii:
@@ -120,7 +120,7 @@ class GenerationTask(CausalTask):
 
         cfg = ctx.cfg
         template_why = self.load_base(ctx)
-        with stage("audit data", ctx.log):
+        with stage("audit data", ctx.log, ctx.profile):
             audit, max_length_why = self._audit(ctx)
         self.enc = {s: [causal_lm.encode(self.tokenizer, p.chat(), p.completion, self.max_length) for p in ps] for s, ps in self.pairs.items()}
         truncated = {s: sum(e.truncated for e in rows) for s, rows in self.enc.items()}
@@ -214,7 +214,7 @@ class GenerationTask(CausalTask):
         if rung == "fine_tuned":
             how = f"LoRA (r={t.lora_r}, merged)" if method == "lora" else "full"
             return f"{how} fine-tuning of the base model on all training pairs, loss on the completions, best validation-loss epoch ({result.best_epoch} of {result.epochs_run})"
-        return f"same architecture, random init, same data and budget (max {t.epochs} epochs, early stopping), lr {lr:g}"
+        return f"{scratch_words(result)}, early stopping, lr {lr:g}"
 
     def probes(self, ctx: Context, tuned) -> tuple[dict, dict]:
         return self.perplexity_probes(ctx, tuned, [f"{p.prompt}\n{p.completion}" for p in self.pairs["train"]])

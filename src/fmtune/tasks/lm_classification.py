@@ -12,7 +12,7 @@ import numpy as np
 
 from fmtune.console import progress_bar, stage
 from fmtune.errors import ConfigError
-from fmtune.tasks.base import Context, Prepared, Rung, Scored, Supports, scored_label_outputs
+from fmtune.tasks.base import Context, Prepared, Rung, Scored, Supports, scored_label_outputs, scratch_words
 from fmtune.tasks.causal import LATENCY_REQUESTS, CausalTask, bf16_choice
 from fmtune.tasks.choices import choose_max_length, classification_primary
 
@@ -41,7 +41,7 @@ class LMClassification(CausalTask):
         from fmtune.data import labeled
 
         cfg = ctx.cfg
-        with stage("load and split data", ctx.log):
+        with stage("load and split data", ctx.log, ctx.profile):
             self.splits = labeled.load_splits(cfg.data, cfg.seed)
             self.test_inputs = [e.text for e in self.splits.test]
             if cfg.data.redact_pii:
@@ -60,7 +60,7 @@ class LMClassification(CausalTask):
         texts = {s: [e.text for e in getattr(self.splits, s)] for s in ("train", "validation", "test")}
         label_index = {lab: i for i, lab in enumerate(labels)}
         self.y = {s: np.array([label_index[e.label] for e in getattr(self.splits, s)], dtype=np.int64) for s in texts}
-        with stage("audit data", ctx.log):
+        with stage("audit data", ctx.log, ctx.profile):
             audit, overhead, max_length_why = self._audit(ctx, texts)
         self.prompt = lm_classify.LabelPrompt(tuple(labels), dict(cfg.data.label_descriptions), self.max_length)
         cut = {s: [lm_classify.cut(self.tokenizer, t, self.max_length) for t in ts] for s, ts in texts.items()}
@@ -182,7 +182,7 @@ class LMClassification(CausalTask):
             how = f"LoRA (r={t.lora_r}, merged)" if method == "lora" else "full"
             return (f"{how} fine-tuning of the base model to answer with the label word, loss on the label tokens, best validation-loss epoch "
                     f"({result.best_epoch} of {result.epochs_run}); zero-shot prompt, constrained scoring")
-        return f"same architecture, random init, same data and budget (max {t.epochs} epochs, early stopping), lr {lr:g}; constrained scoring"
+        return f"{scratch_words(result)}, early stopping, lr {lr:g}; constrained scoring"
 
     def probes(self, ctx: Context, tuned) -> tuple[dict, dict]:
         return self.perplexity_probes(ctx, tuned, self.texts["train"])

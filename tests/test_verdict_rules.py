@@ -104,3 +104,16 @@ def test_a_fine_tune_that_did_not_learn_is_no_evidence():
     v = verdict.verdict(ladder, boots, "macro_f1", None, {}, None, verdict.cost(ladder, "CPU: x", 2, None, 0.0, "classification"), 300)
     assert v["headline"].startswith("Fine-tuning did not learn") and not v["recommend_fine_tuning"]
     assert any("the fine-tune did not learn" in r for r in v["reasons"])
+
+
+def test_a_from_scratch_rung_that_did_not_learn_says_its_budget_and_how_to_raise_it():
+    rng = np.random.default_rng(0)
+    history = [{"epoch": e, "train_loss": 0.69} for e in range(1, 5)]
+    ladder = [{"name": "few_shot", "metrics": {"macro_f1": 0.6}, "train_examples": 500, "train_seconds": 1.0},
+              {"name": "from_scratch", "metrics": {"macro_f1": 0.33}, "train_examples": 500, "train_seconds": 1.0, "learned": False, "history": history},
+              {"name": "fine_tuned", "metrics": {"macro_f1": 0.8}, "train_examples": 500, "train_seconds": 1.0}]
+    boots = {r["name"]: r["metrics"]["macro_f1"] + rng.normal(0, 0.01, 500) for r in ladder}
+    v = verdict.verdict(ladder, boots, "macro_f1", None, {}, None, verdict.cost(ladder, "CPU: x", 2, None, 0.0, "classification"), 300)
+    text = " ".join([v["headline"], *v["reasons"]])
+    assert "the from_scratch rung did not learn in its 4 epochs" in text and "--scratch-budget" in text
+    assert "pre-training matters" not in text and "pre-training bought no measurable gain" not in text

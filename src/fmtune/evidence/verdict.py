@@ -180,7 +180,9 @@ def _scratch_sentence(rungs: dict, vs: dict, primary: str) -> list[str]:
         return []
     c, s = vs["from_scratch"], rungs["from_scratch"]["metrics"][primary]
     if rungs["from_scratch"].get("learned") is False:
-        return [f"the from_scratch rung did not learn (its training loss stayed near chance; {s:.3f}): it says nothing about what pre-training bought"]
+        epochs = len(rungs["from_scratch"].get("history") or [])
+        budget = f" in its {epochs} epochs (its budget: the from_scratch_epochs choice; --scratch-budget offers more, at its cost)" if epochs else ""
+        return [f"the from_scratch rung did not learn{budget} (its training loss stayed near chance; {s:.3f}): it says nothing about what pre-training bought"]
     if c.outcome == "above":
         return [f"pre-training matters: the same architecture trained from scratch on the same data reaches {s:.3f}; fine-tuning the pre-trained FM is "
                 f"better ({c.ci_words()})"]

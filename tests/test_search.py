@@ -134,3 +134,28 @@ def test_an_interrupted_search_resumes_to_the_uninterrupted_result(tmp_path, tin
     drop = lambda trials: [{k: v for k, v in t.items() if k != "seconds"} for t in trials]  # noqa: E731
     assert drop(a["search"]["trials"]) == drop(b["search"]["trials"]) and a["learning_rate"] == b["learning_rate"]
     assert a["metrics"] == b["metrics"] and [h["val_loss"] for h in a["history"]] == [h["val_loss"] for h in b["history"]]
+
+
+def test_the_epoch_line_is_printed_before_the_pruner_may_end_the_trial():
+    """A pruned trial's last epoch reaches the console too: the line is printed before the runner's hook runs."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+    from rich.progress import Progress, TextColumn
+
+    from fmtune.tasks import encoder
+
+    class Pruned(Exception):
+        pass
+
+    def hook(row):
+        raise Pruned
+
+    out = io.StringIO()
+    prog = Progress(TextColumn("{task.description}"), console=Console(file=out, width=200))
+    task = prog.add_task("x", total=10, info="")
+    progress = encoder._epoch_progress(SimpleNamespace(epoch_end=hook), prog, task, "fine-tuning lr 2e-05")
+    with pytest.raises(Pruned):
+        progress(1, {"epoch": 2, "train_loss": 0.5, "val_loss": 0.4, "val_macro_f1": 0.8, "seconds": 3.0})
+    assert "fine-tuning lr 2e-05 epoch 2: train loss 0.5000, val loss 0.4000, val macro-F1 0.800" in out.getvalue()

@@ -319,6 +319,8 @@ def _trial(r: _Run, label: str, key: str, from_scratch: bool, lora: bool, search
     try:
         result, _ = r.task.fit(r.ctx, f"{label} lr {rate:g}" if searching else label, None, from_scratch, rate, lora, ckpt if r.task.supports.resume else None)
     except BaseException as exc:
+        if searching and type(exc).__name__ == "TrialPruned" and r.world.main:
+            console.print(f"  {label} at lr {rate:g}: pruned after epoch {len(rows)} (its best validation score is behind the earlier trials' median there)")
         if searching and type(exc).__name__ == "TrialPruned" and r.world.main and r.task.supports.resume:
             checkpoint.mark_done(ckpt, None, {"pruned": True, "history": rows, "best_epoch": 0, "epochs_run": len(rows), "steps": 0, "train_seconds": 0.0, "stopped": "pruned"})
         raise

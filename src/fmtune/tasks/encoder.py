@@ -326,10 +326,10 @@ class EncoderClassification:
 def _epoch_progress(ctx: Context, prog, task, label: str) -> Callable[[int, dict], None]:
     def progress(n: int, row: dict) -> None:
         prog.advance(task, n)
-        if row:
-            ctx.epoch_end(row)
+        if row:  # the line first: the runner's hook may end the trial here (the search's pruner)
             info = f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, val macro-F1 {row['val_macro_f1']:.3f} ({row['seconds']:.0f} s)"
             prog.update(task, info=f"epoch {row['epoch']} val macro-F1 {row['val_macro_f1']:.3f}")
             prog.console.print(f"  {label} {info}")
+            ctx.epoch_end(row)
 
     return progress

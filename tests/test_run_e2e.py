@@ -42,6 +42,19 @@ def test_run_folder_is_complete_and_self_describing(finished_run):
     assert "fine_tuned" in proc.stdout and "Report:" in proc.stdout
 
 
+def test_the_report_profiles_every_stage(finished_run):
+    """run.profile: one row per stage line of run.stages, with wall and CPU seconds, bytes written and peak memory."""
+    run = json.loads((finished_run[0] / "report.json").read_text())["run"]
+    profile = run["profile"]
+    lines = [line.rsplit(": ", 1) for line in run["stages"]]
+    assert [p["stage"] for p in profile] == [name for name, _ in lines]
+    assert all(abs(p["seconds"] - float(s.removesuffix(" s"))) <= 0.051 for p, (_, s) in zip(profile, lines))  # the line rounds to 0.1 s
+    assert {"rung fine_tuned (full)", "rung from_scratch", "save model"} <= {p["stage"] for p in profile}
+    for p in profile:
+        assert p["seconds"] >= 0 and p["cpu_seconds"] >= 0 and p["peak_rss_mb"] > 0
+        assert p["written_bytes"] is None or p["written_bytes"] >= 0
+
+
 def test_report_validates_against_the_contract(finished_run):
     report = json.loads((finished_run[0] / "report.json").read_text())
     jsonschema.validate(report, SCHEMA)

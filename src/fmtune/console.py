@@ -149,28 +149,26 @@ def stage(name: str, log: list[str], profile: list[dict] | None = None):
     stage's wall and CPU seconds (every thread of this process), the bytes it wrote (Linux) and the process's peak
     resident memory so far: report.json's run.profile."""
     start, cpu = time.perf_counter(), time.process_time()
-    written = _written_bytes()
+    written = disk_io()
     console.print(f"[cyan]>[/] {name} ...")
     yield
     seconds = time.perf_counter() - start
     line = f"{name}: {seconds:.1f} s"
     log.append(line)
     if profile is not None:
-        after = _written_bytes()
+        after = disk_io()
         profile.append({"stage": name, "seconds": round(seconds, 3), "cpu_seconds": round(time.process_time() - cpu, 3),
-                        "written_bytes": None if written is None or after is None else after - written, "peak_rss_mb": _peak_rss_mb()})
+                        "written_bytes": None if written is None or after is None else after.get("write_bytes", 0) - written.get("write_bytes", 0), "peak_rss_mb": _peak_rss_mb()})
     console.print(f"[green]✓[/] {line}")
 
 
-def _written_bytes() -> int | None:
-    """Bytes this process has written to storage so far (/proc/self/io write_bytes; None off Linux)."""
+def disk_io() -> dict[str, int] | None:
+    """This process's bytes written so far: `write_bytes` reached the storage layer, `wchar` passed to write() (Linux)."""
     try:
-        for line in open("/proc/self/io", encoding="ascii"):
-            if line.startswith("write_bytes:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+        fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    except (OSError, ValueError):
+        return None
+    return {k: int(fields[k]) for k in ("write_bytes", "wchar", "cancelled_write_bytes") if k in fields}
 
 
 def _peak_rss_mb() -> float | None:

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 from fmtune.config import RunConfig
-from fmtune.console import console
+from fmtune.console import console, disk_io
 from fmtune.errors import ConfigError
 
 
@@ -133,15 +133,6 @@ def check_replaceable(out: Path) -> None:
     raise ConfigError(f"--out {out}: --overwrite replaces only an fmtune run folder (one with fmtune's manifest.json) or an empty folder, "
                       f"and {out} holds other files ({shown}). Nothing was deleted. Fix: pass --name/--out for a new run folder, "
                       "or move those files away yourself.")
-
-
-def disk_io() -> dict[str, int] | None:
-    """This process's bytes written so far: `write_bytes` reached the storage layer, `wchar` passed to write() (Linux)."""
-    try:
-        fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
-    except (OSError, ValueError):
-        return None
-    return {k: int(fields[k]) for k in ("write_bytes", "wchar", "cancelled_write_bytes") if k in fields}
 
 
 def disk_line(io_start: dict[str, int] | None, tmp: Path) -> str:

@@ -144,22 +144,24 @@ def progress_bar():
 
 
 @contextlib.contextmanager
-def stage(name: str, log: list[str], profile: list[dict] | None = None):
-    """Print a line when a stage ends, with its wall time; keep it for logs/run.log. With `profile`, also append the
-    stage's wall and CPU seconds (every thread of this process), the bytes it wrote (Linux) and the process's peak
-    resident memory so far: report.json's run.profile."""
+def stage(name: str, profile: list[dict]):
+    """Print a line when a stage ends, with its wall time, and append the stage to `profile` (report.json's
+    run.profile; stage_lines gives run.stages and logs/run.log): its wall and CPU seconds (every thread of this
+    process), the bytes it wrote (Linux) and the process's peak resident memory so far."""
     start, cpu = time.perf_counter(), time.process_time()
     written = disk_io()
     console.print(f"[cyan]>[/] {name} ...")
     yield
     seconds = time.perf_counter() - start
-    line = f"{name}: {seconds:.1f} s"
-    log.append(line)
-    if profile is not None:
-        after = disk_io()
-        profile.append({"stage": name, "seconds": round(seconds, 3), "cpu_seconds": round(time.process_time() - cpu, 3),
-                        "written_bytes": None if written is None or after is None else after.get("write_bytes", 0) - written.get("write_bytes", 0), "peak_rss_mb": _peak_rss_mb()})
-    console.print(f"[green]✓[/] {line}")
+    after = disk_io()
+    profile.append({"stage": name, "seconds": round(seconds, 3), "cpu_seconds": round(time.process_time() - cpu, 3),
+                    "written_bytes": None if written is None or after is None else after.get("write_bytes", 0) - written.get("write_bytes", 0), "peak_rss_mb": _peak_rss_mb()})
+    console.print(f"[green]✓[/] {name}: {seconds:.1f} s")
+
+
+def stage_lines(profile: list[dict]) -> list[str]:
+    """One line per stage, as the console printed it: 'name: 12.3 s'."""
+    return [f"{p['stage']}: {p['seconds']:.1f} s" for p in profile]
 
 
 def disk_io() -> dict[str, int] | None:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from fmtune.config import RunConfig, TrainConfig, to_yaml
-from fmtune.console import console, print_summary, stage
+from fmtune.console import console, print_summary, stage, stage_lines
 from fmtune.errors import GateFailed
 from fmtune.runner.folder import disk_io, marked_on_failure, open_run_dir, record, run_name
 from fmtune.runner.report import finish
@@ -37,7 +37,7 @@ def run(cfg: RunConfig, command: str = "fmtune run", show_summary: bool = True) 
         curve, curve_seconds = _learning_curve(r, ft)
         if not r.world.main:  # the other ranks only take part in training; rank 0 measures and writes the rest
             return r.out
-        with stage("retention and domain shift", r.log, r.ctx.profile):
+        with stage("retention and domain shift", r.ctx.profile):
             retention_, shift = r.task.probes(r.ctx, ft.model)
         inf = _save_and_measure(r, ft)
         report = _report(r, ft, curve, curve_seconds, retention_, shift, inf)
@@ -69,10 +69,6 @@ class _Run:
     boots: dict = field(default_factory=dict)
     rates: dict = field(default_factory=dict)  # the learning rate each trained rung settled on (the search's winner)
     compared: list = field(default_factory=list)  # other models' outputs on the test inputs (--compare), read before the folder opens
-
-    @property
-    def log(self) -> list[str]:
-        return self.ctx.log
 
     @property
     def world(self):
@@ -133,7 +129,7 @@ def _start(cfg: RunConfig, command: str) -> _Run:
     if world.distributed and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
-    ctx = Context(cfg, [], device, world, primary)
+    ctx = Context(cfg, device, world, primary)
     if cfg.track:
         from fmtune.store import tracking
 
@@ -233,14 +229,14 @@ def _prepare(r: _Run) -> None:
 
 def _no_training_rungs(r: _Run) -> None:
     for name, score in r.task.no_training_rungs(r.ctx).items():
-        with stage(f"rung {name}", r.log, r.ctx.profile):
+        with stage(f"rung {name}", r.ctx.profile):
             r.add(score())
 
 
 def _compared_rungs(r: _Run) -> None:
     """Other models' outputs (--compare) as rungs: scored on the same test examples and resamples, so they pair."""
     for c in r.compared:
-        with stage(f"rung {c.name} (outputs from {c.path.name})", r.log, r.ctx.profile):
+        with stage(f"rung {c.name} (outputs from {c.path.name})", r.ctx.profile):
             scored = r.task.score_outputs(r.ctx, c.outputs)
             r.add(Rung(c.name, f"another model's outputs on the test inputs, read from {c.path.name} (trained elsewhere: no cost measured here)", scored, 0),
                   external={"file": str(c.path), "sha256": c.sha256, "rows": c.rows, "rows_not_in_test": c.ignored})
@@ -250,7 +246,7 @@ def _trained_rungs(r: _Run):
     """fine_tuned (full or LoRA) and from_scratch, each at the rate its search chose, with the choices the fine-tune
     made. Returns the fine-tune's TrainResult."""
     t = r.train_cfg
-    with stage(f"rung fine_tuned ({r.method})", r.log, r.ctx.profile):
+    with stage(f"rung fine_tuned ({r.method})", r.ctx.profile):
         ft, scored, n, found = _searched_rung(r, "fine-tuning", "fine_tuned", False, r.default_learning_rate, r.lora, lr_given(t, r.lora, False))
         row = r.add(Rung("fine_tuned", r.task.describe("fine_tuned", ft, r.method, r.learning_rate), scored, n, ft.train_seconds), history=ft.history, best_epoch=ft.best_epoch,
                     stopped=ft.stopped, learning_rate=r.learning_rate, method=r.method, still_improving=still_improving(ft, t), learned=ft.learned,
@@ -265,7 +261,7 @@ def _trained_rungs(r: _Run):
     if "from_scratch" in r.cfg.eval.rungs:
         r.ctx.scratch_epochs, why = scratch_budget(t, ft.epochs_run)
         r.ctx.choose("from_scratch_epochs", r.ctx.scratch_epochs, why)
-        with stage("rung from_scratch", r.log, r.ctx.profile):
+        with stage("rung from_scratch", r.ctx.profile):
             sc, scored, n, found = _searched_rung(r, "from scratch", "from_scratch", True, t.scratch_learning_rate, False, lr_given(t, False, True))
             r.add(Rung("from_scratch", r.task.describe("from_scratch", sc, "full", r.rates["from_scratch"]), scored, n, sc.train_seconds), history=sc.history, best_epoch=sc.best_epoch,
                   stopped=sc.stopped, learning_rate=r.rates["from_scratch"], learned=sc.learned, search=found)
@@ -405,7 +401,7 @@ def _learning_curve(r: _Run, ft) -> tuple[dict, float]:
         return {"metric": primary, "points": [], "skipped": "turned off with --no-curve"}, 0.0
     ft_row = next(row for row in r.ladder if row["name"] == "fine_tuned")
     seconds, points, curve_boots = 0.0, [], []
-    with stage("learning curve", r.log, r.ctx.profile):
+    with stage("learning curve", r.ctx.profile):
         for frac, subset in learning_curve.nested_subsets(r.prepared.strata, r.cfg.evidence.curve_fractions, r.cfg.seed).items():
             res, scored, n = _fit_rung(r, f"curve {frac:.1%}", f"curve-{frac:g}", subset, False, r.learning_rate, r.lora)
             seconds += res.train_seconds
@@ -421,10 +417,10 @@ def _learning_curve(r: _Run, ft) -> tuple[dict, float]:
 
 def _save_and_measure(r: _Run, ft) -> dict:
     """The model folder, then size and latency of the base and the tuned model on the same inputs (the `inference` block)."""
-    with stage("save model", r.log, r.ctx.profile):
+    with stage("save model", r.ctx.profile):
         model_dir = r.tmp / "model"
         r.task.save(r.ctx, ft.model, model_dir)
-    with stage(f"measure {r.task.measures}", r.log, r.ctx.profile):
+    with stage(f"measure {r.task.measures}", r.ctx.profile):
         return r.task.measure(r.ctx, ft.model, model_dir, r.lora)
 
 
@@ -445,7 +441,7 @@ def _report(r: _Run, ft, curve: dict, curve_seconds: float, retention_: dict, sh
     report = {
         "fmtune_version": __version__,
         "run": {"name": r.name, "status": "complete", "started_at": r.started.isoformat(timespec="seconds"), "finished_at": None,
-                "wall_seconds": None, "seed": cfg.seed, "command": r.command, "stages": r.log, "profile": r.ctx.profile},
+                "wall_seconds": None, "seed": cfg.seed, "command": r.command, "stages": stage_lines(r.ctx.profile), "profile": r.ctx.profile},
         "task": {"type": kind, "primary_metric": r.ctx.primary, **p.task_block},
         "data": {**data, "audit": p.audit},
         "base_model": {"name": p.model_name, "path": str(p.model_path), "parameters": inference.count_parameters(p.base),

@@ -32,14 +32,13 @@ class Context:
     (once the test split is known) and the list of choices, each with why."""
 
     cfg: RunConfig
-    log: list[str]
     device: Any
     world: Any
     primary: str
     tmp: Path | None = None
     boot: np.ndarray | None = None
     choices: list[dict] = field(default_factory=list)
-    profile: list[dict] = field(default_factory=list)  # each stage's seconds, CPU seconds, bytes written, peak memory (console.stage)
+    profile: list[dict] = field(default_factory=list)  # the stage log: each stage's seconds, CPU seconds, bytes written, peak memory (console.stage)
     on_epoch: Callable[[dict], None] | None = None  # the runner's hook at each epoch's end (the search's pruner); tasks call epoch_end
     scratch_epochs: int | None = None  # from_scratch's epoch limit once the fine-tune ran: its epochs, so both get the same optimizer steps
 

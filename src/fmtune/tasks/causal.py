@@ -37,7 +37,7 @@ class CausalTask:
         from fmtune.models import causal_lm, loading
 
         cfg = ctx.cfg
-        with stage("load the base model", ctx.log, ctx.profile):
+        with stage("load the base model", ctx.profile):
             self.model_path, self.model_name = causal_lm.resolve_model(cfg.model.model)
             self.tokenizer = causal_lm.load_tokenizer(self.model_path)
             template_why = causal_lm.ensure_chat_template(self.tokenizer)

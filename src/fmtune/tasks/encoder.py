@@ -93,7 +93,7 @@ class EncoderClassification:
         from fmtune.models import loading
 
         cfg = ctx.cfg
-        with stage("load and split data", ctx.log, ctx.profile):
+        with stage("load and split data", ctx.profile):
             self.splits = labeled.load_splits(cfg.data, cfg.seed)
             self.test_inputs = [e.text for e in self.splits.test]
             if cfg.data.redact_pii:
@@ -118,9 +118,9 @@ class EncoderClassification:
         self.texts = {s: [e.text for e in getattr(self.splits, s)] for s in ("train", "validation", "test")}
         label_index = {lab: i for i, lab in enumerate(labels)}
         self.y = {s: np.array([label_index[e.label] for e in getattr(self.splits, s)], dtype=np.int64) for s in self.texts}
-        with stage("tokenise", ctx.log, ctx.profile):
+        with stage("tokenise", ctx.profile):
             self.tokenised = {s: tokens.tokenise(self.tokenizer, t, use_cache=cfg.train.token_cache) for s, t in self.texts.items()}
-        with stage("audit data", ctx.log, ctx.profile):
+        with stage("audit data", ctx.profile):
             audit, max_length_why = self._audit(ctx)
         ctx.choose("max_length", self.max_length, max_length_why)
         self.class_weight, cw_why = train.class_weight_vector(self.y["train"], len(labels), cfg.train.class_weights)
@@ -172,7 +172,7 @@ class EncoderClassification:
         from fmtune.evidence.evaluate import embed
 
         cfg, bs = ctx.cfg, ctx.cfg.eval.eval_batch_size
-        with stage("embed texts with the base model", ctx.log, ctx.profile), progress_bar() as prog:
+        with stage("embed texts with the base model", ctx.profile), progress_bar() as prog:
             total = sum(len(t) for t in self.texts.values())
             task = prog.add_task("embedding", total=total, info="")
             t0 = time.perf_counter()

@@ -107,7 +107,7 @@ class GenerationTask(CausalTask):
     def load(self, ctx: Context) -> None:
         from fmtune.data import pairs
 
-        with stage("load and split data", ctx.log, ctx.profile):
+        with stage("load and split data", ctx.profile):
             self.splits = pairs.load_pairs(ctx.cfg.data, ctx.seed)
             self.test_inputs = [p.prompt for p in self.splits.test]
             if ctx.cfg.data.redact_pii:
@@ -120,7 +120,7 @@ class GenerationTask(CausalTask):
 
         cfg = ctx.cfg
         template_why = self.load_base(ctx)
-        with stage("audit data", ctx.log, ctx.profile):
+        with stage("audit data", ctx.profile):
             audit, max_length_why = self._audit(ctx)
         self.enc = {s: [causal_lm.encode(self.tokenizer, p.chat(), p.completion, self.max_length) for p in ps] for s, ps in self.pairs.items()}
         truncated = {s: sum(e.truncated for e in rows) for s, rows in self.enc.items()}

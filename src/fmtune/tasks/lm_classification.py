@@ -41,7 +41,7 @@ class LMClassification(CausalTask):
         from fmtune.data import labeled
 
         cfg = ctx.cfg
-        with stage("load and split data", ctx.log, ctx.profile):
+        with stage("load and split data", ctx.profile):
             self.splits = labeled.load_splits(cfg.data, cfg.seed)
             self.test_inputs = [e.text for e in self.splits.test]
             if cfg.data.redact_pii:
@@ -60,7 +60,7 @@ class LMClassification(CausalTask):
         texts = {s: [e.text for e in getattr(self.splits, s)] for s in ("train", "validation", "test")}
         label_index = {lab: i for i, lab in enumerate(labels)}
         self.y = {s: np.array([label_index[e.label] for e in getattr(self.splits, s)], dtype=np.int64) for s in texts}
-        with stage("audit data", ctx.log, ctx.profile):
+        with stage("audit data", ctx.profile):
             audit, overhead, max_length_why = self._audit(ctx, texts)
         self.prompt = lm_classify.LabelPrompt(tuple(labels), dict(cfg.data.label_descriptions), self.max_length)
         cut = {s: [lm_classify.cut(self.tokenizer, t, self.max_length) for t in ts] for s, ts in texts.items()}
